@@ -1,0 +1,2 @@
+//! Protocol benchmarks.
+fn main() {}

@@ -1,0 +1,541 @@
+//! Signed envelopes: every message that carries a promise travels inside one.
+//!
+//! The signature covers domain-separated bytes ([`Envelope::signing_bytes`]): a fixed prefix,
+//! the message kind's domain tag, the signer, a nonce, the issue and expiry times and the
+//! payload. [`Verifier::verify`] rejects, each with its own [`VerifyError`]: an oversized
+//! payload, a domain the receiver did not expect, a lifetime that is empty or too long, an
+//! expired or not-yet-valid message (with a configurable clock-skew tolerance), a bad
+//! signature, and a replay (bounded cache keyed by signer and nonce).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use ed25519_dalek::{Signature as DalekSignature, Verifier as _};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::identity::{Keypair, NodeId};
+use crate::time::Millis;
+
+/// The prefix of every signed byte string; a signature made for aimatrix cannot be replayed
+/// into another protocol that signs with the same key, nor across format versions.
+const SIGNING_PREFIX: &[u8] = b"aimatrix/envelope/v1\0";
+
+/// The kind of message an envelope carries; part of the signed bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Domain {
+    /// A node's capability advert (gossip, Kademlia record).
+    Advert,
+    /// A relay's job offer (gossip).
+    Offer,
+    /// A node's claim on an offer.
+    Claim,
+    /// A relay's lease grant.
+    Lease,
+    /// A relay's refusal of a claim.
+    LeaseDenied,
+    /// A node's progress report on a lease.
+    Progress,
+    /// A node's result for a lease.
+    Result,
+    /// A relay's receipt for a result: paid or not, and why.
+    Receipt,
+    /// A relay's cancellation of a lease.
+    Cancel,
+}
+
+impl Domain {
+    /// All domains, for tests and tables.
+    pub const ALL: [Self; 9] = [
+        Self::Advert,
+        Self::Offer,
+        Self::Claim,
+        Self::Lease,
+        Self::LeaseDenied,
+        Self::Progress,
+        Self::Result,
+        Self::Receipt,
+        Self::Cancel,
+    ];
+
+    /// The tag mixed into the signed bytes.
+    pub const fn tag(self) -> &'static str {
+        match self {
+            Self::Advert => "advert",
+            Self::Offer => "offer",
+            Self::Claim => "claim",
+            Self::Lease => "lease",
+            Self::LeaseDenied => "lease-denied",
+            Self::Progress => "progress",
+            Self::Result => "result",
+            Self::Receipt => "receipt",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.tag())
+    }
+}
+
+/// A 64-byte ed25519 signature (serialized as a fixed 64-byte tuple, no length prefix).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Signature(pub [u8; 64]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({}…)", hex::encode(&self.0[..8]))
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut tuple = serializer.serialize_tuple(64)?;
+        for byte in &self.0 {
+            tuple.serialize_element(byte)?;
+        }
+        tuple.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Signature {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SigVisitor;
+        impl<'de> Visitor<'de> for SigVisitor {
+            type Value = Signature;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("64 signature bytes")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
+                let mut out = [0u8; 64];
+                for (i, slot) in out.iter_mut().enumerate() {
+                    *slot = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &self))?;
+                }
+                Ok(Signature(out))
+            }
+        }
+        deserializer.deserialize_tuple(64, SigVisitor)
+    }
+}
+
+/// A signed message. The payload is the codec encoding of the message type its domain names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// What kind of message the payload is.
+    pub domain: Domain,
+    /// Who signed it.
+    pub signer: NodeId,
+    /// Unique per signer within the message's lifetime; the replay cache key.
+    pub nonce: u64,
+    /// When the signer issued it (ms since the Unix epoch).
+    pub issued_at_ms: Millis,
+    /// After this instant the message is void (ms since the Unix epoch).
+    pub expires_at_ms: Millis,
+    /// The encoded message.
+    pub payload: Vec<u8>,
+    /// ed25519 signature over [`Envelope::signing_bytes`].
+    pub signature: Signature,
+}
+
+/// What a signer fills in; [`Envelope::sign`] adds the signature.
+#[derive(Clone, Copy, Debug)]
+pub struct EnvelopeHeader {
+    /// The message kind.
+    pub domain: Domain,
+    /// Nonce, unique per signer.
+    pub nonce: u64,
+    /// Issue time.
+    pub issued_at_ms: Millis,
+    /// Expiry time.
+    pub expires_at_ms: Millis,
+}
+
+impl Envelope {
+    /// Signs `payload` under `header` with `key`.
+    pub fn sign(key: &Keypair, header: EnvelopeHeader, payload: Vec<u8>) -> Self {
+        let signer = key.public();
+        let bytes = signing_bytes(
+            header.domain,
+            &signer,
+            header.nonce,
+            header.issued_at_ms,
+            header.expires_at_ms,
+            &payload,
+        );
+        Self {
+            domain: header.domain,
+            signer,
+            nonce: header.nonce,
+            issued_at_ms: header.issued_at_ms,
+            expires_at_ms: header.expires_at_ms,
+            payload,
+            signature: Signature(key.sign(&bytes)),
+        }
+    }
+
+    /// The exact bytes the signature covers.
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        signing_bytes(
+            self.domain,
+            &self.signer,
+            self.nonce,
+            self.issued_at_ms,
+            self.expires_at_ms,
+            &self.payload,
+        )
+    }
+
+    /// Checks only the signature (no time, domain or replay checks).
+    pub fn verify_signature(&self) -> Result<(), VerifyError> {
+        let key = self.signer.verifying_key().map_err(|_| VerifyError::InvalidSigner)?;
+        let sig = DalekSignature::from_bytes(&self.signature.0);
+        key.verify(&self.signing_bytes(), &sig).map_err(|_| VerifyError::BadSignature)
+    }
+}
+
+fn signing_bytes(
+    domain: Domain,
+    signer: &NodeId,
+    nonce: u64,
+    issued_at_ms: Millis,
+    expires_at_ms: Millis,
+    payload: &[u8],
+) -> Vec<u8> {
+    let tag = domain.tag().as_bytes();
+    let mut out = Vec::with_capacity(SIGNING_PREFIX.len() + tag.len() + 1 + 32 + 32 + payload.len());
+    out.extend_from_slice(SIGNING_PREFIX);
+    out.extend_from_slice(tag);
+    out.push(0);
+    out.extend_from_slice(signer.as_bytes());
+    out.extend_from_slice(&nonce.to_le_bytes());
+    out.extend_from_slice(&issued_at_ms.to_le_bytes());
+    out.extend_from_slice(&expires_at_ms.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Why an envelope was rejected. Each is counted by the receiver, never acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The payload is larger than the receiver accepts.
+    #[error("payload of {len} bytes exceeds the {max} byte limit")]
+    Oversized {
+        /// Payload length.
+        len: usize,
+        /// The receiver's limit.
+        max: usize,
+    },
+    /// The envelope is of a kind the receiver does not accept here.
+    #[error("unexpected message kind {got} here (expected {expected})")]
+    WrongDomain {
+        /// What the receiver accepts, as text.
+        expected: String,
+        /// What arrived.
+        got: Domain,
+    },
+    /// The lifetime is empty or longer than the receiver allows.
+    #[error("message lifetime of {lifetime_ms} ms is outside 1..={max_ms} ms")]
+    BadLifetime {
+        /// `expires_at - issued_at`.
+        lifetime_ms: i128,
+        /// The receiver's maximum.
+        max_ms: u64,
+    },
+    /// The message expired (beyond the skew tolerance).
+    #[error("message expired at {expires_at_ms} (now {now_ms}, skew tolerance {skew_ms} ms)")]
+    Expired {
+        /// Expiry.
+        expires_at_ms: Millis,
+        /// The receiver's clock.
+        now_ms: Millis,
+        /// Tolerance applied.
+        skew_ms: u64,
+    },
+    /// The message was issued in the future (beyond the skew tolerance).
+    #[error("message not valid until {issued_at_ms} (now {now_ms}, skew tolerance {skew_ms} ms)")]
+    NotYetValid {
+        /// Issue time.
+        issued_at_ms: Millis,
+        /// The receiver's clock.
+        now_ms: Millis,
+        /// Tolerance applied.
+        skew_ms: u64,
+    },
+    /// The signer field is not a valid ed25519 public key.
+    #[error("signer is not a valid ed25519 public key")]
+    InvalidSigner,
+    /// The signature does not match the signed bytes.
+    #[error("bad signature")]
+    BadSignature,
+    /// This signer already used this nonce within the message's lifetime.
+    #[error("replayed message (signer {signer}, nonce {nonce})")]
+    Replayed {
+        /// The signer.
+        signer: NodeId,
+        /// The repeated nonce.
+        nonce: u64,
+    },
+    /// The replay cache had to forget messages this old, so freshness cannot be proven.
+    #[error("message too old to prove it is not a replay (expires {expires_at_ms}, cache floor {floor_ms}); resend a fresh one")]
+    ReplayWindowExceeded {
+        /// Expiry of the message.
+        expires_at_ms: Millis,
+        /// Expiry of the newest entry the cache had to evict.
+        floor_ms: Millis,
+    },
+}
+
+/// Limits a receiver applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyConfig {
+    /// Largest payload accepted.
+    pub max_payload_bytes: usize,
+    /// Clock-skew tolerance applied to both ends of the validity window.
+    pub skew_tolerance_ms: u64,
+    /// Longest lifetime (`expires_at - issued_at`) accepted.
+    pub max_lifetime_ms: u64,
+    /// Entries the replay cache keeps.
+    pub replay_cache_capacity: usize,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: crate::codec::MAX_FRAME_BYTES - 512,
+            skew_tolerance_ms: 30_000,
+            max_lifetime_ms: 24 * 3600 * 1000,
+            replay_cache_capacity: 100_000,
+        }
+    }
+}
+
+/// A bounded set of `(signer, nonce)` pairs seen within their messages' lifetimes.
+///
+/// Entries are dropped once their message has expired (a replay would then fail the expiry
+/// check anyway). When full, the entry expiring soonest is evicted and its expiry becomes a
+/// floor: messages expiring at or before the floor are refused, since the cache can no longer
+/// tell whether they were seen. The cache never accepts a replay; under flood it refuses old
+/// messages instead.
+#[derive(Debug)]
+pub struct ReplayCache {
+    capacity: usize,
+    seen: HashMap<(NodeId, u64), Millis>,
+    by_expiry: BTreeSet<(Millis, NodeId, u64)>,
+    floor_ms: Millis,
+}
+
+impl ReplayCache {
+    /// A cache holding at most `capacity` entries (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            seen: HashMap::new(),
+            by_expiry: BTreeSet::new(),
+            floor_ms: 0,
+        }
+    }
+
+    /// Number of entries held.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Whether the cache holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Drops entries whose messages expired before `horizon_ms`.
+    pub fn purge_before(&mut self, horizon_ms: Millis) {
+        while let Some(&(expiry, signer, nonce)) = self.by_expiry.first() {
+            if expiry >= horizon_ms {
+                break;
+            }
+            self.by_expiry.pop_first();
+            self.seen.remove(&(signer, nonce));
+        }
+    }
+
+    /// Checks `(signer, nonce)` and records it; an error when it was seen or is too old.
+    pub fn check_and_insert(
+        &mut self,
+        signer: NodeId,
+        nonce: u64,
+        expires_at_ms: Millis,
+    ) -> Result<(), VerifyError> {
+        if self.seen.contains_key(&(signer, nonce)) {
+            return Err(VerifyError::Replayed { signer, nonce });
+        }
+        if expires_at_ms <= self.floor_ms {
+            return Err(VerifyError::ReplayWindowExceeded { expires_at_ms, floor_ms: self.floor_ms });
+        }
+        if self.seen.len() >= self.capacity {
+            if let Some((expiry, old_signer, old_nonce)) = self.by_expiry.pop_first() {
+                self.seen.remove(&(old_signer, old_nonce));
+                self.floor_ms = self.floor_ms.max(expiry);
+            }
+            if expires_at_ms <= self.floor_ms {
+                return Err(VerifyError::ReplayWindowExceeded {
+                    expires_at_ms,
+                    floor_ms: self.floor_ms,
+                });
+            }
+        }
+        self.seen.insert((signer, nonce), expires_at_ms);
+        self.by_expiry.insert((expires_at_ms, signer, nonce));
+        assert_eq!(self.seen.len(), self.by_expiry.len());
+        Ok(())
+    }
+}
+
+/// Verifies envelopes for one receiver: limits, time, signature and replays.
+#[derive(Debug)]
+pub struct Verifier {
+    config: VerifyConfig,
+    replay: ReplayCache,
+}
+
+impl Verifier {
+    /// A verifier with `config`.
+    pub fn new(config: VerifyConfig) -> Self {
+        Self { replay: ReplayCache::new(config.replay_cache_capacity), config }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &VerifyConfig {
+        &self.config
+    }
+
+    /// Verifies `envelope` at time `now_ms`, accepting only the `expected` domains.
+    ///
+    /// Cheap checks (size, domain, lifetime, clock) run before the signature; the replay cache
+    /// only records envelopes whose signature verified, so forgeries cannot poison it.
+    pub fn verify(
+        &mut self,
+        now_ms: Millis,
+        envelope: &Envelope,
+        expected: &[Domain],
+    ) -> Result<(), VerifyError> {
+        self.check_unsigned_fields(now_ms, envelope, expected)?;
+        envelope.verify_signature()?;
+        self.replay.purge_before(now_ms.saturating_sub(self.config.skew_tolerance_ms));
+        self.replay.check_and_insert(envelope.signer, envelope.nonce, envelope.expires_at_ms)
+    }
+
+    /// Size, domain, lifetime and clock checks, without the signature or the replay cache.
+    pub fn check_unsigned_fields(
+        &self,
+        now_ms: Millis,
+        envelope: &Envelope,
+        expected: &[Domain],
+    ) -> Result<(), VerifyError> {
+        let cfg = &self.config;
+        if envelope.payload.len() > cfg.max_payload_bytes {
+            return Err(VerifyError::Oversized {
+                len: envelope.payload.len(),
+                max: cfg.max_payload_bytes,
+            });
+        }
+        if !expected.contains(&envelope.domain) {
+            let names: Vec<&str> = expected.iter().map(|d| d.tag()).collect();
+            return Err(VerifyError::WrongDomain {
+                expected: names.join(" or "),
+                got: envelope.domain,
+            });
+        }
+        let lifetime = i128::from(envelope.expires_at_ms) - i128::from(envelope.issued_at_ms);
+        if lifetime <= 0 || lifetime > i128::from(cfg.max_lifetime_ms) {
+            return Err(VerifyError::BadLifetime {
+                lifetime_ms: lifetime,
+                max_ms: cfg.max_lifetime_ms,
+            });
+        }
+        let skew = cfg.skew_tolerance_ms;
+        if now_ms > envelope.expires_at_ms.saturating_add(skew) {
+            return Err(VerifyError::Expired {
+                expires_at_ms: envelope.expires_at_ms,
+                now_ms,
+                skew_ms: skew,
+            });
+        }
+        if envelope.issued_at_ms > now_ms.saturating_add(skew) {
+            return Err(VerifyError::NotYetValid {
+                issued_at_ms: envelope.issued_at_ms,
+                now_ms,
+                skew_ms: skew,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> Keypair {
+        Keypair::from_secret_bytes([n; 32])
+    }
+
+    fn env(k: &Keypair, nonce: u64, issued: Millis, expires: Millis) -> Envelope {
+        let header =
+            EnvelopeHeader { domain: Domain::Offer, nonce, issued_at_ms: issued, expires_at_ms: expires };
+        Envelope::sign(k, header, b"payload".to_vec())
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::new(VerifyConfig { skew_tolerance_ms: 1_000, ..VerifyConfig::default() })
+    }
+
+    #[test]
+    fn accepts_a_fresh_envelope_once() {
+        let mut v = verifier();
+        let e = env(&key(1), 5, 10_000, 20_000);
+        v.verify(10_000, &e, &[Domain::Offer]).unwrap();
+        assert_eq!(
+            v.verify(10_001, &e, &[Domain::Offer]),
+            Err(VerifyError::Replayed { signer: key(1).public(), nonce: 5 })
+        );
+        // Same nonce from another signer is fine.
+        v.verify(10_001, &env(&key(2), 5, 10_000, 20_000), &[Domain::Offer]).unwrap();
+    }
+
+    #[test]
+    fn each_rejection_has_its_own_error() {
+        let mut v = verifier();
+        let e = env(&key(1), 1, 10_000, 20_000);
+        assert!(matches!(v.verify(10_000, &e, &[Domain::Claim]), Err(VerifyError::WrongDomain { .. })));
+        assert!(matches!(v.verify(21_001, &e, &[Domain::Offer]), Err(VerifyError::Expired { .. })));
+        assert!(v.verify(21_000, &env(&key(1), 2, 10_000, 20_000), &[Domain::Offer]).is_ok());
+        assert!(matches!(v.verify(8_999, &e, &[Domain::Offer]), Err(VerifyError::NotYetValid { .. })));
+        let mut forged = e.clone();
+        forged.payload[0] ^= 1;
+        assert_eq!(v.verify(10_000, &forged, &[Domain::Offer]), Err(VerifyError::BadSignature));
+        let mut relabelled = e.clone();
+        relabelled.domain = Domain::Claim;
+        assert_eq!(v.verify(10_000, &relabelled, &[Domain::Claim]), Err(VerifyError::BadSignature));
+        let mut small = Verifier::new(VerifyConfig { max_payload_bytes: 3, ..VerifyConfig::default() });
+        assert!(matches!(small.verify(10_000, &e, &[Domain::Offer]), Err(VerifyError::Oversized { .. })));
+        let backwards = env(&key(1), 3, 20_000, 10_000);
+        assert!(matches!(v.verify(15_000, &backwards, &[Domain::Offer]), Err(VerifyError::BadLifetime { .. })));
+    }
+
+    #[test]
+    fn full_cache_refuses_old_messages_instead_of_forgetting_them() {
+        let mut cache = ReplayCache::new(2);
+        let a = key(1).public();
+        cache.check_and_insert(a, 1, 100).unwrap();
+        cache.check_and_insert(a, 2, 200).unwrap();
+        // Evicts nonce 1 (expiry 100); the floor is now 100.
+        cache.check_and_insert(a, 3, 300).unwrap();
+        assert_eq!(cache.len(), 2);
+        assert!(matches!(cache.check_and_insert(a, 1, 100), Err(VerifyError::ReplayWindowExceeded { .. })));
+        assert!(matches!(cache.check_and_insert(a, 2, 200), Err(VerifyError::Replayed { .. })));
+        cache.purge_before(250);
+        assert_eq!(cache.len(), 1);
+    }
+}
