@@ -112,7 +112,8 @@ impl<'de> Deserialize<'de> for Signature {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Signature, A::Error> {
                 let mut out = [0u8; 64];
                 for (i, slot) in out.iter_mut().enumerate() {
-                    *slot = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &self))?;
+                    *slot =
+                        seq.next_element()?.ok_or_else(|| de::Error::invalid_length(i, &self))?;
                 }
                 Ok(Signature(out))
             }
@@ -205,7 +206,8 @@ fn signing_bytes(
     payload: &[u8],
 ) -> Vec<u8> {
     let tag = domain.tag().as_bytes();
-    let mut out = Vec::with_capacity(SIGNING_PREFIX.len() + tag.len() + 1 + 32 + 32 + payload.len());
+    let mut out =
+        Vec::with_capacity(SIGNING_PREFIX.len() + tag.len() + 1 + 32 + 32 + payload.len());
     out.extend_from_slice(SIGNING_PREFIX);
     out.extend_from_slice(tag);
     out.push(0);
@@ -371,7 +373,10 @@ impl ReplayCache {
             return Err(VerifyError::Replayed { signer, nonce });
         }
         if expires_at_ms <= self.floor_ms {
-            return Err(VerifyError::ReplayWindowExceeded { expires_at_ms, floor_ms: self.floor_ms });
+            return Err(VerifyError::ReplayWindowExceeded {
+                expires_at_ms,
+                floor_ms: self.floor_ms,
+            });
         }
         if self.seen.len() >= self.capacity {
             if let Some((expiry, old_signer, old_nonce)) = self.by_expiry.pop_first() {
@@ -482,8 +487,12 @@ mod tests {
     }
 
     fn env(k: &Keypair, nonce: u64, issued: Millis, expires: Millis) -> Envelope {
-        let header =
-            EnvelopeHeader { domain: Domain::Offer, nonce, issued_at_ms: issued, expires_at_ms: expires };
+        let header = EnvelopeHeader {
+            domain: Domain::Offer,
+            nonce,
+            issued_at_ms: issued,
+            expires_at_ms: expires,
+        };
         Envelope::sign(k, header, b"payload".to_vec())
     }
 
@@ -508,20 +517,33 @@ mod tests {
     fn each_rejection_has_its_own_error() {
         let mut v = verifier();
         let e = env(&key(1), 1, 10_000, 20_000);
-        assert!(matches!(v.verify(10_000, &e, &[Domain::Claim]), Err(VerifyError::WrongDomain { .. })));
+        assert!(matches!(
+            v.verify(10_000, &e, &[Domain::Claim]),
+            Err(VerifyError::WrongDomain { .. })
+        ));
         assert!(matches!(v.verify(21_001, &e, &[Domain::Offer]), Err(VerifyError::Expired { .. })));
         assert!(v.verify(21_000, &env(&key(1), 2, 10_000, 20_000), &[Domain::Offer]).is_ok());
-        assert!(matches!(v.verify(8_999, &e, &[Domain::Offer]), Err(VerifyError::NotYetValid { .. })));
+        assert!(matches!(
+            v.verify(8_999, &e, &[Domain::Offer]),
+            Err(VerifyError::NotYetValid { .. })
+        ));
         let mut forged = e.clone();
         forged.payload[0] ^= 1;
         assert_eq!(v.verify(10_000, &forged, &[Domain::Offer]), Err(VerifyError::BadSignature));
         let mut relabelled = e.clone();
         relabelled.domain = Domain::Claim;
         assert_eq!(v.verify(10_000, &relabelled, &[Domain::Claim]), Err(VerifyError::BadSignature));
-        let mut small = Verifier::new(VerifyConfig { max_payload_bytes: 3, ..VerifyConfig::default() });
-        assert!(matches!(small.verify(10_000, &e, &[Domain::Offer]), Err(VerifyError::Oversized { .. })));
+        let mut small =
+            Verifier::new(VerifyConfig { max_payload_bytes: 3, ..VerifyConfig::default() });
+        assert!(matches!(
+            small.verify(10_000, &e, &[Domain::Offer]),
+            Err(VerifyError::Oversized { .. })
+        ));
         let backwards = env(&key(1), 3, 20_000, 10_000);
-        assert!(matches!(v.verify(15_000, &backwards, &[Domain::Offer]), Err(VerifyError::BadLifetime { .. })));
+        assert!(matches!(
+            v.verify(15_000, &backwards, &[Domain::Offer]),
+            Err(VerifyError::BadLifetime { .. })
+        ));
     }
 
     #[test]
@@ -533,7 +555,10 @@ mod tests {
         // Evicts nonce 1 (expiry 100); the floor is now 100.
         cache.check_and_insert(a, 3, 300).unwrap();
         assert_eq!(cache.len(), 2);
-        assert!(matches!(cache.check_and_insert(a, 1, 100), Err(VerifyError::ReplayWindowExceeded { .. })));
+        assert!(matches!(
+            cache.check_and_insert(a, 1, 100),
+            Err(VerifyError::ReplayWindowExceeded { .. })
+        ));
         assert!(matches!(cache.check_and_insert(a, 2, 200), Err(VerifyError::Replayed { .. })));
         cache.purge_before(250);
         assert_eq!(cache.len(), 1);

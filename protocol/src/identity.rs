@@ -218,8 +218,10 @@ impl Keypair {
 
     /// Parses key file text written by [`Keypair::to_key_file_text`]; `path` is used in errors.
     pub fn from_key_file_text(text: &str, path: &str) -> Result<Self, KeyFileError> {
-        let malformed =
-            |problem: &str| KeyFileError::Malformed { path: path.to_owned(), problem: problem.into() };
+        let malformed = |problem: &str| KeyFileError::Malformed {
+            path: path.to_owned(),
+            problem: problem.into(),
+        };
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         match lines.next() {
             Some(KEY_FILE_HEADER) => {}
@@ -277,8 +279,12 @@ impl Keypair {
 fn write_owner_only(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     // The mode above only applies on creation; tighten an existing file too.
     use std::os::unix::fs::PermissionsExt;
     file.set_permissions(std::fs::Permissions::from_mode(0o600))?;

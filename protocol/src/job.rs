@@ -501,10 +501,9 @@ impl JobSpec {
     /// Total credits the job can pay, reserved in escrow when it is posted.
     pub fn escrow(&self) -> Option<u64> {
         match (&self.kind, &self.training) {
-            (JobKind::Training, Some(t)) => self
-                .reward
-                .checked_mul(u64::from(t.participants))?
-                .checked_mul(u64::from(t.rounds)),
+            (JobKind::Training, Some(t)) => {
+                self.reward.checked_mul(u64::from(t.participants))?.checked_mul(u64::from(t.rounds))
+            }
             _ => self.reward.checked_mul(u64::from(self.replication)),
         }
     }
@@ -822,7 +821,10 @@ cpu_share = 0.8
         let text = EXAMPLE.replace("vram_gb = 0", "vram_gb = \"lots\"");
         let err = JobSpec::from_toml(&text).unwrap_err();
         let shown = err.with_source("job.toml");
-        assert!(shown.starts_with("job.toml: requirements.vram_gb: invalid type: string \"lots\""), "{shown}");
+        assert!(
+            shown.starts_with("job.toml: requirements.vram_gb: invalid type: string \"lots\""),
+            "{shown}"
+        );
         assert!(shown.contains("line 16"), "{shown}");
     }
 

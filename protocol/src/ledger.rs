@@ -91,9 +91,9 @@ impl LedgerOp {
     /// The job it belongs to.
     pub fn job_id(&self) -> JobId {
         match self {
-            Self::Reserve { job_id, .. } | Self::Pay { job_id, .. } | Self::Release { job_id, .. } => {
-                *job_id
-            }
+            Self::Reserve { job_id, .. }
+            | Self::Pay { job_id, .. }
+            | Self::Release { job_id, .. } => *job_id,
         }
     }
 }
@@ -257,8 +257,13 @@ mod tests {
         let mut book = EscrowBook::new();
         book.mint("alice", 100);
         let rid = TransferId::derive(job, "reserve", &[]);
-        let reserve =
-            LedgerOp::Reserve { id: rid, job_id: job, requester: "alice".into(), amount: 30, timeout_at_ms: 0 };
+        let reserve = LedgerOp::Reserve {
+            id: rid,
+            job_id: job,
+            requester: "alice".into(),
+            amount: 30,
+            timeout_at_ms: 0,
+        };
         book.apply(&reserve).unwrap();
         book.apply(&reserve).unwrap();
         assert_eq!(book.balance("alice"), 70);

@@ -31,5 +31,10 @@ pub mod job;
 pub mod ledger;
 pub mod matching;
 pub mod messages;
+pub mod node;
+mod outbox;
+pub mod relay;
 pub mod testkit;
 pub mod time;
+
+pub use outbox::{Topic, Transmit};

@@ -97,7 +97,9 @@ pub enum Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::KindNotAllowed { kind } => write!(f, "job kind {kind} not allowed by node policy"),
+            Self::KindNotAllowed { kind } => {
+                write!(f, "job kind {kind} not allowed by node policy")
+            }
             Self::RuntimeUnavailable { runtime } => write!(f, "runtime {runtime} unavailable"),
             Self::NoGpuRuntime => f.write_str("no docker GPU runtime"),
             Self::CpuCores { need, have } => write!(f, "needs {need} CPU cores, node has {have}"),
@@ -172,7 +174,10 @@ fn check_policy(spec: &JobSpec, profile: &CapabilityProfile, why: &mut Vec<Misma
         why.push(Mismatch::MemoryOverCap { need_mb: r.memory_mb, cap_mb: p.max_memory_mb });
     }
     if spec.limits.timeout_s > p.max_timeout_s {
-        why.push(Mismatch::TimeoutOverCap { need_s: spec.limits.timeout_s, cap_s: p.max_timeout_s });
+        why.push(Mismatch::TimeoutOverCap {
+            need_s: spec.limits.timeout_s,
+            cap_s: p.max_timeout_s,
+        });
     }
     if profile.load.running_jobs >= p.max_concurrent_jobs {
         why.push(Mismatch::AtCapacity {
@@ -248,7 +253,9 @@ pub fn rank<'a, K: Ord + Copy>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capability::{CpuInfo, DiskInfo, GpuInfo, GpuVendor, MemoryInfo, NodePolicy, Runtimes};
+    use crate::capability::{
+        CpuInfo, DiskInfo, GpuInfo, GpuVendor, MemoryInfo, NodePolicy, Runtimes,
+    };
     use crate::job::JobKindSet;
     use crate::testkit;
 

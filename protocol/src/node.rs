@@ -1,0 +1,622 @@
+//! `NodeCore`: a compute node's side of the job lifecycle, as a sans-IO state machine.
+//!
+//! The node advertises its capability profile, hears offers from the relays it trusts and
+//! matches each against its profile and policy, claims the ones it can serve (automatically,
+//! or when its owner accepts), runs leased jobs through its driver (which owns the sandbox),
+//! reports progress, returns results and collects receipts.
+//!
+//! Inputs: [`NodeCore::handle_message`], [`NodeCore::handle_timeout`] and the commands
+//! ([`NodeCore::accept`], [`NodeCore::progress`], [`NodeCore::finish`], ...). Outputs:
+//! [`NodeCore::poll_transmit`], [`NodeCore::poll_event`], [`NodeCore::poll_timeout`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::capability::CapabilityProfile;
+use crate::envelope::{Domain, Verifier, VerifyConfig};
+use crate::identity::{Keypair, NodeId};
+use crate::matching::{self, MatchResult, Mismatch};
+use crate::messages::{
+    open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Outcome, Progress,
+    Receipt, RejectReason, Usage, Verdict,
+};
+use crate::outbox::{Outbox, Topic, Transmit};
+use crate::time::Millis;
+
+/// Whether the node claims matching offers by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AcceptMode {
+    /// Claim every matching offer while slots are free.
+    Auto,
+    /// List offers; claim only on [`NodeCore::accept`].
+    Manual,
+}
+
+/// Node tunables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Auto or manual claiming.
+    pub accept: AcceptMode,
+    /// Relays whose offers and leases the node acts on; empty trusts any signer.
+    pub trusted_relays: Vec<NodeId>,
+    /// Lifetime of the node's direct messages.
+    pub message_ttl_ms: u64,
+    /// How often the node re-publishes its advert (adverts live twice as long).
+    pub advert_interval_ms: u64,
+    /// A claim with no lease or denial after this long is forgotten.
+    pub claim_timeout_ms: u64,
+    /// Most offers remembered.
+    pub max_known_offers: usize,
+    /// Envelope verification limits.
+    pub verify: VerifyConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            accept: AcceptMode::Auto,
+            trusted_relays: Vec::new(),
+            message_ttl_ms: 120_000,
+            advert_interval_ms: 300_000,
+            claim_timeout_ms: 30_000,
+            max_known_offers: 1024,
+            verify: VerifyConfig::default(),
+        }
+    }
+}
+
+/// An offer the node has heard, with its verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KnownOffer {
+    /// The relay that signed it.
+    pub relay: NodeId,
+    /// The offer.
+    pub offer: Offer,
+    /// Last heard.
+    pub seen_at_ms: Millis,
+    /// Match against the node's profile when last heard (load included).
+    pub matched: MatchResult,
+    /// When the node claimed it, if it did and no answer came yet.
+    pub claimed_at_ms: Option<Millis>,
+    /// The relay refused this node for good (excluded, already leased, profile mismatch).
+    pub refused: Option<DenyReason>,
+}
+
+/// A lease the node holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeldLease {
+    /// The granting relay.
+    pub relay: NodeId,
+    /// The lease.
+    pub lease: Lease,
+    /// When it arrived.
+    pub started_at_ms: Millis,
+    /// Last progress sent.
+    pub progress: u8,
+}
+
+/// Something the node driver must act on or record.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NodeEvent {
+    /// An offer was heard; `matched` says whether the node can serve it and, if not, why.
+    OfferSeen {
+        /// The job.
+        job_id: JobId,
+        /// Match verdict.
+        matched: MatchResult,
+    },
+    /// The node claimed a job.
+    Claimed {
+        /// The job.
+        job_id: JobId,
+    },
+    /// The relay refused a claim.
+    ClaimDenied {
+        /// The job.
+        job_id: JobId,
+        /// Why.
+        reason: DenyReason,
+    },
+    /// Run this lease in the sandbox, then call [`NodeCore::finish`].
+    RunJob {
+        /// The granting relay.
+        relay: NodeId,
+        /// The lease (spec, deadline, training round).
+        lease: Box<Lease>,
+    },
+    /// Stop this lease; its result will not count.
+    CancelJob {
+        /// The job.
+        job_id: JobId,
+        /// The lease.
+        lease: u32,
+        /// Why.
+        reason: String,
+    },
+    /// A receipt arrived; keep it.
+    ReceiptReceived {
+        /// The relay.
+        relay: NodeId,
+        /// The receipt.
+        receipt: Receipt,
+    },
+    /// Received bytes were not acted on.
+    Rejected {
+        /// The transport peer, if direct.
+        from: Option<NodeId>,
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeCommandError {
+    /// No such offer (never heard, expired, or forgotten).
+    #[error("no open offer {0}; run `aimatrix-node compute available` to list them")]
+    UnknownOffer(JobId),
+    /// The node cannot serve it.
+    #[error("this node cannot serve job {job_id}: {}", join(.reasons))]
+    CannotServe {
+        /// The job.
+        job_id: JobId,
+        /// Every reason.
+        reasons: Vec<Mismatch>,
+    },
+    /// Already claimed or leased.
+    #[error("job {0} is already claimed or running on this node")]
+    AlreadyClaimed(JobId),
+    /// The relay already refused this node for the job.
+    #[error("the relay refused this node for job {job_id}: {reason}")]
+    RelayRefused {
+        /// The job.
+        job_id: JobId,
+        /// The relay's reason.
+        reason: String,
+    },
+    /// The node is shutting down.
+    #[error("the node is shutting down and claims no new jobs")]
+    Draining,
+    /// No such lease.
+    #[error("no lease {lease} of job {job_id} is held")]
+    UnknownLease {
+        /// The job.
+        job_id: JobId,
+        /// The lease.
+        lease: u32,
+    },
+}
+
+fn join(reasons: &[Mismatch]) -> String {
+    reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+const NODE_ACCEPTS: [Domain; 5] =
+    [Domain::Offer, Domain::Lease, Domain::LeaseDenied, Domain::Receipt, Domain::Cancel];
+
+/// Most training jobs remembered as joined (their later round leases need no new claim).
+const MAX_JOINED_TRAINING: usize = 256;
+
+/// The node's state machine.
+#[derive(Debug)]
+pub struct NodeCore {
+    cfg: NodeConfig,
+    outbox: Outbox,
+    verifier: Verifier,
+    profile: CapabilityProfile,
+    advert_seq: u64,
+    next_advert_ms: Millis,
+    offers: BTreeMap<JobId, KnownOffer>,
+    leases: BTreeMap<(JobId, u32), HeldLease>,
+    joined_training: VecDeque<JobId>,
+    events: VecDeque<NodeEvent>,
+    rejects: BTreeMap<&'static str, u64>,
+    earned: u64,
+    draining: bool,
+}
+
+impl NodeCore {
+    /// A node signing with `key`, advertising `profile`; `nonce_seed` must be fresh randomness
+    /// at every start. The first advert goes out on the first [`NodeCore::handle_timeout`].
+    pub fn new(key: Keypair, cfg: NodeConfig, profile: CapabilityProfile, nonce_seed: u64) -> Self {
+        Self {
+            outbox: Outbox::new(key, nonce_seed, cfg.message_ttl_ms),
+            verifier: Verifier::new(cfg.verify),
+            cfg,
+            profile,
+            advert_seq: 0,
+            next_advert_ms: 0,
+            offers: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            joined_training: VecDeque::new(),
+            events: VecDeque::new(),
+            rejects: BTreeMap::new(),
+            earned: 0,
+            draining: false,
+        }
+    }
+
+    /// The node's identity.
+    pub fn id(&self) -> NodeId {
+        self.outbox.id()
+    }
+
+    /// The profile as advertised and matched: hardware and policy, with the current load.
+    pub fn profile(&self) -> CapabilityProfile {
+        let mut p = self.profile.clone();
+        p.load.running_jobs = self.slots_in_use();
+        p
+    }
+
+    fn slots_in_use(&self) -> u32 {
+        let claims = self.offers.values().filter(|o| o.claimed_at_ms.is_some()).count();
+        (self.leases.len() + claims) as u32
+    }
+
+    /// Offers heard and not expired, with their match verdicts.
+    pub fn offers(&self) -> impl Iterator<Item = &KnownOffer> {
+        self.offers.values()
+    }
+
+    /// Leases held now.
+    pub fn leases(&self) -> impl Iterator<Item = &HeldLease> {
+        self.leases.values()
+    }
+
+    /// Credits earned from receipts since start.
+    pub fn earned(&self) -> u64 {
+        self.earned
+    }
+
+    /// Rejected messages by reason.
+    pub fn reject_counts(&self) -> &BTreeMap<&'static str, u64> {
+        &self.rejects
+    }
+
+    /// Whether the node stopped claiming.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`NodeCore::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let claims = self
+            .offers
+            .values()
+            .filter_map(|o| o.claimed_at_ms.map(|t| t.saturating_add(self.cfg.claim_timeout_ms)));
+        let offers = self.offers.values().map(|o| o.offer.deadline_ms);
+        let advert = (!self.draining).then_some(self.next_advert_ms);
+        claims.chain(offers).chain(advert).min()
+    }
+
+    /// Replaces the hardware/policy profile (load is computed) and re-advertises.
+    pub fn set_profile(&mut self, now: Millis, profile: CapabilityProfile) {
+        if profile != self.profile {
+            self.profile = profile;
+            self.next_advert_ms = now;
+            self.advertise_if_due(now);
+        }
+    }
+
+    /// Stops claiming new jobs; running leases continue until finished or handed back.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Time passed: advertises, forgets stale claims and expired offers, claims more work.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        self.advertise_if_due(now);
+        let timeout = self.cfg.claim_timeout_ms;
+        self.offers.retain(|_, o| o.offer.deadline_ms > now);
+        for o in self.offers.values_mut() {
+            if o.claimed_at_ms.is_some_and(|t| now >= t.saturating_add(timeout)) {
+                o.claimed_at_ms = None;
+            }
+        }
+        self.claim_more(now);
+    }
+
+    fn advertise_if_due(&mut self, now: Millis) {
+        if self.draining || now < self.next_advert_ms {
+            return;
+        }
+        self.advert_seq += 1;
+        self.next_advert_ms = now.saturating_add(self.cfg.advert_interval_ms);
+        let msg = Message::Advert(Advert { seq: self.advert_seq, profile: self.profile() });
+        let ttl = self.cfg.advert_interval_ms.saturating_mul(2);
+        if let Err(e) = self.outbox.broadcast(now, Topic::Adverts, &msg, ttl) {
+            self.reject(None, RejectReason::Refused(format!("cannot advertise: {e}")));
+        }
+    }
+
+    fn trusts(&self, relay: &NodeId) -> bool {
+        self.cfg.trusted_relays.is_empty() || self.cfg.trusted_relays.contains(relay)
+    }
+
+    fn reject(&mut self, from: Option<NodeId>, reason: RejectReason) {
+        *self.rejects.entry(reason.label()).or_default() += 1;
+        self.events.push_back(NodeEvent::Rejected { from, reason });
+    }
+
+    /// Bytes from the network: a gossip message (`from = None`) or a direct one from `from`.
+    pub fn handle_message(&mut self, now: Millis, from: Option<NodeId>, bytes: &[u8]) {
+        let (signer, msg) = match open(&mut self.verifier, now, bytes, &NODE_ACCEPTS) {
+            Ok(x) => x,
+            Err(reason) => return self.reject(from, reason),
+        };
+        if let Some(sender) = from {
+            if sender != signer && !matches!(msg, Message::Offer(_)) {
+                return self.reject(from, RejectReason::SenderMismatch { signer, sender });
+            }
+        }
+        if !self.trusts(&signer) {
+            let why = format!("{} from {signer}, which is not a trusted relay", msg.domain());
+            return self.reject(from, RejectReason::Refused(why));
+        }
+        match msg {
+            Message::Offer(offer) => self.on_offer(now, signer, offer),
+            Message::Lease(lease) => self.on_lease(now, signer, lease),
+            Message::LeaseDenied(d) => {
+                if let Some(o) = self.offers.get_mut(&d.job_id) {
+                    o.claimed_at_ms = None;
+                    // No slot now: wait for the next announcement before claiming again.
+                    o.offer.open_slots = 0;
+                    match d.reason {
+                        DenyReason::NotOpen | DenyReason::UnknownJob => {
+                            self.offers.remove(&d.job_id);
+                        }
+                        DenyReason::NoOpenSlot => {}
+                        DenyReason::AlreadyLeased
+                        | DenyReason::Excluded
+                        | DenyReason::Mismatch(_) => {
+                            o.refused = Some(d.reason.clone());
+                        }
+                    }
+                }
+                self.events
+                    .push_back(NodeEvent::ClaimDenied { job_id: d.job_id, reason: d.reason });
+                self.claim_more(now);
+            }
+            Message::Receipt(r) => self.on_receipt(signer, r),
+            Message::Cancel(c) => {
+                if self.leases.remove(&(c.job_id, c.lease)).is_some() {
+                    self.events.push_back(NodeEvent::CancelJob {
+                        job_id: c.job_id,
+                        lease: c.lease,
+                        reason: c.reason,
+                    });
+                    self.claim_more(now);
+                }
+            }
+            other => {
+                let why = format!("a node does not accept {}", other.domain());
+                self.reject(from, RejectReason::Refused(why));
+            }
+        }
+    }
+
+    fn on_offer(&mut self, now: Millis, relay: NodeId, offer: Offer) {
+        let job_id = offer.job_id;
+        let matched = matching::evaluate(&offer.spec, &self.profile());
+        let previous = self.offers.get(&job_id);
+        let claimed_at_ms = previous.and_then(|o| o.claimed_at_ms);
+        let refused = previous.and_then(|o| o.refused.clone());
+        if !self.offers.contains_key(&job_id) && self.offers.len() >= self.cfg.max_known_offers {
+            // Forget the offer closest to its deadline.
+            if let Some(victim) =
+                self.offers.iter().min_by_key(|(_, o)| o.offer.deadline_ms).map(|(id, _)| *id)
+            {
+                self.offers.remove(&victim);
+            }
+        }
+        self.events.push_back(NodeEvent::OfferSeen { job_id, matched: matched.clone() });
+        self.offers.insert(
+            job_id,
+            KnownOffer { relay, offer, seen_at_ms: now, matched, claimed_at_ms, refused },
+        );
+        self.claim_more(now);
+    }
+
+    /// Auto mode: claims matching offers, highest reward first, while slots are free.
+    fn claim_more(&mut self, now: Millis) {
+        if self.cfg.accept != AcceptMode::Auto || self.draining {
+            return;
+        }
+        let mut candidates: Vec<(u64, JobId)> = self
+            .offers
+            .values()
+            .filter(|o| o.claimed_at_ms.is_none() && o.refused.is_none() && o.offer.open_slots > 0)
+            .filter(|o| !self.leases.keys().any(|(j, _)| *j == o.offer.job_id))
+            .map(|o| (o.offer.spec.reward, o.offer.job_id))
+            .collect();
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, job_id) in candidates {
+            let profile = self.profile();
+            let Some(o) = self.offers.get_mut(&job_id) else { continue };
+            o.matched = matching::evaluate(&o.offer.spec, &profile);
+            if o.matched.is_ok() {
+                self.send_claim(now, job_id);
+            }
+        }
+    }
+
+    fn send_claim(&mut self, now: Millis, job_id: JobId) {
+        let Some(o) = self.offers.get_mut(&job_id) else { return };
+        o.claimed_at_ms = Some(now);
+        let relay = o.relay;
+        if let Err(e) = self.outbox.send(now, relay, &Message::Claim(Claim { job_id })) {
+            self.reject(None, RejectReason::Refused(format!("cannot send claim: {e}")));
+            return;
+        }
+        self.events.push_back(NodeEvent::Claimed { job_id });
+    }
+
+    /// Manual mode (or an owner's explicit choice): claims an offered job.
+    pub fn accept(&mut self, now: Millis, job_id: JobId) -> Result<(), NodeCommandError> {
+        if self.draining {
+            return Err(NodeCommandError::Draining);
+        }
+        if self.leases.keys().any(|(j, _)| *j == job_id) {
+            return Err(NodeCommandError::AlreadyClaimed(job_id));
+        }
+        let profile = self.profile();
+        let o = self.offers.get_mut(&job_id).ok_or(NodeCommandError::UnknownOffer(job_id))?;
+        if o.claimed_at_ms.is_some() {
+            return Err(NodeCommandError::AlreadyClaimed(job_id));
+        }
+        if let Some(reason) = &o.refused {
+            return Err(NodeCommandError::RelayRefused { job_id, reason: reason.to_string() });
+        }
+        if o.offer.deadline_ms <= now {
+            return Err(NodeCommandError::UnknownOffer(job_id));
+        }
+        o.matched = matching::evaluate(&o.offer.spec, &profile);
+        if let Err(reasons) = &o.matched {
+            return Err(NodeCommandError::CannotServe { job_id, reasons: reasons.clone() });
+        }
+        self.send_claim(now, job_id);
+        Ok(())
+    }
+
+    fn on_lease(&mut self, now: Millis, relay: NodeId, lease: Lease) {
+        if lease.node != self.id() {
+            let why = format!("lease for another node ({})", lease.node);
+            return self.reject(Some(relay), RejectReason::Refused(why));
+        }
+        let job_id = lease.job_id;
+        let claimed = self.offers.get(&job_id).is_some_and(|o| o.claimed_at_ms.is_some());
+        let joined = lease.round.is_some() && self.joined_training.contains(&job_id);
+        if !claimed && !joined {
+            let why = format!("lease for job {job_id}, which this node did not claim");
+            return self.reject(Some(relay), RejectReason::Refused(why));
+        }
+        if let Some(o) = self.offers.get_mut(&job_id) {
+            o.claimed_at_ms = None;
+        }
+        if lease.round.is_some() && !joined {
+            if self.joined_training.len() >= MAX_JOINED_TRAINING {
+                self.joined_training.pop_front();
+            }
+            self.joined_training.push_back(job_id);
+        }
+        if self.draining
+            || (!claimed && self.leases.len() as u32 >= self.profile.policy.max_concurrent_jobs)
+        {
+            let reason =
+                if self.draining { "node is shutting down" } else { "node has no free slot" };
+            self.send_result(
+                now,
+                relay,
+                &lease,
+                Outcome::HandedBack { reason: reason.into() },
+                Usage::default(),
+            );
+            return;
+        }
+        let key = (job_id, lease.lease);
+        self.leases.insert(
+            key,
+            HeldLease { relay, lease: lease.clone(), started_at_ms: now, progress: 0 },
+        );
+        self.events.push_back(NodeEvent::RunJob { relay, lease: Box::new(lease) });
+    }
+
+    fn on_receipt(&mut self, relay: NodeId, receipt: Receipt) {
+        if receipt.node != self.id() {
+            let why = "receipt for another node".to_owned();
+            return self.reject(Some(relay), RejectReason::Refused(why));
+        }
+        if let Verdict::Paid { amount } = receipt.verdict {
+            self.earned = self.earned.saturating_add(amount);
+        }
+        self.events.push_back(NodeEvent::ReceiptReceived { relay, receipt });
+    }
+
+    /// Reports progress on a held lease.
+    pub fn progress(
+        &mut self,
+        now: Millis,
+        job_id: JobId,
+        lease: u32,
+        percent: u8,
+    ) -> Result<(), NodeCommandError> {
+        let held = self
+            .leases
+            .get_mut(&(job_id, lease))
+            .ok_or(NodeCommandError::UnknownLease { job_id, lease })?;
+        held.progress = percent.min(100);
+        let (relay, percent) = (held.relay, held.progress);
+        let msg = Message::Progress(Progress { job_id, lease, percent });
+        if let Err(e) = self.outbox.send(now, relay, &msg) {
+            self.reject(None, RejectReason::Refused(format!("cannot send progress: {e}")));
+        }
+        Ok(())
+    }
+
+    /// The sandbox finished a lease: sends the signed result and frees the slot.
+    pub fn finish(
+        &mut self,
+        now: Millis,
+        job_id: JobId,
+        lease: u32,
+        outcome: Outcome,
+        usage: Usage,
+    ) -> Result<(), NodeCommandError> {
+        let held = self
+            .leases
+            .remove(&(job_id, lease))
+            .ok_or(NodeCommandError::UnknownLease { job_id, lease })?;
+        self.send_result(now, held.relay, &held.lease, outcome, usage);
+        self.claim_more(now);
+        Ok(())
+    }
+
+    /// Gives a lease back unfinished (shutdown, local cancel) so the relay re-offers it now.
+    pub fn hand_back(
+        &mut self,
+        now: Millis,
+        job_id: JobId,
+        lease: u32,
+        reason: &str,
+    ) -> Result<(), NodeCommandError> {
+        self.finish(
+            now,
+            job_id,
+            lease,
+            Outcome::HandedBack { reason: reason.into() },
+            Usage::default(),
+        )
+    }
+
+    fn send_result(
+        &mut self,
+        now: Millis,
+        relay: NodeId,
+        lease: &Lease,
+        outcome: Outcome,
+        usage: Usage,
+    ) {
+        let msg =
+            Message::Result(JobResult { job_id: lease.job_id, lease: lease.lease, outcome, usage });
+        if let Err(e) = self.outbox.send(now, relay, &msg) {
+            self.reject(None, RejectReason::Refused(format!("cannot send result: {e}")));
+        }
+    }
+
+    /// Jobs (by id) the node has joined as a training participant.
+    pub fn training_jobs(&self) -> BTreeSet<JobId> {
+        self.joined_training.iter().copied().collect()
+    }
+}

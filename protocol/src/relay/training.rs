@@ -1,0 +1,359 @@
+//! Training rounds in the relay core.
+//!
+//! A training job gathers participants from claims. A round starts when at least `quorum`
+//! participants are present: each gets a lease on one chunk of the dataset with the current
+//! model digest and the round deadline. The round closes when every lease has answered or at
+//! the deadline; with `quorum` updates it goes to the driver for aggregation
+//! ([`super::RelayEvent::RoundClosed`]), which answers with [`super::RelayCore::round_aggregated`]:
+//! accepted updates are paid, rejected ones are not, and the next round starts from the new
+//! model. Claims during a round are admitted at the next round boundary; a participant that
+//! misses a deadline or fails drops out and is replaced by a joiner. Late updates are not
+//! counted. A round without quorum is retried, up to `max_attempts` times in a row.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use super::{CommandError, JobState, LeaseStatus, RelayCore, RelayEvent};
+use crate::hash::Digest;
+use crate::identity::NodeId;
+use crate::job::TrainingParams;
+use crate::ledger::{LedgerOp, TransferId};
+use crate::messages::{Cancel, DenyReason, JobId, Message, RoundLease, Verdict};
+use crate::time::{secs, Millis};
+
+/// Where a round stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundPhase {
+    /// Waiting for enough participants.
+    Waiting,
+    /// Leases out; closes at the deadline.
+    Running {
+        /// Round deadline.
+        deadline_ms: Millis,
+    },
+    /// Closed with a quorum; waiting for the driver's aggregation.
+    Aggregating,
+    /// The job ended.
+    Done,
+}
+
+/// A training job's round state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// The job's training parameters.
+    pub params: TrainingParams,
+    /// Current round, from 0.
+    pub round: u32,
+    /// Digest of the model the current round starts from.
+    pub model: Digest,
+    /// Phase of the current round.
+    pub phase: RoundPhase,
+    /// Current participants.
+    pub participants: BTreeSet<NodeId>,
+    /// Claimants waiting for the next round boundary.
+    pub joiners: BTreeSet<NodeId>,
+    /// Leases of the current round.
+    pub round_leases: Vec<u32>,
+    /// Rounds in a row that closed without quorum.
+    pub failed_rounds: u32,
+    /// Since when a quorum (but not every wanted participant) has been waiting.
+    pub quorum_since_ms: Option<Millis>,
+}
+
+impl TrainingState {
+    pub(super) fn new(params: TrainingParams) -> Self {
+        let model = params.model.digest().unwrap_or(Digest([0; 32]));
+        Self {
+            params,
+            round: 0,
+            model,
+            phase: RoundPhase::Waiting,
+            participants: BTreeSet::new(),
+            joiners: BTreeSet::new(),
+            round_leases: Vec::new(),
+            failed_rounds: 0,
+            quorum_since_ms: None,
+        }
+    }
+
+    /// Seats still free for joiners.
+    pub fn open_slots(&self) -> u32 {
+        if self.phase == RoundPhase::Done {
+            return 0;
+        }
+        let taken = (self.participants.len() + self.joiners.len()) as u32;
+        self.params.participants.saturating_sub(taken)
+    }
+
+    /// The running round's deadline, or when a waiting quorum stops waiting for more.
+    pub fn next_deadline(&self, start_wait_ms: u64) -> Option<Millis> {
+        match self.phase {
+            RoundPhase::Running { deadline_ms } => Some(deadline_ms),
+            RoundPhase::Waiting => self.quorum_since_ms.map(|t| t.saturating_add(start_wait_ms)),
+            _ => None,
+        }
+    }
+
+    fn round_deadline(&self) -> Option<Millis> {
+        match self.phase {
+            RoundPhase::Running { deadline_ms } => Some(deadline_ms),
+            _ => None,
+        }
+    }
+
+    pub(super) fn finish(&mut self) {
+        self.phase = RoundPhase::Done;
+    }
+}
+
+/// The driver's verdict on a closed round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundVerdict {
+    /// Participants whose updates went into the aggregate (paid).
+    pub accepted: Vec<NodeId>,
+    /// Participants whose updates were refused, with the reason (not paid, dropped).
+    pub rejected: Vec<(NodeId, String)>,
+    /// Digest of the aggregated model the next round starts from.
+    pub new_model: Digest,
+}
+
+impl RelayCore {
+    pub(super) fn on_training_claim(&mut self, now: Millis, node: NodeId, job_id: JobId) {
+        let Some(t) = self.jobs.get_mut(&job_id).and_then(|j| j.training.as_mut()) else { return };
+        if t.participants.contains(&node) || t.joiners.contains(&node) {
+            return; // a repeated claim; the lease comes at the next round start
+        }
+        if t.open_slots() == 0 {
+            return self.deny(now, node, job_id, DenyReason::NoOpenSlot);
+        }
+        t.joiners.insert(node);
+        if t.phase == RoundPhase::Waiting {
+            self.try_start_round(now, job_id);
+        }
+    }
+
+    /// Admits joiners and leases the round's chunks once every wanted participant is present,
+    /// or once a quorum has waited `round_start_wait_ms` for the rest.
+    fn try_start_round(&mut self, now: Millis, job_id: JobId) {
+        let start_wait_ms = self.cfg.round_start_wait_ms;
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(t) = job.training.as_mut() else { return };
+        if job.state != JobState::Open || t.phase != RoundPhase::Waiting {
+            return;
+        }
+        while t.participants.len() < t.params.participants as usize {
+            let Some(next) = t.joiners.pop_first() else { break };
+            t.participants.insert(next);
+        }
+        if t.participants.len() < t.params.quorum as usize {
+            t.quorum_since_ms = None;
+            return self.announce_due(now);
+        }
+        if t.participants.len() < t.params.participants as usize {
+            let since = *t.quorum_since_ms.get_or_insert(now);
+            if now < since.saturating_add(start_wait_ms) {
+                return self.announce_due(now);
+            }
+        }
+        t.quorum_since_ms = None;
+        let deadline_ms = now.saturating_add(secs(t.params.round_deadline_s)).min(job.deadline_ms);
+        t.phase = RoundPhase::Running { deadline_ms };
+        t.round_leases.clear();
+        let chunks = t.params.participants;
+        let (round, model) = (t.round, t.model);
+        let participants: Vec<NodeId> = t.participants.iter().copied().collect();
+        self.events.push_back(RelayEvent::RoundStarted {
+            job_id,
+            round,
+            participants: participants.clone(),
+        });
+        for (chunk, node) in participants.into_iter().enumerate() {
+            let lease_no = self.jobs.get(&job_id).map_or(0, |j| j.next_lease);
+            let assignment = RoundLease { round, model, chunk: chunk as u32, chunks };
+            self.grant_lease(now, job_id, node, Some(assignment));
+            if let Some(t) = self.jobs.get_mut(&job_id).and_then(|j| j.training.as_mut()) {
+                t.round_leases.push(lease_no);
+            }
+        }
+    }
+
+    pub(super) fn after_training_result(&mut self, now: Millis, job_id: JobId, node: NodeId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(t) = job.training.as_mut() else { return };
+        let mut all_answered = true;
+        for lease_no in &t.round_leases {
+            match job.leases.get(lease_no).map(|l| &l.status) {
+                Some(LeaseStatus::Failed(_) | LeaseStatus::Expired)
+                    if job.leases[lease_no].node == node =>
+                {
+                    t.participants.remove(&node);
+                }
+                Some(LeaseStatus::Active) => all_answered = false,
+                _ => {}
+            }
+        }
+        if all_answered && matches!(t.phase, RoundPhase::Running { .. }) {
+            self.close_round(now, job_id);
+        }
+    }
+
+    pub(super) fn training_timeout(&mut self, now: Millis, job_id: JobId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(t) = job.training.as_mut() else { return };
+        if t.phase == RoundPhase::Waiting {
+            return self.try_start_round(now, job_id);
+        }
+        let Some(deadline) = t.round_deadline() else { return };
+        if now < deadline {
+            return;
+        }
+        let mut expired = Vec::new();
+        for lease_no in &t.round_leases {
+            if let Some(l) = job.leases.get_mut(lease_no) {
+                if l.status == LeaseStatus::Active {
+                    l.status = LeaseStatus::Expired;
+                    t.participants.remove(&l.node);
+                    expired.push((l.lease, l.node));
+                }
+            }
+        }
+        for (lease, node) in expired {
+            self.events.push_back(RelayEvent::LeaseExpired { job_id, lease, node });
+            let reason = "the round deadline passed; a late update is not counted".to_owned();
+            self.send(now, node, &Message::Cancel(Cancel { job_id, lease, reason }));
+        }
+        self.close_round(now, job_id);
+    }
+
+    /// Closes the running round: to aggregation with a quorum, otherwise retried or failed.
+    fn close_round(&mut self, now: Millis, job_id: JobId) {
+        let max_attempts = self.jobs.get(&job_id).map_or(1, |j| j.spec.max_attempts);
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(t) = job.training.as_mut() else { return };
+        let updates: Vec<(NodeId, u32, Digest)> = t
+            .round_leases
+            .iter()
+            .filter_map(|n| job.leases.get(n))
+            .filter_map(|l| match l.status {
+                LeaseStatus::Returned(h) => Some((l.node, l.lease, h)),
+                _ => None,
+            })
+            .collect();
+        let round = t.round;
+        if updates.len() >= t.params.quorum as usize {
+            t.phase = RoundPhase::Aggregating;
+            let model = t.model;
+            self.events.push_back(RelayEvent::RoundClosed { job_id, round, model, updates });
+            return;
+        }
+        t.failed_rounds += 1;
+        t.phase = RoundPhase::Waiting;
+        let reason = format!(
+            "round {round} closed with {} of the {} updates its quorum needs",
+            updates.len(),
+            t.params.quorum
+        );
+        let give_up = t.failed_rounds >= max_attempts;
+        self.events.push_back(RelayEvent::RoundFailed { job_id, round, reason: reason.clone() });
+        for (node, lease, _) in updates {
+            let verdict = Verdict::Rejected { reason: reason.clone() };
+            self.receipt(now, job_id, lease, node, Some(round), verdict);
+        }
+        if give_up {
+            let why =
+                format!("{max_attempts} rounds in a row closed without quorum; last: {reason}");
+            return self.fail_job(now, job_id, why);
+        }
+        self.try_start_round(now, job_id);
+    }
+
+    /// The driver aggregated a closed round: pay the accepted updates, reject the others, and
+    /// start the next round from `verdict.new_model` (or complete the job after the last).
+    pub fn round_aggregated(
+        &mut self,
+        now: Millis,
+        job_id: JobId,
+        round: u32,
+        verdict: RoundVerdict,
+    ) -> Result<(), CommandError> {
+        let fee_bps = self.cfg.fee_bps;
+        let job = self.jobs.get_mut(&job_id).ok_or(CommandError::UnknownJob(job_id))?;
+        let reward = job.spec.reward;
+        let Some(t) = job.training.as_mut() else {
+            return Err(CommandError::Invalid(format!("job {job_id} is not a training job")));
+        };
+        if t.phase != RoundPhase::Aggregating || t.round != round {
+            return Err(CommandError::Invalid(format!(
+                "job {job_id} is not aggregating round {round} (round {}, {:?})",
+                t.round, t.phase
+            )));
+        }
+        let returned: Vec<(NodeId, u32)> = t
+            .round_leases
+            .iter()
+            .filter_map(|n| job.leases.get(n))
+            .filter(|l| matches!(l.status, LeaseStatus::Returned(_)))
+            .map(|l| (l.node, l.lease))
+            .collect();
+        let lease_of = |node: &NodeId| returned.iter().find(|(n, _)| n == node).map(|(_, l)| *l);
+        for node in verdict.accepted.iter().chain(verdict.rejected.iter().map(|(n, _)| n)) {
+            if lease_of(node).is_none() {
+                return Err(CommandError::Invalid(format!(
+                    "node {node} has no update in round {round} of job {job_id}"
+                )));
+            }
+        }
+        let mut receipts = Vec::new();
+        for (node, lease) in &returned {
+            if verdict.accepted.contains(node) {
+                let (amount, fee) = super::split_fee(reward, fee_bps);
+                let round_bytes = round.to_le_bytes();
+                self.events.push_back(RelayEvent::Ledger(LedgerOp::Pay {
+                    id: TransferId::derive(job_id, "pay", &[node.as_bytes(), &round_bytes]),
+                    reserve_id: TransferId::derive(job_id, "reserve", &[]),
+                    job_id,
+                    node: *node,
+                    amount,
+                    fee,
+                }));
+                job.paid += amount + fee;
+                if let Some(l) = job.leases.get_mut(lease) {
+                    l.paid = true;
+                }
+                receipts.push((*lease, *node, Verdict::Paid { amount }));
+            } else {
+                let reason = verdict
+                    .rejected
+                    .iter()
+                    .find(|(n, _)| n == node)
+                    .map_or("update not accepted by the aggregation".to_owned(), |(_, r)| {
+                        r.clone()
+                    });
+                t.participants.remove(node);
+                job.excluded.insert(*node);
+                receipts.push((*lease, *node, Verdict::Rejected { reason }));
+            }
+        }
+        assert!(job.paid <= job.escrow, "training paid more than its escrow");
+        t.round += 1;
+        t.model = verdict.new_model;
+        t.failed_rounds = 0;
+        let finished = t.round >= t.params.rounds;
+        t.phase = if finished { RoundPhase::Done } else { RoundPhase::Waiting };
+        if finished {
+            job.state = JobState::Completed { result_hash: verdict.new_model };
+        }
+        for (lease, node, v) in receipts {
+            self.receipt(now, job_id, lease, node, Some(round), v);
+        }
+        if finished {
+            self.release_rest(job_id);
+            self.events
+                .push_back(RelayEvent::JobCompleted { job_id, result_hash: verdict.new_model });
+        } else {
+            self.try_start_round(now, job_id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,516 @@
+//! Deterministic lifecycle tests: one `RelayCore` and several `NodeCore`s on a simulated clock,
+//! messages delivered in order, the ledger instructions applied to an `EscrowBook`.
+
+#![allow(clippy::unwrap_used)] // test harness: a panic is a test failure
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aimatrix_protocol::hash::Digest;
+use aimatrix_protocol::identity::NodeId;
+use aimatrix_protocol::job::{
+    Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
+};
+use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
+use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest, Usage, Verdict};
+use aimatrix_protocol::node::{AcceptMode, NodeConfig, NodeCore, NodeEvent};
+use aimatrix_protocol::relay::training::RoundVerdict;
+use aimatrix_protocol::relay::{JobState, LeaseStatus, RelayConfig, RelayCore, RelayEvent};
+use aimatrix_protocol::time::Millis;
+use aimatrix_protocol::{testkit, Topic, Transmit};
+
+const REQUESTER: &str = "requester";
+const FUNDS: u64 = 1_000;
+
+/// How a simulated node behaves when it gets a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    /// Finishes after `ms` with the correct output.
+    Honest { ms: u64 },
+    /// Finishes after `ms` with a wrong output.
+    Liar { ms: u64 },
+    /// Finishes after `ms` with a failure.
+    Failing { ms: u64 },
+    /// Goes silent when it gets a lease (crash, network loss).
+    Vanish,
+}
+
+struct Net {
+    now: Millis,
+    relay: RelayCore,
+    nodes: Vec<NodeCore>,
+    behaviour: Vec<Behaviour>,
+    down: BTreeSet<usize>,
+    /// (finish at, node index, job, lease)
+    running: Vec<(Millis, usize, JobId, u32)>,
+    book: EscrowBook,
+    relay_events: Vec<RelayEvent>,
+    node_events: Vec<(usize, NodeEvent)>,
+    /// Training: rounds closed and waiting for aggregation.
+    closed_rounds: Vec<(JobId, u32, Vec<NodeId>)>,
+}
+
+fn right_output() -> Outcome {
+    Outcome::succeeded(vec![OutputDigest {
+        name: "out.txt".into(),
+        digest: Digest::of(b"right"),
+        size_bytes: 5,
+    }])
+}
+
+fn wrong_output() -> Outcome {
+    Outcome::succeeded(vec![OutputDigest {
+        name: "out.txt".into(),
+        digest: Digest::of(b"wrong"),
+        size_bytes: 5,
+    }])
+}
+
+impl Net {
+    fn new(behaviour: &[Behaviour]) -> Self {
+        let relay_key = testkit::keypair(1_000);
+        let relay = RelayCore::new(relay_key.clone(), RelayConfig::default(), 7);
+        let nodes = behaviour
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let cfg = NodeConfig {
+                    trusted_relays: vec![relay_key.public()],
+                    ..NodeConfig::default()
+                };
+                NodeCore::new(testkit::keypair(i as u64), cfg, testkit::profile(), 100 + i as u64)
+            })
+            .collect();
+        let mut book = EscrowBook::new();
+        book.mint(REQUESTER, FUNDS);
+        let mut net = Self {
+            now: 1_000_000,
+            relay,
+            nodes,
+            behaviour: behaviour.to_vec(),
+            down: BTreeSet::new(),
+            running: Vec::new(),
+            book,
+            relay_events: Vec::new(),
+            node_events: Vec::new(),
+            closed_rounds: Vec::new(),
+        };
+        net.tick();
+        net
+    }
+
+    fn node_index(&self, id: &NodeId) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id() == *id)
+    }
+
+    fn post(&mut self, spec: JobSpec) -> JobId {
+        let id = self.relay.post_job(self.now, REQUESTER, spec).unwrap();
+        self.settle();
+        id
+    }
+
+    /// Delivers every queued message and handles every event until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = self.relay.poll_transmit() {
+                moved = true;
+                let from = Some(self.relay.id());
+                match t {
+                    Transmit::Broadcast { topic: Topic::Offers, bytes } => {
+                        for i in 0..self.nodes.len() {
+                            if !self.down.contains(&i) {
+                                self.nodes[i].handle_message(self.now, None, &bytes);
+                            }
+                        }
+                    }
+                    Transmit::Broadcast { .. } => {}
+                    Transmit::Direct { to, bytes } => {
+                        if let Some(i) = self.node_index(&to).filter(|i| !self.down.contains(i)) {
+                            self.nodes[i].handle_message(self.now, from, &bytes);
+                        }
+                    }
+                }
+            }
+            for i in 0..self.nodes.len() {
+                if self.down.contains(&i) {
+                    continue;
+                }
+                let from = Some(self.nodes[i].id());
+                while let Some(t) = self.nodes[i].poll_transmit() {
+                    moved = true;
+                    let gossip = matches!(t, Transmit::Broadcast { .. });
+                    self.relay.handle_message(
+                        self.now,
+                        if gossip { None } else { from },
+                        t.bytes(),
+                    );
+                }
+            }
+            while let Some(e) = self.relay.poll_event() {
+                moved = true;
+                self.on_relay_event(e);
+            }
+            for i in 0..self.nodes.len() {
+                while let Some(e) = self.nodes[i].poll_event() {
+                    moved = true;
+                    self.on_node_event(i, e);
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.book.assert_conserved();
+    }
+
+    fn on_relay_event(&mut self, e: RelayEvent) {
+        match &e {
+            RelayEvent::Ledger(op) => {
+                let result = self.book.apply(op);
+                if let LedgerOp::Reserve { job_id, .. } = op {
+                    match result {
+                        Ok(()) => self.relay.reserve_confirmed(self.now, *job_id).unwrap(),
+                        Err(err) => {
+                            self.relay.reserve_failed(self.now, *job_id, err.to_string()).unwrap()
+                        }
+                    }
+                } else {
+                    result.unwrap();
+                }
+            }
+            RelayEvent::RoundClosed { job_id, round, updates, .. } => {
+                self.closed_rounds.push((*job_id, *round, updates.iter().map(|u| u.0).collect()));
+            }
+            RelayEvent::Rejected { reason, .. } => panic!("relay rejected a message: {reason}"),
+            _ => {}
+        }
+        self.relay_events.push(e);
+    }
+
+    fn on_node_event(&mut self, i: usize, e: NodeEvent) {
+        if let NodeEvent::RunJob { lease, .. } = &e {
+            match self.behaviour[i] {
+                Behaviour::Vanish => {
+                    self.down.insert(i);
+                }
+                Behaviour::Honest { ms } | Behaviour::Liar { ms } | Behaviour::Failing { ms } => {
+                    self.running.push((self.now + ms, i, lease.job_id, lease.lease));
+                }
+            }
+        }
+        self.node_events.push((i, e));
+    }
+
+    fn outcome_of(&self, i: usize) -> Outcome {
+        match self.behaviour[i] {
+            Behaviour::Liar { .. } => wrong_output(),
+            Behaviour::Failing { .. } => Outcome::Failed { reason: "exit code 1".into() },
+            _ => right_output(),
+        }
+    }
+
+    /// Advances the clock to the next timer or job completion (at most `until`).
+    fn tick(&mut self) {
+        let mut times: Vec<Millis> = self.running.iter().map(|r| r.0).collect();
+        times.extend(self.relay.poll_timeout());
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !self.down.contains(&i) {
+                times.extend(n.poll_timeout());
+            }
+        }
+        if let Some(next) = times.into_iter().min() {
+            self.now = self.now.max(next);
+        }
+        let due: Vec<_> = self.running.iter().copied().filter(|r| r.0 <= self.now).collect();
+        self.running.retain(|r| r.0 > self.now);
+        for (_, i, job, lease) in due {
+            if !self.down.contains(&i) {
+                let outcome = self.outcome_of(i);
+                self.nodes[i].finish(self.now, job, lease, outcome, Usage::default()).unwrap();
+            }
+        }
+        self.relay.handle_timeout(self.now);
+        for i in 0..self.nodes.len() {
+            if !self.down.contains(&i) {
+                self.nodes[i].handle_timeout(self.now);
+            }
+        }
+        self.settle();
+    }
+
+    fn run_until_final(&mut self, job: JobId) {
+        for _ in 0..10_000 {
+            if self.relay.job(&job).unwrap().state.is_final() {
+                return;
+            }
+            self.tick();
+        }
+        panic!("job {job} did not finish: {:?}", self.relay.job(&job).unwrap().state);
+    }
+
+    fn balance(&self, i: usize) -> u64 {
+        self.book.balance(&self.nodes[i].id().account_name())
+    }
+
+    fn paid_receipts(&self, i: usize) -> u64 {
+        self.node_events
+            .iter()
+            .filter(|(n, _)| *n == i)
+            .filter_map(|(_, e)| match e {
+                NodeEvent::ReceiptReceived { receipt, .. } => match receipt.verdict {
+                    Verdict::Paid { amount } => Some(amount),
+                    Verdict::Rejected { .. } => None,
+                },
+                _ => None,
+            })
+            .sum()
+    }
+
+    fn leases_of(&self, job: JobId) -> BTreeMap<u32, (usize, LeaseStatus)> {
+        self.relay
+            .job(&job)
+            .unwrap()
+            .leases
+            .values()
+            .map(|l| (l.lease, (self.node_index(&l.node).unwrap(), l.status.clone())))
+            .collect()
+    }
+}
+
+#[test]
+fn happy_path_pays_the_node_that_ran_the_job() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 5_000 }; 3]);
+    let job = net.post(testkit::batch_spec(10));
+    net.run_until_final(job);
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(matches!(state, JobState::Completed { .. }), "{state:?}");
+    let paid: Vec<usize> = (0..3).filter(|i| net.balance(*i) > 0).collect();
+    assert_eq!(paid.len(), 1, "exactly one node is paid");
+    assert_eq!(net.balance(paid[0]), 10);
+    assert_eq!(net.paid_receipts(paid[0]), 10, "the receipt matches the ledger");
+    assert_eq!(net.nodes[paid[0]].earned(), 10);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
+    assert_eq!(net.book.held(), 0, "the reservation is closed");
+}
+
+#[test]
+fn a_node_that_vanishes_mid_lease_is_replaced_and_never_paid() {
+    let mut net = Net::new(&[Behaviour::Vanish, Behaviour::Honest { ms: 5_000 }]);
+    let job = net.post(testkit::batch_spec(10));
+    net.run_until_final(job);
+    let leases = net.leases_of(job);
+    assert_eq!(leases[&0], (0, LeaseStatus::Expired), "the vanished node's lease expired");
+    assert!(matches!(leases[&1], (1, LeaseStatus::Returned(_))), "{leases:?}");
+    assert!(net
+        .relay_events
+        .iter()
+        .any(|e| matches!(e, RelayEvent::LeaseExpired { lease: 0, .. })));
+    let expired_at = net.relay.job(&job).unwrap().leases[&0].deadline_ms;
+    assert!(
+        net.relay.job(&job).unwrap().leases[&1].granted_at_ms >= expired_at,
+        "re-offered after the deadline"
+    );
+
+    // The vanished node comes back and reports its result late: refused, not paid.
+    net.down.remove(&0);
+    net.nodes[0].finish(net.now, job, 0, right_output(), Usage::default()).unwrap();
+    net.settle();
+    assert_eq!(net.balance(0), 0);
+    assert_eq!(net.balance(1), 10);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
+    let late = net.node_events.iter().any(|(i, e)| {
+        *i == 0
+            && matches!(e, NodeEvent::ReceiptReceived { receipt, .. }
+                if matches!(&receipt.verdict, Verdict::Rejected { reason } if reason.contains("expired")))
+    });
+    assert!(late, "the late node gets a receipt saying why it was not paid");
+}
+
+#[test]
+fn a_liar_under_replication_two_is_not_paid() {
+    let mut net = Net::new(&[
+        Behaviour::Liar { ms: 1_000 },
+        Behaviour::Honest { ms: 2_000 },
+        Behaviour::Honest { ms: 3_000 },
+    ]);
+    let mut spec = testkit::batch_spec(10);
+    spec.replication = 2;
+    spec.max_attempts = 2;
+    let job = net.post(spec);
+    net.run_until_final(job);
+    let state = net.relay.job(&job).unwrap().state.clone();
+    let JobState::Completed { result_hash } = state else { panic!("{state:?}") };
+    let Outcome::Succeeded { result_hash: right, .. } = right_output() else { unreachable!() };
+    assert_eq!(result_hash, right);
+    assert_eq!(net.balance(0), 0, "the liar is not paid");
+    assert_eq!(net.balance(1), 10);
+    assert_eq!(net.balance(2), 10);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 20);
+    assert_eq!(net.relay.job(&job).unwrap().leases.len(), 3, "a third replica broke the tie");
+}
+
+#[test]
+fn a_job_that_exhausts_its_attempts_is_refunded() {
+    let mut net = Net::new(&[Behaviour::Failing { ms: 1_000 }; 3]);
+    let mut spec = testkit::batch_spec(25);
+    spec.max_attempts = 2;
+    let job = net.post(spec);
+    net.run_until_final(job);
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(
+        matches!(state, JobState::Failed { reason } if reason.contains("all 2 attempts")),
+        "{state:?}"
+    );
+    assert_eq!(net.relay.job(&job).unwrap().leases.len(), 2);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS, "fully refunded");
+    assert!((0..3).all(|i| net.balance(i) == 0));
+    assert!(net
+        .relay_events
+        .iter()
+        .any(|e| matches!(e, RelayEvent::Ledger(LedgerOp::Release { amount: 25, .. }))));
+}
+
+#[test]
+fn a_job_past_its_deadline_is_refunded_and_its_leases_cancelled() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 500_000 }]);
+    let mut spec = testkit::batch_spec(10);
+    spec.deadline_s = 120;
+    spec.limits.timeout_s = 110;
+    let job = net.post(spec);
+    net.run_until_final(job);
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(
+        matches!(state, JobState::Failed { reason } if reason.contains("deadline")),
+        "{state:?}"
+    );
+    assert_eq!(net.book.balance(REQUESTER), FUNDS);
+    assert!(net.node_events.iter().any(|(_, e)| matches!(e, NodeEvent::CancelJob { .. })));
+}
+
+#[test]
+fn insufficient_funds_refuse_the_job_before_it_is_offered() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let job = net.post(testkit::batch_spec(FUNDS + 1));
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(
+        matches!(state, JobState::Refused { reason } if reason.contains("short by 1")),
+        "{state:?}"
+    );
+    assert!(!net.node_events.iter().any(|(_, e)| matches!(e, NodeEvent::OfferSeen { .. })));
+}
+
+#[test]
+fn manual_nodes_list_offers_and_claim_on_accept() {
+    let relay_key = testkit::keypair(1_000);
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let cfg = NodeConfig {
+        accept: AcceptMode::Manual,
+        trusted_relays: vec![relay_key.public()],
+        ..NodeConfig::default()
+    };
+    net.nodes[0] = NodeCore::new(testkit::keypair(0), cfg, testkit::profile(), 5);
+    let job = net.post(testkit::batch_spec(10));
+    assert!(
+        net.relay.job(&job).unwrap().leases.is_empty(),
+        "a manual node does not claim by itself"
+    );
+    assert_eq!(net.nodes[0].offers().count(), 1);
+    net.nodes[0].accept(net.now, job).unwrap();
+    net.settle();
+    net.run_until_final(job);
+    assert_eq!(net.balance(0), 10);
+}
+
+fn training_spec(participants: u32, quorum: u32, rounds: u32) -> JobSpec {
+    let mut spec = testkit::batch_spec(3);
+    spec.kind = JobKind::Training;
+    spec.deadline_s = 3_600;
+    spec.training = Some(TrainingParams {
+        model: ContentRef::Digest(Digest::of(b"model v0")),
+        dataset: ContentRef::Digest(Digest::of(b"digits")),
+        participants,
+        rounds,
+        local_epochs: 1,
+        learning_rate: 0.1,
+        batch_size: 32,
+        aggregation: Aggregation::TrimmedMean,
+        compression: Compression::None,
+        round_deadline_s: 60,
+        quorum,
+        verify_share: 0.0,
+    });
+    spec
+}
+
+/// Drives a training job, aggregating each closed round with `judge`.
+fn run_training(net: &mut Net, job: JobId, judge: impl Fn(u32, &[NodeId]) -> RoundVerdict) {
+    for _ in 0..10_000 {
+        if net.relay.job(&job).unwrap().state.is_final() {
+            return;
+        }
+        if let Some((job_id, round, updates)) = net.closed_rounds.pop() {
+            let verdict = judge(round, &updates);
+            net.relay.round_aggregated(net.now, job_id, round, verdict).unwrap();
+            net.settle();
+            continue;
+        }
+        net.tick();
+    }
+    panic!("training did not finish");
+}
+
+#[test]
+fn training_rounds_admit_joiners_at_the_boundary_and_pay_accepted_updates() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 30_000 }; 3]);
+    // The third node is offline when the job is posted: round 0 starts with the quorum
+    // after the start wait, and the third node joins while it runs.
+    net.down.insert(2);
+    let job = net.post(training_spec(3, 2, 2));
+    while !net.relay_events.iter().any(|e| matches!(e, RelayEvent::RoundStarted { .. })) {
+        net.tick();
+    }
+    net.down.remove(&2);
+    run_training(&mut net, job, |round, updates| RoundVerdict {
+        accepted: updates.to_vec(),
+        rejected: vec![],
+        new_model: Digest::of(&round.to_le_bytes()),
+    });
+    let starts: Vec<usize> = net
+        .relay_events
+        .iter()
+        .filter_map(|e| match e {
+            RelayEvent::RoundStarted { participants, .. } => Some(participants.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts, [2, 3], "round 0 starts at quorum; the third node joins at round 1");
+    let state = &net.relay.job(&job).unwrap().state;
+    assert_eq!(*state, JobState::Completed { result_hash: Digest::of(&1u32.to_le_bytes()) });
+    // 5 accepted updates at 3 credits; escrow was 3 × 3 participants × 2 rounds = 18.
+    let earned: u64 = (0..3).map(|i| net.balance(i)).sum();
+    assert_eq!(earned, 15);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 15, "unused escrow refunded");
+}
+
+#[test]
+fn training_drops_a_silent_participant_and_does_not_pay_rejected_updates() {
+    let mut net = Net::new(&[
+        Behaviour::Honest { ms: 1_000 },
+        Behaviour::Vanish,
+        Behaviour::Liar { ms: 1_000 },
+    ]);
+    // All three join at once, so the round starts at once: quorum 2 of 3, one round.
+    let job = net.post(training_spec(3, 2, 1));
+    let liar = net.nodes[2].id();
+    run_training(&mut net, job, |round, updates| RoundVerdict {
+        accepted: updates.iter().copied().filter(|n| *n != liar).collect(),
+        rejected: vec![(liar, "update norm far outside the round".into())],
+        new_model: Digest::of(&round.to_le_bytes()),
+    });
+    assert!(matches!(net.relay.job(&job).unwrap().state, JobState::Completed { .. }));
+    assert!(net.relay_events.iter().any(|e| matches!(e, RelayEvent::LeaseExpired { .. })));
+    assert_eq!(net.balance(0), 3);
+    assert_eq!(net.balance(1), 0, "the silent participant is not paid");
+    assert_eq!(net.balance(2), 0, "the rejected update is not paid");
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 3);
+}

@@ -1,0 +1,108 @@
+//! Integration tests for aimatrix: the real binaries, run as processes.
+//!
+//! The tests are the files under `tests/` in this package; this library holds what they share.
+//! [`binary`] gives the path of a freshly built aimatrix binary, to run with
+//! [`std::process::Command`].
+//!
+//! # Why [`binary`] runs cargo
+//!
+//! Cargo builds a package's binaries before that package's integration tests and names them in
+//! `CARGO_BIN_EXE_<name>`, but only for binaries of the same package. The binaries under test live
+//! in other packages, and `cargo test --workspace` compiles those only as unit-test harnesses,
+//! never as the programs themselves (artifact dependencies, which would say "build these first",
+//! are unstable). Guessing a path under `target/` would find nothing on a clean checkout, or a
+//! stale binary after an edit. So the first call of [`binary`] in a test process runs
+//! `cargo build --bins` for the binary packages, which costs nothing when they are up to date, and
+//! takes each executable's path from cargo's JSON messages instead of from the layout of the
+//! target directory (which `CARGO_TARGET_DIR`, `--target` and `build.build-dir` all change).
+//!
+//! # Example
+//!
+//! ```no_run
+//! let output = std::process::Command::new(aimatrix_tests::binary("aimatrix-node"))
+//!     .arg("--version")
+//!     .output()?;
+//! assert!(output.status.success());
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The binaries under test, as (package, binary) pairs.
+pub const BINARIES: [(&str, &str); 3] = [
+    ("aimatrix-node", "aimatrix-node"),
+    ("studio-relay", "studio-relay"),
+    ("aimatrix-sim", "aimatrix-sim"),
+];
+
+/// The path of the aimatrix binary `name`, built from the current sources.
+///
+/// The first call in a process builds all of [`BINARIES`] with the cargo that runs the tests,
+/// in the profile the tests were built in (`dev`, or `release` without debug assertions).
+///
+/// # Panics
+///
+/// If `name` is not one of [`BINARIES`], or if the build fails (the panic message carries
+/// cargo's output). A test cannot go on without its binary, so it fails right there.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<HashMap<String, PathBuf>, String>> = OnceLock::new();
+    let built = match BUILT.get_or_init(build_binaries) {
+        Ok(built) => built,
+        Err(message) => panic!("{message}"),
+    };
+    match built.get(name) {
+        Some(path) => path.clone(),
+        None => panic!("no aimatrix binary named {name:?}; the binaries are {BINARIES:?}"),
+    }
+}
+
+/// Runs `cargo build --bins` for [`BINARIES`] and maps each binary's name to its executable.
+fn build_binaries() -> Result<HashMap<String, PathBuf>, String> {
+    let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Prefer the cargo running the tests; a test binary started by hand gets the one that built it.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
+    let mut command = Command::new(&cargo);
+    command
+        .current_dir(&workspace_root)
+        .args(["build", "--locked", "--bins", "--message-format=json-render-diagnostics"])
+        .args(["--profile", profile]);
+    for (package, _) in BINARIES {
+        command.args(["--package", package]);
+    }
+    let output = command.output().map_err(|err| {
+        format!(
+            "cannot run {cargo:?} to build the binaries under test: {err}; \
+             run the tests with `cargo test`"
+        )
+    })?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the binaries under test failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let mut built = HashMap::new();
+    for line in stdout.lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(executable)) =
+            (message["target"]["name"].as_str(), message["executable"].as_str())
+        else {
+            continue;
+        };
+        built.insert(name.to_owned(), PathBuf::from(executable));
+    }
+    for (_, name) in BINARIES {
+        if !built.contains_key(name) {
+            return Err(format!("cargo built no executable named {name:?}; its output:\n{stdout}"));
+        }
+    }
+    Ok(built)
+}
