@@ -5,8 +5,8 @@
 //! results; every decision about a job is made by the sans-IO core in `aimatrix-protocol`, and
 //! this binary only carries bytes, time and side effects in and out of it.
 //!
-//! Today the binary has no subcommands; each one arrives with the issue that builds it, as one
-//! file under `src/commands/` and one variant of `Command`.
+//! Subcommands live one per file under `src/commands/`: `exec` runs a job locally in the
+//! sandbox; the network subcommands arrive with their issues.
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
@@ -18,6 +18,9 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+mod commands;
+mod data_dir;
 
 /// Exit status for every error: bad usage, bad input, a failure while running.
 const EXIT_ERROR: u8 = 2;
@@ -35,9 +38,11 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// The subcommands; empty until the first one is built.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    Exec(commands::exec::ExecArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -57,7 +62,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         eprint!("{}", Cli::command().render_help());
         return Ok(ExitCode::from(EXIT_ERROR));
     };
-    match command {}
+    match command {
+        Command::Exec(args) => commands::exec::run(args),
+    }
 }
 
 /// Sends `tracing` output to stderr, filtered by `RUST_LOG`.

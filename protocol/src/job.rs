@@ -372,7 +372,8 @@ pub struct JobSpec {
     /// Distinct nodes that must run it and agree.
     #[serde(default = "one")]
     pub replication: u32,
-    /// Leases each replica slot may use before the job is refunded.
+    /// Attempt budget: a job may grant `replication × max_attempts` leases in all (for
+    /// `training`: rounds in a row that may close without quorum) before it is refunded.
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
     /// The job must complete within this many seconds of posting, or it is refunded.
@@ -442,7 +443,7 @@ impl fmt::Display for FieldError {
 /// Why a job spec was refused: every problem found.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct SpecError {
-    /// The problems, in field order.
+    /// The problems, in the order the checks found them.
     pub errors: Vec<FieldError>,
 }
 

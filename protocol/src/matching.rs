@@ -223,17 +223,18 @@ fn score(spec: &JobSpec, profile: &CapabilityProfile) -> Score {
     let slots = u64::from(p.max_concurrent_jobs.max(1));
     let free = slots.saturating_sub(u64::from(profile.load.running_jobs));
     let idle = 1000 * free / slots;
-    let need_mem = spec.requirements.memory_mb.max(1) * MIB;
-    let mem_fit = 500 * need_mem / profile.memory.total_bytes.max(need_mem);
+    // u128: advertised sizes are untrusted and may be absurd.
+    let need_mem = u128::from(spec.requirements.memory_mb.max(1)) * u128::from(MIB);
+    let mem_fit = 500 * need_mem / u128::from(profile.memory.total_bytes).max(need_mem);
     let gpu_fit = if profile.gpus.is_empty() {
         500
     } else if spec.requirements.gpus == 0 {
         0
     } else {
-        let need_vram = u64::from(spec.requirements.vram_gb.max(1)) * GIB;
-        500 * need_vram / profile.max_vram_bytes().max(need_vram)
+        let need_vram = u128::from(spec.requirements.vram_gb.max(1)) * u128::from(GIB);
+        500 * need_vram / u128::from(profile.max_vram_bytes()).max(need_vram)
     };
-    Score((idle + mem_fit + gpu_fit) as u32)
+    Score((u128::from(idle) + mem_fit + gpu_fit) as u32)
 }
 
 /// The matching candidates for `spec`, best first (ties broken by the candidate key, so the

@@ -449,7 +449,8 @@ pub struct NonceGen {
 impl NonceGen {
     /// Nonces from `seed` (pass fresh randomness at every start, so restarts do not repeat).
     pub const fn new(seed: u64) -> Self {
-        Self { seed, counter: 0 }
+        // Mixing the seed first keeps nearby seeds (consecutive timestamps) from sharing nonces.
+        Self { seed: mix64(seed ^ 0x5bd1_e995_9e37_79b9), counter: 0 }
     }
 
     /// The next nonce.

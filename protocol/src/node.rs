@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::capability::CapabilityProfile;
 use crate::envelope::{Domain, Verifier, VerifyConfig};
 use crate::identity::{Keypair, NodeId};
+use crate::job::JobSpec;
 use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
     open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Outcome, Progress,
@@ -199,6 +200,9 @@ const NODE_ACCEPTS: [Domain; 5] =
 /// Most training jobs remembered as joined (their later round leases need no new claim).
 const MAX_JOINED_TRAINING: usize = 256;
 
+/// Most results remembered while their receipts are awaited.
+const MAX_AWAITING_RECEIPTS: usize = 4096;
+
 /// The node's state machine.
 #[derive(Debug)]
 pub struct NodeCore {
@@ -210,7 +214,8 @@ pub struct NodeCore {
     next_advert_ms: Millis,
     offers: BTreeMap<JobId, KnownOffer>,
     leases: BTreeMap<(JobId, u32), HeldLease>,
-    joined_training: VecDeque<JobId>,
+    joined_training: VecDeque<(JobId, NodeId, JobSpec)>,
+    awaiting_receipt: VecDeque<(JobId, u32, NodeId)>,
     events: VecDeque<NodeEvent>,
     rejects: BTreeMap<&'static str, u64>,
     earned: u64,
@@ -231,6 +236,7 @@ impl NodeCore {
             offers: BTreeMap::new(),
             leases: BTreeMap::new(),
             joined_training: VecDeque::new(),
+            awaiting_receipt: VecDeque::new(),
             events: VecDeque::new(),
             rejects: BTreeMap::new(),
             earned: 0,
@@ -332,7 +338,8 @@ impl NodeCore {
         if self.draining || now < self.next_advert_ms {
             return;
         }
-        self.advert_seq += 1;
+        // A restarted node starts from its clock, so its adverts supersede the old ones.
+        self.advert_seq = self.advert_seq.saturating_add(1).max(now);
         self.next_advert_ms = now.saturating_add(self.cfg.advert_interval_ms);
         let msg = Message::Advert(Advert { seq: self.advert_seq, profile: self.profile() });
         let ttl = self.cfg.advert_interval_ms.saturating_mul(2);
@@ -369,6 +376,11 @@ impl NodeCore {
             Message::Offer(offer) => self.on_offer(now, signer, offer),
             Message::Lease(lease) => self.on_lease(now, signer, lease),
             Message::LeaseDenied(d) => {
+                if self.offers.get(&d.job_id).is_none_or(|o| o.relay != signer) {
+                    let why =
+                        format!("denial for job {} from a relay that did not offer it", d.job_id);
+                    return self.reject(from, RejectReason::Refused(why));
+                }
                 if let Some(o) = self.offers.get_mut(&d.job_id) {
                     o.claimed_at_ms = None;
                     // No slot now: wait for the next announcement before claiming again.
@@ -391,7 +403,12 @@ impl NodeCore {
             }
             Message::Receipt(r) => self.on_receipt(signer, r),
             Message::Cancel(c) => {
-                if self.leases.remove(&(c.job_id, c.lease)).is_some() {
+                let key = (c.job_id, c.lease);
+                if self.leases.get(&key).is_some_and(|h| h.relay != signer) {
+                    let why = "cancel from a relay that did not grant the lease".to_owned();
+                    return self.reject(from, RejectReason::Refused(why));
+                }
+                if self.leases.remove(&key).is_some() {
                     self.events.push_back(NodeEvent::CancelJob {
                         job_id: c.job_id,
                         lease: c.lease,
@@ -409,6 +426,21 @@ impl NodeCore {
 
     fn on_offer(&mut self, now: Millis, relay: NodeId, offer: Offer) {
         let job_id = offer.job_id;
+        if let Err(e) = offer.spec.validate() {
+            let why = format!(
+                "offer {job_id} has an invalid spec: {}",
+                e.errors.first().map_or(String::new(), ToString::to_string)
+            );
+            return self.reject(None, RejectReason::Refused(why));
+        }
+        if !offer.spec.is_resolved() {
+            let why = format!("offer {job_id} names content by path instead of digest");
+            return self.reject(None, RejectReason::Refused(why));
+        }
+        if self.offers.get(&job_id).is_some_and(|o| o.relay != relay) {
+            let why = format!("offer {job_id} from a second relay; the first offer stands");
+            return self.reject(None, RejectReason::Refused(why));
+        }
         let matched = matching::evaluate(&offer.spec, &self.profile());
         let previous = self.offers.get(&job_id);
         let claimed_at_ms = previous.and_then(|o| o.claimed_at_ms);
@@ -439,6 +471,7 @@ impl NodeCore {
             .values()
             .filter(|o| o.claimed_at_ms.is_none() && o.refused.is_none() && o.offer.open_slots > 0)
             .filter(|o| !self.leases.keys().any(|(j, _)| *j == o.offer.job_id))
+            .filter(|o| !self.joined_training.iter().any(|(j, _, _)| *j == o.offer.job_id))
             .map(|o| (o.offer.spec.reward, o.offer.job_id))
             .collect();
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -496,10 +529,18 @@ impl NodeCore {
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
         let job_id = lease.job_id;
-        let claimed = self.offers.get(&job_id).is_some_and(|o| o.claimed_at_ms.is_some());
-        let joined = lease.round.is_some() && self.joined_training.contains(&job_id);
-        if !claimed && !joined {
-            let why = format!("lease for job {job_id}, which this node did not claim");
+        // The lease must come from the relay that offered the job, for the job as offered.
+        let offered =
+            self.offers.get(&job_id).filter(|o| o.relay == relay && o.offer.spec == lease.spec);
+        let claimed = offered.is_some_and(|o| o.claimed_at_ms.is_some());
+        let joined = lease.round.is_some()
+            && self
+                .joined_training
+                .iter()
+                .any(|(j, r, s)| *j == job_id && *r == relay && *s == lease.spec);
+        if offered.is_none() && !joined {
+            let why =
+                format!("lease for job {job_id} that does not match an offer from its signer");
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
         if let Some(o) = self.offers.get_mut(&job_id) {
@@ -509,13 +550,20 @@ impl NodeCore {
             if self.joined_training.len() >= MAX_JOINED_TRAINING {
                 self.joined_training.pop_front();
             }
-            self.joined_training.push_back(job_id);
+            self.joined_training.push_back((job_id, relay, lease.spec.clone()));
         }
+        let unclaimed = !claimed && !joined;
         if self.draining
+            || unclaimed
             || (!claimed && self.leases.len() as u32 >= self.profile.policy.max_concurrent_jobs)
         {
-            let reason =
-                if self.draining { "node is shutting down" } else { "node has no free slot" };
+            let reason = if self.draining {
+                "node is shutting down"
+            } else if unclaimed {
+                "the claim had timed out on this node"
+            } else {
+                "node has no free slot"
+            };
             self.send_result(
                 now,
                 relay,
@@ -538,6 +586,15 @@ impl NodeCore {
             let why = "receipt for another node".to_owned();
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
+        let key = (receipt.job_id, receipt.lease, relay);
+        let Some(pos) = self.awaiting_receipt.iter().position(|k| *k == key) else {
+            let why = format!(
+                "receipt for job {} lease {} that this node did not return to its signer",
+                receipt.job_id, receipt.lease
+            );
+            return self.reject(Some(relay), RejectReason::Refused(why));
+        };
+        self.awaiting_receipt.remove(pos);
         if let Verdict::Paid { amount } = receipt.verdict {
             self.earned = self.earned.saturating_add(amount);
         }
@@ -612,11 +669,16 @@ impl NodeCore {
             Message::Result(JobResult { job_id: lease.job_id, lease: lease.lease, outcome, usage });
         if let Err(e) = self.outbox.send(now, relay, &msg) {
             self.reject(None, RejectReason::Refused(format!("cannot send result: {e}")));
+            return;
         }
+        if self.awaiting_receipt.len() >= MAX_AWAITING_RECEIPTS {
+            self.awaiting_receipt.pop_front();
+        }
+        self.awaiting_receipt.push_back((lease.job_id, lease.lease, relay));
     }
 
     /// Jobs (by id) the node has joined as a training participant.
     pub fn training_jobs(&self) -> BTreeSet<JobId> {
-        self.joined_training.iter().copied().collect()
+        self.joined_training.iter().map(|(j, _, _)| *j).collect()
     }
 }

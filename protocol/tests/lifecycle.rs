@@ -514,3 +514,61 @@ fn training_drops_a_silent_participant_and_does_not_pay_rejected_updates() {
     assert_eq!(net.balance(2), 0, "the rejected update is not paid");
     assert_eq!(net.book.balance(REQUESTER), FUNDS - 3);
 }
+
+#[test]
+fn a_node_only_obeys_the_relay_that_offered_the_job() {
+    use aimatrix_protocol::messages::{seal, Lease, Message, Receipt};
+    let mut net = Net::new(&[Behaviour::Vanish]);
+    // A second relay the node also trusts: it must not be able to lease, cancel or pay for
+    // jobs it did not offer.
+    let rogue = testkit::keypair(2_000);
+    let mut cfg = NodeConfig {
+        trusted_relays: vec![net.relay.id(), rogue.public()],
+        ..NodeConfig::default()
+    };
+    cfg.accept = AcceptMode::Manual;
+    net.nodes[0] = NodeCore::new(testkit::keypair(0), cfg, testkit::profile(), 5);
+    let job = net.post(testkit::batch_spec(10));
+    net.nodes[0].accept(net.now, job).unwrap();
+    let node_id = net.nodes[0].id();
+    let mut evil_spec = testkit::batch_spec(10);
+    evil_spec.workload.args = vec!["--exfiltrate".into()];
+    let forged = Message::Lease(Lease {
+        job_id: job,
+        lease: 0,
+        node: node_id,
+        deadline_ms: net.now + 60_000,
+        spec: evil_spec,
+        round: None,
+    });
+    let bytes = seal(&rogue, &forged, 1, net.now, 60_000).unwrap();
+    net.nodes[0].handle_message(net.now, Some(rogue.public()), &bytes);
+    let receipt = Message::Receipt(Receipt {
+        job_id: job,
+        lease: 0,
+        node: node_id,
+        round: None,
+        verdict: Verdict::Paid { amount: 1_000 },
+    });
+    let bytes = seal(&rogue, &receipt, 2, net.now, 60_000).unwrap();
+    net.nodes[0].handle_message(net.now, Some(rogue.public()), &bytes);
+    let mut events = Vec::new();
+    while let Some(e) = net.nodes[0].poll_event() {
+        events.push(e);
+    }
+    assert!(!events.iter().any(|e| matches!(e, NodeEvent::RunJob { .. })), "{events:?}");
+    assert_eq!(net.nodes[0].earned(), 0, "a forged receipt earns nothing");
+    assert_eq!(net.nodes[0].reject_counts().get("refused"), Some(&2));
+}
+
+#[test]
+fn finished_jobs_can_be_forgotten_to_bound_the_relay() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let jobs: Vec<JobId> = (0..3).map(|_| net.post(testkit::batch_spec(5))).collect();
+    for job in &jobs {
+        net.run_until_final(*job);
+    }
+    assert_eq!(net.relay.forget_finished(1), 2);
+    assert!(net.relay.job(&jobs[0]).is_none() && net.relay.job(&jobs[1]).is_none());
+    assert!(net.relay.job(&jobs[2]).is_some(), "the newest finished job is kept");
+}

@@ -45,11 +45,13 @@ pub struct RelayConfig {
     pub lease_grace_ms: u64,
     /// A reservation's ledger timeout is the job deadline plus this margin.
     pub reserve_margin_ms: u64,
-    /// The relay's fee, in basis points of each payment.
+    /// The relay's fee, in basis points of each payment (at most 10,000).
     pub fee_bps: u16,
     /// A training round starts when every wanted participant is present, or when a quorum
     /// has waited this long for the rest.
     pub round_start_wait_ms: u64,
+    /// Most node profiles remembered from adverts.
+    pub max_adverts: usize,
     /// Envelope verification limits.
     pub verify: VerifyConfig,
 }
@@ -63,6 +65,7 @@ impl Default for RelayConfig {
             reserve_margin_ms: 3_600_000,
             fee_bps: 0,
             round_start_wait_ms: 10_000,
+            max_adverts: 100_000,
             verify: VerifyConfig::default(),
         }
     }
@@ -164,6 +167,7 @@ pub struct RelayJob {
     pub training: Option<TrainingState>,
     next_lease: u32,
     announce_at_ms: Millis,
+    post_seq: u64,
 }
 
 impl RelayJob {
@@ -371,7 +375,9 @@ const RELAY_ACCEPTS: [Domain; 4] =
 
 impl RelayCore {
     /// A relay signing with `key`; `nonce_seed` must be fresh randomness at every start.
-    pub fn new(key: Keypair, cfg: RelayConfig, nonce_seed: u64) -> Self {
+    pub fn new(key: Keypair, mut cfg: RelayConfig, nonce_seed: u64) -> Self {
+        cfg.fee_bps = cfg.fee_bps.min(10_000);
+        cfg.reannounce_interval_ms = cfg.reannounce_interval_ms.max(1);
         Self {
             outbox: Outbox::new(key, nonce_seed, cfg.message_ttl_ms),
             verifier: Verifier::new(cfg.verify),
@@ -407,6 +413,23 @@ impl RelayCore {
     /// The latest advertised profile of every node heard from.
     pub fn known_nodes(&self) -> impl Iterator<Item = (&NodeId, &CapabilityProfile)> {
         self.adverts.iter().map(|(id, (_, p))| (id, p))
+    }
+
+    /// Forgets finished jobs (completed, failed, refused) beyond the newest `keep`, so a
+    /// long-running relay stays bounded; the driver persists what it needs first. Returns how
+    /// many were forgotten.
+    pub fn forget_finished(&mut self, keep: usize) -> usize {
+        let mut finished: Vec<(u64, JobId)> =
+            self.jobs.values().filter(|j| j.state.is_final()).map(|j| (j.post_seq, j.id)).collect();
+        if finished.len() <= keep {
+            return 0;
+        }
+        finished.sort();
+        let drop = finished.len() - keep;
+        for (_, id) in &finished[..drop] {
+            self.jobs.remove(id);
+        }
+        drop
     }
 
     /// Rejected messages by reason.
@@ -488,6 +511,7 @@ impl RelayCore {
             training,
             next_lease: 0,
             announce_at_ms: now,
+            post_seq: self.posted,
             spec,
         };
         self.events.push_back(RelayEvent::Ledger(LedgerOp::Reserve {
@@ -570,6 +594,16 @@ impl RelayCore {
             Message::Advert(a) => {
                 let newer = self.adverts.get(&signer).is_none_or(|(seq, _)| a.seq > *seq);
                 if newer {
+                    if !self.adverts.contains_key(&signer)
+                        && self.adverts.len() >= self.cfg.max_adverts
+                    {
+                        // Forget the node heard from longest ago (its advert seq is its clock).
+                        let oldest =
+                            self.adverts.iter().min_by_key(|(_, (seq, _))| *seq).map(|(id, _)| *id);
+                        if let Some(oldest) = oldest {
+                            self.adverts.remove(&oldest);
+                        }
+                    }
                     self.adverts.insert(signer, (a.seq, a.profile));
                 }
             }
@@ -728,9 +762,10 @@ impl RelayCore {
                 Verdict::Rejected { reason: reason.into() },
             );
         }
-        if now > lease.deadline_ms {
+        if now >= lease.deadline_ms {
             lease.status = LeaseStatus::Expired;
             job.excluded.insert(node);
+            self.events.push_back(RelayEvent::LeaseExpired { job_id, lease: lease_no, node });
             let reason = "result arrived after the lease deadline".to_owned();
             self.receipt(now, job_id, lease_no, node, round, Verdict::Rejected { reason });
             if round.is_some() {
@@ -843,6 +878,7 @@ impl RelayCore {
     fn fail_job(&mut self, now: Millis, job_id: JobId, reason: String) {
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         assert_eq!(job.state, JobState::Open);
+        let current_round = job.training.as_ref().map(|t| t.round);
         let mut cancels = Vec::new();
         let mut receipts = Vec::new();
         for l in job.leases.values_mut() {
@@ -851,7 +887,11 @@ impl RelayCore {
                     l.status = LeaseStatus::Cancelled;
                     cancels.push((l.lease, l.node));
                 }
-                LeaseStatus::Returned(_) if !l.paid && job.training.is_none() => {
+                // Results not settled yet (for training: updates of the unfinished round) get a
+                // receipt saying why they will not be paid.
+                LeaseStatus::Returned(_)
+                    if !l.paid && l.round.is_none_or(|r| Some(r) == current_round) =>
+                {
                     receipts.push((l.lease, l.node, l.round));
                 }
                 _ => {}
@@ -983,6 +1023,6 @@ impl RelayCore {
 
 /// Splits a reward into the node's amount and the relay fee.
 pub fn split_fee(reward: u64, fee_bps: u16) -> (u64, u64) {
-    let fee = (u128::from(reward) * u128::from(fee_bps) / 10_000) as u64;
+    let fee = (u128::from(reward) * u128::from(fee_bps.min(10_000)) / 10_000) as u64;
     (reward - fee, fee)
 }

@@ -214,6 +214,7 @@ impl RelayCore {
                 if l.status == LeaseStatus::Active {
                     l.status = LeaseStatus::Expired;
                     t.participants.remove(&l.node);
+                    job.excluded.insert(l.node);
                     expired.push((l.lease, l.node));
                 }
             }

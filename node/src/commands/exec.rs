@@ -1,0 +1,278 @@
+//! `aimatrix-node exec`: run a job locally under the sandbox and limits a node would apply.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use aimatrix_protocol::job::{ContentRef, JobSpec, Runtime};
+use aimatrix_sandbox::wasm::{ModuleSource, WasmConfig, WasmExecutor};
+use aimatrix_sandbox::{
+    ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload, PreparedJob, RunControl,
+};
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::data_dir;
+
+/// Largest module `exec` reads.
+const MODULE_BYTES_MAX: u64 = 64 << 20;
+
+/// Run a job locally, exactly as a node would, to try it before posting it.
+///
+/// Takes a job file (`job.toml`) or a bare wasm module. Flags override the job file's limits
+/// (and give the limits for a bare module). Exit status: 0 the job succeeded, 1 it ran and did
+/// not succeed, 2 it could not run.
+#[derive(Debug, Args)]
+pub(crate) struct ExecArgs {
+    /// The job file (`*.toml`) or wasm module (`*.wasm`) to run.
+    job: PathBuf,
+    /// An extra input file, placed in the job's input directory under its file name.
+    #[arg(long = "input", value_name = "FILE")]
+    inputs: Vec<PathBuf>,
+    /// Wall-time limit in seconds.
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
+    /// Memory limit in MiB.
+    #[arg(long, value_name = "N")]
+    memory_mb: Option<u64>,
+    /// Fuel budget (0 = no fuel limit).
+    #[arg(long, value_name = "N")]
+    fuel: Option<u64>,
+    /// Run in deterministic mode (always on for replicated and training jobs).
+    #[arg(long)]
+    deterministic: bool,
+    /// Copy the output files into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// The node's data directory (holds the compiled-module cache).
+    #[arg(long, value_name = "DIR", env = "AIMATRIX_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print one JSON object instead of the human summary.
+    #[arg(long)]
+    json: bool,
+    /// Arguments for a bare module (after `--`); a job file's come from `workload.args`.
+    #[arg(last = true, value_name = "ARGS")]
+    args: Vec<String>,
+}
+
+pub(crate) fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let (job, work) = prepare(&args)?;
+    let data_dir = data_dir::resolve(args.data_dir.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let outcome = runtime.block_on(async {
+        let executor = WasmExecutor::new(WasmConfig::in_dir(data_dir.join("wasm-cache")))?;
+        let control = RunControl::default();
+        let cancel = control.cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        });
+        executor.run(job, control).await
+    })?;
+    if let Some(out) = &args.out {
+        copy_outputs(&work.path().join(aimatrix_sandbox::OUTPUTS_DIR), out, &outcome)?;
+    }
+    if args.json {
+        println!("{}", to_json(&outcome));
+    } else {
+        print_human(&outcome, args.out.as_deref())?;
+    }
+    Ok(if outcome.status.is_success() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Builds the prepared job and its private work directory (with the inputs copied in).
+fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir)> {
+    let shown = args.job.display().to_string();
+    let is_toml = args.job.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+    let work = tempfile::Builder::new()
+        .prefix("aimatrix-exec-")
+        .tempdir()
+        .context("cannot create a work directory")?;
+    let inputs_dir = work.path().join(aimatrix_sandbox::INPUTS_DIR);
+    std::fs::create_dir_all(&inputs_dir)?;
+    let mut names = BTreeSet::new();
+    let mut job = if is_toml {
+        let text =
+            std::fs::read_to_string(&args.job).with_context(|| format!("cannot read {shown}"))?;
+        let spec =
+            JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}", e.with_source(&shown)))?;
+        let base = args.job.parent().unwrap_or(Path::new("."));
+        from_spec(&spec, base, &shown, &inputs_dir, &mut names, work.path(), args)?
+    } else {
+        let module = ModuleSource::from_file(&args.job, MODULE_BYTES_MAX)?;
+        let mut job =
+            PreparedJob::new(JobWorkload::Wasm(module), work.path(), ExecLimits::default());
+        job.args.clone_from(&args.args);
+        job
+    };
+    for input in &args.inputs {
+        let name = input
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("--input {}: not a file name", input.display()))?;
+        copy_input(input, &inputs_dir, name, &mut names)
+            .with_context(|| format!("--input {}", input.display()))?;
+    }
+    if let Some(t) = args.timeout {
+        if t == 0 {
+            bail!("--timeout must be at least 1 second");
+        }
+        job.limits.timeout = Duration::from_secs(t);
+    }
+    if let Some(m) = args.memory_mb {
+        job.limits.memory_bytes = m.saturating_mul(1 << 20);
+    }
+    if let Some(f) = args.fuel {
+        job.limits.fuel = (f > 0).then_some(f);
+    }
+    job.deterministic |= args.deterministic;
+    Ok((job, work))
+}
+
+fn from_spec(
+    spec: &JobSpec,
+    base: &Path,
+    shown: &str,
+    inputs_dir: &Path,
+    names: &mut BTreeSet<String>,
+    work_dir: &Path,
+    args: &ExecArgs,
+) -> anyhow::Result<PreparedJob> {
+    if spec.workload.runtime != Runtime::Wasm {
+        bail!(
+            "{shown}: workload.runtime = \"docker\" is not supported by `exec` yet; \
+             it runs wasm jobs (the Docker sandbox arrives with its own issue)"
+        );
+    }
+    if !args.args.is_empty() {
+        bail!("{shown}: arguments after `--` only apply to a bare module; set workload.args in the job file");
+    }
+    let module_ref = spec.workload.module.as_ref().context("workload.module is missing")?;
+    let module = match module_ref {
+        ContentRef::Path(p) => ModuleSource::from_file(&base.join(p), MODULE_BYTES_MAX)
+            .map_err(|e| anyhow::anyhow!("{shown}: workload.module: {e}"))?,
+        ContentRef::Digest(d) => bail!(
+            "{shown}: workload.module = \"{d}\" names a module by hash, and `exec` has no module \
+             store to fetch it from; point workload.module at the .wasm file"
+        ),
+    };
+    for (i, input) in spec.inputs.iter().enumerate() {
+        let ContentRef::Path(p) = &input.source else {
+            bail!("{shown}: inputs[{i}].source names content by hash; `exec` needs a file path");
+        };
+        copy_input(&base.join(p), inputs_dir, &input.name, names)
+            .with_context(|| format!("{shown}: inputs[{i}] ({p})"))?;
+    }
+    let mut job =
+        PreparedJob::new(JobWorkload::Wasm(module), work_dir, ExecLimits::from_spec(&spec.limits));
+    job.args.clone_from(&spec.workload.args);
+    job.env.clone_from(&spec.workload.env);
+    job.deterministic = spec.replication > 1 || spec.training.is_some();
+    Ok(job)
+}
+
+fn copy_input(
+    from: &Path,
+    inputs_dir: &Path,
+    name: &str,
+    names: &mut BTreeSet<String>,
+) -> anyhow::Result<()> {
+    if !names.insert(name.to_owned()) {
+        bail!("two inputs are named {name:?}; input names must be unique");
+    }
+    let meta =
+        std::fs::metadata(from).with_context(|| format!("cannot read {}", from.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", from.display());
+    }
+    std::fs::copy(from, inputs_dir.join(name))
+        .with_context(|| format!("cannot copy {}", from.display()))?;
+    Ok(())
+}
+
+fn copy_outputs(outputs_dir: &Path, out: &Path, outcome: &ExecOutcome) -> anyhow::Result<()> {
+    for file in &outcome.outputs {
+        let target = out.join(&file.name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        // Only files the collector vetted (regular, inside the outputs, within quota) are copied.
+        std::fs::copy(outputs_dir.join(&file.name), &target)
+            .with_context(|| format!("cannot write {}", target.display()))?;
+    }
+    Ok(())
+}
+
+fn to_json(outcome: &ExecOutcome) -> serde_json::Value {
+    let exit_code = match outcome.status {
+        ExecStatus::Succeeded => Some(0),
+        ExecStatus::Failed { exit_code } => Some(exit_code),
+        _ => None,
+    };
+    let reason = match &outcome.status {
+        ExecStatus::Trapped { reason } => Some(reason.clone()),
+        ExecStatus::OutputLimitExceeded { what } => Some(what.clone()),
+        _ => None,
+    };
+    serde_json::json!({
+        "status": outcome.status.name(),
+        "reason": reason,
+        "exit_code": exit_code,
+        "stdout": String::from_utf8_lossy(&outcome.stdout),
+        "stderr": String::from_utf8_lossy(&outcome.stderr),
+        "outputs": outcome.outputs.iter().map(|o| serde_json::json!({
+            "name": o.name,
+            "sha256": o.sha256.to_hex(),
+            "bytes": o.bytes,
+        })).collect::<Vec<_>>(),
+        "usage": {
+            "wall_ms": outcome.usage.wall_ms,
+            "cpu_ms": outcome.usage.cpu_ms,
+            "peak_memory_bytes": outcome.usage.peak_memory_bytes,
+            "fuel": outcome.usage.fuel_consumed,
+        },
+    })
+}
+
+fn print_human(outcome: &ExecOutcome, out: Option<&Path>) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if !outcome.stdout.is_empty() {
+        stdout.write_all(&outcome.stdout)?;
+        if !outcome.stdout.ends_with(b"\n") {
+            writeln!(stdout)?;
+        }
+    }
+    if !outcome.stderr.is_empty() {
+        let mut stderr = std::io::stderr().lock();
+        stderr.write_all(&outcome.stderr)?;
+    }
+    writeln!(stdout, "status: {}", outcome.status)?;
+    if !outcome.outputs.is_empty() {
+        writeln!(
+            stdout,
+            "outputs{}:",
+            out.map(|o| format!(" (copied to {})", o.display())).unwrap_or_default()
+        )?;
+        for o in &outcome.outputs {
+            writeln!(stdout, "  {:<32} {:>10} bytes  {}", o.name, o.bytes, o.sha256)?;
+        }
+    }
+    let u = &outcome.usage;
+    writeln!(
+        stdout,
+        "usage: {} ms wall, {} ms cpu, {:.1} MiB peak memory, {} fuel",
+        u.wall_ms,
+        u.cpu_ms,
+        u.peak_memory_bytes as f64 / (1 << 20) as f64,
+        u.fuel_consumed
+    )?;
+    Ok(())
+}
