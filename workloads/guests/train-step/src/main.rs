@@ -1,0 +1,269 @@
+//! `train-step`: one participant's share of a distributed training round.
+//!
+//! Built for `wasm32-wasip1` and run in a node's sandbox (it also runs natively, which is how
+//! its tests run).
+//!
+//! ```text
+//! train-step [--inputs DIR] [--outputs DIR] [--epochs E] [--lr LR] [--batch B]
+//! ```
+//!
+//! - Reads `model.bin` (an `aimatrix-mlp` model, `AMLP`) and `chunk.bin` (an `aimatrix-mlp`
+//!   dataset, `ADSC`) from `--inputs` (default `/job/inputs`).
+//! - Runs `aimatrix_mlp::train` for `--epochs` (default 1) epochs at learning rate `--lr`
+//!   (default 0.1) in mini-batches of `--batch` (default 32) samples. Training is
+//!   deterministic: the same inputs give bitwise the same outputs on every node.
+//! - Writes to `--outputs` (default `/job/outputs`, created if missing):
+//!   - `delta.bin`: the update, trained minus original parameters (`AMLD`);
+//!   - `metrics.json`: `{"samples":N,"loss_before":x,"loss_after":y,"accuracy_after":z}`
+//!     (mean cross-entropy on the chunk before and after, accuracy after).
+//! - Prints one summary line to stdout.
+//!
+//! Exit status: 0 success; 1 a file could not be read or written, is malformed (the decoder's
+//! message is on stderr), the model and chunk do not fit together, or training diverged to
+//! non-finite values; 2 bad arguments.
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use aimatrix_mlp::{delta, encode_delta, loss_and_accuracy, train, Dataset, Model};
+
+const USAGE: &str = "\
+usage: train-step [--inputs DIR] [--outputs DIR] [--epochs E] [--lr LR] [--batch B]
+
+  --inputs DIR    directory holding model.bin and chunk.bin (default /job/inputs)
+  --outputs DIR   directory to write delta.bin and metrics.json to (default /job/outputs)
+  --epochs E      passes over the chunk, at least 1 (default 1)
+  --lr LR         SGD learning rate, a positive number (default 0.1)
+  --batch B       samples per mini-batch, at least 1 (default 32)
+";
+
+/// What the command line asked for.
+#[derive(Debug, PartialEq)]
+struct Args {
+    inputs: PathBuf,
+    outputs: PathBuf,
+    epochs: u32,
+    learning_rate: f32,
+    batch_size: u32,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("train-step: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("train-step: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Parses `--flag VALUE` and `--flag=VALUE`; `Ok(None)` means `--help` was asked for.
+fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, String> {
+    let mut parsed = Args {
+        inputs: PathBuf::from("/job/inputs"),
+        outputs: PathBuf::from("/job/outputs"),
+        epochs: 1,
+        learning_rate: 0.1,
+        batch_size: 32,
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let Some(arg) = arg.to_str().map(str::to_owned) else {
+            return Err(format!("unexpected argument {arg:?}"));
+        };
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => (flag, Some(OsString::from(value))),
+            _ => (arg.as_str(), None),
+        };
+        if flag == "--help" || flag == "-h" {
+            return Ok(None);
+        }
+        if !matches!(flag, "--inputs" | "--outputs" | "--epochs" | "--lr" | "--batch") {
+            return Err(format!("unexpected argument '{arg}'"));
+        }
+        let Some(value) = inline.or_else(|| args.next()) else {
+            return Err(format!("{flag} needs a value"));
+        };
+        let text = value.to_string_lossy();
+        match flag {
+            "--inputs" => parsed.inputs = PathBuf::from(value),
+            "--outputs" => parsed.outputs = PathBuf::from(value),
+            "--epochs" => parsed.epochs = positive_integer(flag, &text)?,
+            "--batch" => parsed.batch_size = positive_integer(flag, &text)?,
+            _ => {
+                parsed.learning_rate = match text.parse::<f32>() {
+                    Ok(lr) if lr.is_finite() && lr > 0.0 => lr,
+                    _ => return Err(format!("--lr must be a positive number, got '{text}'")),
+                }
+            }
+        }
+    }
+    Ok(Some(parsed))
+}
+
+fn positive_integer(flag: &str, text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(value) if value > 0 => Ok(value),
+        _ => Err(format!("{flag} must be a whole number from 1 to {}, got '{text}'", u32::MAX)),
+    }
+}
+
+/// Trains, writes `delta.bin` and `metrics.json`, and returns the summary line.
+fn run(args: &Args) -> Result<String, String> {
+    let model_path = args.inputs.join("model.bin");
+    let model = Model::decode(&read(&model_path)?)
+        .map_err(|err| format!("{}: {err}", model_path.display()))?;
+    let chunk_path = args.inputs.join("chunk.bin");
+    let chunk = Dataset::decode(&read(&chunk_path)?)
+        .map_err(|err| format!("{}: {err}", chunk_path.display()))?;
+    model.check_dataset(&chunk).map_err(|err| format!("model.bin and chunk.bin: {err}"))?;
+
+    let (loss_before, _) = loss_and_accuracy(&model, &chunk);
+    let trained = train(&model, &chunk, args.epochs, args.learning_rate, args.batch_size);
+    let update = delta(&trained, &model);
+    if update.iter().any(|value| !value.is_finite()) {
+        return Err(format!(
+            "training diverged: parameters became NaN or infinite at --lr {:?}; \
+             try a smaller learning rate",
+            args.learning_rate
+        ));
+    }
+    let (loss_after, accuracy_after) = loss_and_accuracy(&trained, &chunk);
+
+    fs::create_dir_all(&args.outputs).map_err(|err| {
+        format!("cannot create outputs directory {}: {err}", args.outputs.display())
+    })?;
+    write(&args.outputs.join("delta.bin"), &encode_delta(&update))?;
+    let metrics = format!(
+        "{{\"samples\":{},\"loss_before\":{},\"loss_after\":{},\"accuracy_after\":{}}}\n",
+        chunk.len(),
+        number(loss_before),
+        number(loss_after),
+        number(accuracy_after)
+    );
+    write(&args.outputs.join("metrics.json"), metrics.as_bytes())?;
+
+    Ok(format!(
+        "trained {} samples for {} epoch(s): loss {loss_before:.4} -> {loss_after:.4}, \
+         accuracy {accuracy_after:.4}",
+        chunk.len(),
+        args.epochs
+    ))
+}
+
+/// A JSON number: Rust's shortest round-trip form of the `f32`; `null` if not finite (JSON
+/// has no NaN or infinity).
+fn number(value: f32) -> String {
+    if value.is_finite() {
+        format!("{value}")
+    } else {
+        "null".to_owned()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    fs::write(path, bytes).map_err(|err| format!("cannot write {}: {err}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Option<Args>, String> {
+        parse_args(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let defaults = parse(&[]).unwrap().unwrap();
+        assert_eq!((defaults.epochs, defaults.learning_rate, defaults.batch_size), (1, 0.1, 32));
+        assert_eq!(defaults.inputs, PathBuf::from("/job/inputs"));
+        let args = parse(&["--epochs", "3", "--lr=0.05", "--batch", "8", "--inputs", "i"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((args.epochs, args.learning_rate, args.batch_size), (3, 0.05, 8));
+        assert_eq!(args.inputs, PathBuf::from("i"));
+        assert_eq!(parse(&["-h"]), Ok(None));
+    }
+
+    #[test]
+    fn bad_arguments_are_explained() {
+        assert!(parse(&["--epochs", "0"]).unwrap_err().contains("--epochs must be"));
+        assert!(parse(&["--batch", "-3"]).unwrap_err().contains("--batch must be"));
+        assert!(parse(&["--lr", "NaN"]).unwrap_err().contains("--lr must be a positive"));
+        assert!(parse(&["--lr", "0"]).is_err());
+        assert!(parse(&["--lr"]).unwrap_err().contains("needs a value"));
+        assert!(parse(&["--momentum", "0.9"]).unwrap_err().contains("unexpected argument"));
+    }
+
+    #[test]
+    fn a_training_step_writes_a_delta_that_lowers_the_loss() {
+        let dir = std::env::temp_dir().join(format!("train-step-test-{}", std::process::id()));
+        let (inputs, outputs) = (dir.join("in"), dir.join("out"));
+        fs::create_dir_all(&inputs).unwrap();
+        let model = Model::init_with_dims(4, 6, 2, 1);
+        let mut chunk = Dataset { features: 4, samples: Vec::new(), labels: Vec::new() };
+        for index in 0..16 {
+            let class = index % 2;
+            chunk.samples.extend(if class == 0 {
+                [1.0, 0.9, 0.0, 0.1]
+            } else {
+                [0.0, 0.1, 1.0, 0.9]
+            });
+            chunk.labels.push(class as u8);
+        }
+        fs::write(inputs.join("model.bin"), model.encode()).unwrap();
+        fs::write(inputs.join("chunk.bin"), chunk.encode()).unwrap();
+        let args = Args {
+            inputs,
+            outputs: outputs.clone(),
+            epochs: 20,
+            learning_rate: 0.5,
+            batch_size: 4,
+        };
+
+        let summary = run(&args).unwrap();
+        assert!(summary.starts_with("trained 16 samples for 20 epoch(s)"), "{summary}");
+        let update =
+            aimatrix_mlp::decode_delta(&fs::read(outputs.join("delta.bin")).unwrap()).unwrap();
+        let trained = aimatrix_mlp::apply_delta(&model, &update).unwrap();
+        let (before, _) = loss_and_accuracy(&model, &chunk);
+        let (after, accuracy) = loss_and_accuracy(&trained, &chunk);
+        assert!(after < before, "{before} -> {after}");
+        assert_eq!(accuracy, 1.0);
+        let metrics = fs::read_to_string(outputs.join("metrics.json")).unwrap();
+        assert!(metrics.starts_with("{\"samples\":16,\"loss_before\":"), "{metrics}");
+        assert!(metrics.ends_with(",\"accuracy_after\":1}\n"), "{metrics}");
+
+        // The same inputs give the same bytes.
+        let first = fs::read(outputs.join("delta.bin")).unwrap();
+        run(&args).unwrap();
+        assert_eq!(fs::read(outputs.join("delta.bin")).unwrap(), first);
+
+        // A corrupt model is reported with the decoder's message.
+        fs::write(args.inputs.join("model.bin"), b"AMLP\x02\0\0\0").unwrap();
+        let err = run(&args).unwrap_err();
+        assert!(err.contains("model.bin: model: unsupported format version 2"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,389 @@
+//! The forward pass, evaluation and mini-batch SGD.
+//!
+//! Every sum here runs in one fixed order (index order, bias first) in `f32`; together with
+//! [`crate::math`] that makes training bitwise reproducible. Keep it that way: reordering a
+//! loop, splitting a sum or adding threads changes the trained bits, and with them the hashes
+//! that replicas of a training job are compared by.
+
+use crate::math;
+use crate::model::Layout;
+use crate::{Dataset, Model};
+
+/// The class probabilities (softmax of the outputs) for one input.
+///
+/// # Panics
+///
+/// If the model is inconsistent ([`Model::check`]) or `input.len() != model.inputs`.
+pub fn forward(model: &Model, input: &[f32]) -> Vec<f32> {
+    let layout = Layout::of(model);
+    assert_eq!(input.len(), layout.inputs, "forward: input length must equal model.inputs");
+    let mut scratch = Scratch::new(&layout);
+    forward_into(&model.params, &layout, input, &mut scratch);
+    scratch.probs
+}
+
+/// The most likely class for one input (the lowest index on a tie).
+///
+/// # Panics
+///
+/// As [`forward`].
+pub fn predict(model: &Model, input: &[f32]) -> usize {
+    let layout = Layout::of(model);
+    assert_eq!(input.len(), layout.inputs, "predict: input length must equal model.inputs");
+    let mut scratch = Scratch::new(&layout);
+    forward_into(&model.params, &layout, input, &mut scratch);
+    argmax(&scratch.logits)
+}
+
+/// Mean cross-entropy and accuracy (fraction of samples whose [`predict`]ion equals the label)
+/// over `data`. An empty dataset gives `(0.0, 0.0)`.
+///
+/// # Panics
+///
+/// If [`Model::check_dataset`] fails.
+pub fn loss_and_accuracy(model: &Model, data: &Dataset) -> (f32, f32) {
+    if let Err(err) = model.check_dataset(data) {
+        panic!("loss_and_accuracy: {err}");
+    }
+    if data.is_empty() {
+        return (0.0, 0.0);
+    }
+    let layout = Layout::of(model);
+    let mut scratch = Scratch::new(&layout);
+    // The mean is taken in f64 so that 1797 small terms lose nothing; it is still one fixed
+    // order of exact IEEE operations, so still reproducible.
+    let mut loss_sum = 0.0_f64;
+    let mut correct = 0_usize;
+    for (index, &label) in data.labels.iter().enumerate() {
+        let label = usize::from(label);
+        let norm = forward_into(&model.params, &layout, data.sample(index), &mut scratch);
+        loss_sum += f64::from(norm.loss(&scratch.logits, label));
+        if argmax(&scratch.logits) == label {
+            correct += 1;
+        }
+    }
+    let count = data.len() as f64;
+    ((loss_sum / count) as f32, (correct as f64 / count) as f32)
+}
+
+/// Trains a copy of `model` on `data` by mini-batch SGD and returns it.
+///
+/// Each epoch walks the samples in dataset order in batches of `batch_size` (the last batch
+/// may be smaller); for each batch the gradient of the summed cross-entropy is averaged over
+/// the batch and `learning_rate` times it is subtracted from the parameters. No shuffling, no
+/// momentum, no randomness: the same arguments give bitwise the same result on every platform.
+/// An empty dataset or zero epochs returns the model unchanged. A learning rate that is too
+/// large makes the parameters overflow to infinity or NaN; callers that need finite models
+/// must check (`decode` refuses non-finite values).
+///
+/// # Panics
+///
+/// If [`Model::check_dataset`] fails or `batch_size` is 0.
+pub fn train(
+    model: &Model,
+    data: &Dataset,
+    epochs: u32,
+    learning_rate: f32,
+    batch_size: u32,
+) -> Model {
+    if let Err(err) = model.check_dataset(data) {
+        panic!("train: {err}");
+    }
+    assert!(batch_size > 0, "train: batch_size must be at least 1");
+    let layout = Layout::of(model);
+    let mut params = model.params.clone();
+    let mut grad = vec![0.0_f32; layout.total];
+    let mut scratch = Scratch::new(&layout);
+    let batch_size = batch_size as usize;
+    for _ in 0..epochs {
+        let mut start = 0;
+        while start < data.len() {
+            let end = data.len().min(start.saturating_add(batch_size));
+            grad.fill(0.0);
+            for index in start..end {
+                let label = usize::from(data.labels[index]);
+                let sample = data.sample(index);
+                accumulate_gradient(&params, &layout, sample, label, &mut scratch, &mut grad);
+            }
+            let step = learning_rate / (end - start) as f32;
+            for (param, g) in params.iter_mut().zip(&grad) {
+                *param -= step * g;
+            }
+            start = end;
+        }
+    }
+    Model { inputs: model.inputs, hidden: model.hidden, outputs: model.outputs, params }
+}
+
+/// Activations for one sample, reused across samples so a training step does not allocate.
+struct Scratch {
+    /// Hidden activations after ReLU.
+    hidden: Vec<f32>,
+    /// Output pre-activations.
+    logits: Vec<f32>,
+    /// Softmax of `logits`; during backprop, the gradient of the loss with respect to `logits`.
+    probs: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(layout: &Layout) -> Self {
+        Self {
+            hidden: vec![0.0; layout.hidden],
+            logits: vec![0.0; layout.outputs],
+            probs: vec![0.0; layout.outputs],
+        }
+    }
+}
+
+/// The softmax normaliser: `logsumexp(logits) = max + ln_sum`.
+#[derive(Debug, Clone, Copy)]
+struct Normaliser {
+    max: f32,
+    ln_sum: f32,
+}
+
+impl Normaliser {
+    /// Cross-entropy of the class `label`: `logsumexp(z) - z[label]`, arranged so that it
+    /// neither overflows nor takes the log of an underflowed probability.
+    fn loss(self, logits: &[f32], label: usize) -> f32 {
+        self.ln_sum - (logits[label] - self.max)
+    }
+}
+
+/// Computes the hidden activations, logits and probabilities of `input` into `scratch`.
+fn forward_into(
+    params: &[f32],
+    layout: &Layout,
+    input: &[f32],
+    scratch: &mut Scratch,
+) -> Normaliser {
+    let (inputs, hidden) = (layout.inputs, layout.hidden);
+    for (j, activation) in scratch.hidden.iter_mut().enumerate() {
+        let row = &params[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs];
+        let mut acc = params[layout.b1 + j];
+        for (w, x) in row.iter().zip(input) {
+            acc += w * x;
+        }
+        *activation = if acc > 0.0 { acc } else { 0.0 };
+    }
+    for (o, logit) in scratch.logits.iter_mut().enumerate() {
+        let row = &params[layout.w2 + o * hidden..layout.w2 + (o + 1) * hidden];
+        let mut acc = params[layout.b2 + o];
+        for (w, h) in row.iter().zip(&scratch.hidden) {
+            acc += w * h;
+        }
+        *logit = acc;
+    }
+    softmax(&scratch.logits, &mut scratch.probs)
+}
+
+/// Writes `softmax(logits)` into `probs`, subtracting the maximum first so `exp` cannot
+/// overflow.
+fn softmax(logits: &[f32], probs: &mut [f32]) -> Normaliser {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |max, &z| if z > max { z } else { max });
+    let mut sum = 0.0_f32;
+    for (p, &z) in probs.iter_mut().zip(logits) {
+        *p = math::exp(z - max);
+        sum += *p;
+    }
+    for p in probs.iter_mut() {
+        *p /= sum;
+    }
+    Normaliser { max, ln_sum: math::ln(sum) }
+}
+
+/// The first index of the largest value (NaNs never win).
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (index, &value) in values.iter().enumerate() {
+        if value > values[best] || values[best].is_nan() {
+            best = index;
+        }
+    }
+    best
+}
+
+/// Adds the gradient of one sample's cross-entropy to `grad` (same layout as the params).
+fn accumulate_gradient(
+    params: &[f32],
+    layout: &Layout,
+    input: &[f32],
+    label: usize,
+    scratch: &mut Scratch,
+    grad: &mut [f32],
+) {
+    let (inputs, hidden) = (layout.inputs, layout.hidden);
+    forward_into(params, layout, input, scratch);
+    // d loss / d logits = softmax - one_hot(label).
+    scratch.probs[label] -= 1.0;
+    let logits_grad = &scratch.probs;
+    for (o, &g) in logits_grad.iter().enumerate() {
+        grad[layout.b2 + o] += g;
+        let row = &mut grad[layout.w2 + o * hidden..layout.w2 + (o + 1) * hidden];
+        for (gw, h) in row.iter_mut().zip(&scratch.hidden) {
+            *gw += g * h;
+        }
+    }
+    for (j, &activation) in scratch.hidden.iter().enumerate() {
+        // ReLU passes gradient only through units that were active.
+        if activation <= 0.0 {
+            continue;
+        }
+        let mut acc = 0.0_f32;
+        for (o, &g) in logits_grad.iter().enumerate() {
+            acc += params[layout.w2 + o * hidden + j] * g;
+        }
+        grad[layout.b1 + j] += acc;
+        let row = &mut grad[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs];
+        for (gw, x) in row.iter_mut().zip(input) {
+            *gw += acc * x;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// Three well-separated clusters in 4 dimensions: class `c` is bright in feature `c`.
+    fn clusters(per_class: usize, seed: u64) -> Dataset {
+        let mut rng = SplitMix64::new(seed);
+        let mut data = Dataset { features: 4, samples: Vec::new(), labels: Vec::new() };
+        for index in 0..3 * per_class {
+            let class = index % 3;
+            for feature in 0..4 {
+                let noise = 0.2 * rng.next_unit_f32();
+                data.samples.push(if feature == class { 0.8 + noise } else { noise });
+            }
+            data.labels.push(class as u8);
+        }
+        data
+    }
+
+    fn bits(model: &Model) -> Vec<u32> {
+        model.params.iter().map(|p| p.to_bits()).collect()
+    }
+
+    #[test]
+    fn training_lowers_the_loss_on_separable_data() {
+        let data = clusters(20, 1);
+        let model = Model::init_with_dims(4, 8, 3, 5);
+        let (loss_before, _) = loss_and_accuracy(&model, &data);
+        let trained = train(&model, &data, 30, 0.5, 8);
+        let (loss_after, accuracy_after) = loss_and_accuracy(&trained, &data);
+        assert!(loss_after < 0.5 * loss_before, "loss {loss_before} -> {loss_after}");
+        assert_eq!(accuracy_after, 1.0);
+    }
+
+    #[test]
+    fn training_twice_gives_bitwise_identical_params() {
+        let data = clusters(30, 2);
+        let model = Model::init(11);
+        let wide = Dataset {
+            features: 64,
+            samples: data.samples.iter().cycle().take(data.len() * 64).copied().collect(),
+            labels: data.labels.clone(),
+        };
+        let a = train(&model, &wide, 3, 0.1, 7);
+        let b = train(&model, &wide, 3, 0.1, 7);
+        assert_eq!(bits(&a), bits(&b));
+        assert_ne!(bits(&a), bits(&model), "training changed nothing");
+    }
+
+    /// FNV-1a over the parameters' bits.
+    fn fingerprint(model: &Model) -> u64 {
+        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+        for byte in model.params.iter().flat_map(|p| p.to_le_bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        hash
+    }
+
+    #[test]
+    fn trained_bits_are_pinned() {
+        // Replicas of a training job are compared by hash, and a relay may check a node's
+        // delta by recomputing it: every build of this crate, on every platform, must train
+        // to the same bits. If you changed the arithmetic on purpose, update the constant and
+        // say in the changelog that deltas from older nodes will no longer match.
+        let data = clusters(40, 6);
+        let wide = Dataset {
+            features: 64,
+            samples: data.samples.iter().cycle().take(data.len() * 64).copied().collect(),
+            labels: data.labels.clone(),
+        };
+        let trained = train(&Model::init(3), &wide, 2, 0.05, 16);
+        assert_eq!(
+            fingerprint(&trained),
+            0x7d01_0feb_39b6_cc40,
+            "fingerprint {:#018x}",
+            fingerprint(&trained)
+        );
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        let data = clusters(1, 3);
+        let model = Model::init_with_dims(4, 5, 3, 8);
+        let layout = Layout::of(&model);
+        let (input, label) = (data.sample(1), usize::from(data.labels[1]));
+        let mut scratch = Scratch::new(&layout);
+        let mut grad = vec![0.0; layout.total];
+        accumulate_gradient(&model.params, &layout, input, label, &mut scratch, &mut grad);
+
+        let loss_at = |params: &[f32]| {
+            let mut scratch = Scratch::new(&layout);
+            let norm = forward_into(params, &layout, input, &mut scratch);
+            f64::from(norm.loss(&scratch.logits, label))
+        };
+        for index in 0..layout.total {
+            let eps = 1e-2_f32;
+            let mut plus = model.params.clone();
+            plus[index] += eps;
+            let mut minus = model.params.clone();
+            minus[index] -= eps;
+            let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * f64::from(eps));
+            let analytic = f64::from(grad[index]);
+            assert!(
+                (numeric - analytic).abs() < 2e-3 + 2e-2 * analytic.abs(),
+                "param {index}: analytic {analytic}, numeric {numeric}"
+            );
+        }
+    }
+
+    #[test]
+    fn probabilities_sum_to_one_and_predict_agrees() {
+        let model = Model::init(4);
+        let input: Vec<f32> = (0..64).map(|i| (i % 17) as f32 / 16.0).collect();
+        let probs = forward(&model, &input);
+        assert_eq!(probs.len(), 10);
+        let sum: f32 = probs.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5, "sum {sum}");
+        let best = probs.iter().enumerate().fold(0, |b, (i, &p)| if p > probs[b] { i } else { b });
+        assert_eq!(predict(&model, &input), best);
+    }
+
+    #[test]
+    fn empty_data_and_zero_epochs_change_nothing() {
+        let model = Model::init_with_dims(4, 3, 3, 1);
+        let empty = Dataset { features: 4, samples: vec![], labels: vec![] };
+        assert_eq!(loss_and_accuracy(&model, &empty), (0.0, 0.0));
+        assert_eq!(train(&model, &empty, 5, 0.1, 4), model);
+        assert_eq!(train(&model, &clusters(2, 1), 0, 0.1, 4), model);
+    }
+
+    #[test]
+    fn fresh_model_has_chance_level_loss() {
+        // A small random init gives near-uniform outputs: loss close to ln(10).
+        let data = clusters(5, 9);
+        let model = Model::init_with_dims(4, 32, 10, 3);
+        let (loss, _) = loss_and_accuracy(&model, &data);
+        assert!((loss - 10f32.ln()).abs() < 0.5, "loss {loss}");
+    }
+
+    #[test]
+    #[should_panic(expected = "features")]
+    fn training_on_mismatched_data_panics_with_the_reason() {
+        let _ = train(&Model::init(0), &clusters(1, 0), 1, 0.1, 1);
+    }
+}
