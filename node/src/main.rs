@@ -42,6 +42,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Exec(commands::exec::ExecArgs),
+    Workloads(commands::workloads::WorkloadsArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match command {
         Command::Exec(args) => commands::exec::run(args),
+        Command::Workloads(args) => commands::workloads::run(args),
     }
 }
 
