@@ -353,23 +353,23 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-/// Prints the summary table (single thread, median of 5 rounds, this machine).
+/// Prints the summary table (single thread, median of 5 to 7 rounds, this machine).
 fn summary(f: &Fixture) {
-    let sign = median_per_call(5, 2_000, |n| {
+    let sign = median_per_call(7, 10_000, |n| {
         let mut nonce = 0u64;
         timed(n, || {
             nonce += 1;
             black_box(Envelope::sign(&f.key, header(nonce), f.offer_bytes.clone()));
         })
     });
-    let seal = median_per_call(5, 2_000, |n| {
+    let seal = median_per_call(7, 10_000, |n| {
         let mut nonce = 0u64;
         timed(n, || {
             nonce += 1;
             black_box(messages::seal(&f.key, &f.message, nonce, NOW_MS, TTL_MS).expect("seals"));
         })
     });
-    let verify_sig = median_per_call(5, 2_000, |n| {
+    let verify_sig = median_per_call(7, 10_000, |n| {
         timed(n, || black_box(&f.envelope).verify_signature().expect("verifies"))
     });
     let verify_full =
