@@ -321,7 +321,7 @@ pub struct TrainingParams {
     pub compression: Compression,
     /// A round closes at this deadline even without every update.
     pub round_deadline_s: u64,
-    /// Accepted updates needed for a round to count.
+    /// Updates returned in time needed for a round to close successfully.
     pub quorum: u32,
     /// Share of updates re-run on another node to check them, in [0, 1].
     #[serde(default)]

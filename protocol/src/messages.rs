@@ -102,7 +102,7 @@ pub struct Lease {
     pub lease: u32,
     /// The node the lease is for.
     pub node: NodeId,
-    /// A result after this instant is not counted.
+    /// A result arriving at or after this instant is not counted.
     pub deadline_ms: Millis,
     /// The job's spec.
     pub spec: JobSpec,

@@ -546,12 +546,6 @@ impl NodeCore {
         if let Some(o) = self.offers.get_mut(&job_id) {
             o.claimed_at_ms = None;
         }
-        if lease.round.is_some() && !joined {
-            if self.joined_training.len() >= MAX_JOINED_TRAINING {
-                self.joined_training.pop_front();
-            }
-            self.joined_training.push_back((job_id, relay, lease.spec.clone()));
-        }
         let unclaimed = !claimed && !joined;
         if self.draining
             || unclaimed
@@ -572,6 +566,13 @@ impl NodeCore {
                 Usage::default(),
             );
             return;
+        }
+        if lease.round.is_some() && !joined {
+            // Joined for the job's later rounds too (their leases come without a new claim).
+            if self.joined_training.len() >= MAX_JOINED_TRAINING {
+                self.joined_training.pop_front();
+            }
+            self.joined_training.push_back((job_id, relay, lease.spec.clone()));
         }
         let key = (job_id, lease.lease);
         self.leases.insert(

@@ -37,7 +37,7 @@ use self::training::TrainingState;
 /// Relay tunables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelayConfig {
-    /// Lifetime of direct messages (leases, receipts, cancels).
+    /// Lifetime of direct messages (leases, denials, receipts, cancels).
     pub message_ttl_ms: u64,
     /// How often an open job's offer is re-announced.
     pub reannounce_interval_ms: u64,
@@ -597,7 +597,8 @@ impl RelayCore {
                     if !self.adverts.contains_key(&signer)
                         && self.adverts.len() >= self.cfg.max_adverts
                     {
-                        // Forget the node heard from longest ago (its advert seq is its clock).
+                        // Forget the lowest advert seq: nodes start their seq from their clock, so that is
+                        // roughly the node heard from longest ago.
                         let oldest =
                             self.adverts.iter().min_by_key(|(_, (seq, _))| *seq).map(|(id, _)| *id);
                         if let Some(oldest) = oldest {

@@ -258,6 +258,10 @@ impl RelayCore {
         let give_up = t.failed_rounds >= max_attempts;
         self.events.push_back(RelayEvent::RoundFailed { job_id, round, reason: reason.clone() });
         for (node, lease, _) in updates {
+            // Settled now: not counted, and never receipted again.
+            if let Some(l) = self.jobs.get_mut(&job_id).and_then(|j| j.leases.get_mut(&lease)) {
+                l.status = LeaseStatus::Failed(reason.clone());
+            }
             let verdict = Verdict::Rejected { reason: reason.clone() };
             self.receipt(now, job_id, lease, node, Some(round), verdict);
         }

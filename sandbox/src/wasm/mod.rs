@@ -585,8 +585,10 @@ impl Ticker {
     fn start(engines: Vec<Engine>, tick: Duration) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let handle =
             std::thread::Builder::new().name("aimatrix-epoch".into()).spawn(move || {
+                let _ = started_tx.send(());
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(tick);
                     for engine in &engines {
@@ -594,6 +596,9 @@ impl Ticker {
                     }
                 }
             })?;
+        // Return once the ticker runs (and carries its name), so epochs advance from the
+        // first job on.
+        let _ = started_rx.recv();
         Ok(Self { stop, handle: Mutex::new(Some(handle)) })
     }
 }
