@@ -21,6 +21,7 @@ use tracing_subscriber::EnvFilter;
 
 mod commands;
 mod data_dir;
+mod hardware;
 
 /// Exit status for every error: bad usage, bad input, a failure while running.
 const EXIT_ERROR: u8 = 2;
@@ -41,6 +42,7 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    Detect(commands::detect::DetectArgs),
     Exec(commands::exec::ExecArgs),
     Workloads(commands::workloads::WorkloadsArgs),
 }
@@ -64,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(EXIT_ERROR));
     };
     match command {
+        Command::Detect(args) => commands::detect::run(args),
         Command::Exec(args) => commands::exec::run(args),
         Command::Workloads(args) => commands::workloads::run(args),
     }

@@ -9,6 +9,9 @@
 //! - [`wasm::WasmExecutor`]: WASI preview 1 modules in wasmtime, with a memory limit, a fuel
 //!   budget, a wall-time deadline driven by an epoch ticker, a stack limit, capped output capture,
 //!   no network and a deterministic mode; compiled modules are cached on disk and pre-linked.
+//! - [`docker::DockerExecutor`]: container images through the Docker engine (bollard), hardened
+//!   by default (no network, read-only root, dropped capabilities, non-root, pids/memory/CPU
+//!   limits) and always removed.
 //!
 //! ```no_run
 //! use aimatrix_sandbox::{wasm::{WasmExecutor, WasmConfig, ModuleSource}, Executor, PreparedJob,
@@ -22,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod docker;
 pub mod outputs;
 pub mod wasm;
 
@@ -49,6 +53,8 @@ pub const OUTPUTS_DIR: &str = "outputs";
 pub enum JobWorkload {
     /// A WASI preview 1 core module.
     Wasm(wasm::ModuleSource),
+    /// A container image and command, for the Docker executor.
+    Container(docker::ContainerWorkload),
 }
 
 /// Limits an executor enforces while a job runs.
@@ -271,6 +277,15 @@ pub enum ExecError {
         bytes: u64,
         /// The limit.
         max: u64,
+    },
+    /// The job's image is not present on this node (nodes never pull images on their own).
+    #[error(
+        "image {image} is not present on this node; nodes never pull images they were not told \
+         to: build or load it locally (docker build / docker load) and try again"
+    )]
+    ImageMissing {
+        /// The image reference.
+        image: String,
     },
     /// The module imports something the sandbox does not provide.
     #[error("wasm module {name} cannot be linked: {reason}")]

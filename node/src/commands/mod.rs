@@ -1,4 +1,5 @@
 //! One module per subcommand.
 
+pub(crate) mod detect;
 pub(crate) mod exec;
 pub(crate) mod workloads;

@@ -306,7 +306,9 @@ impl WasmExecutor {
         job: PreparedJob,
         control: RunControl,
     ) -> Result<ExecOutcome, ExecError> {
-        let JobWorkload::Wasm(module) = &job.workload;
+        let JobWorkload::Wasm(module) = &job.workload else {
+            return Err(ExecError::Internal("the wasm executor runs wasm modules".into()));
+        };
         let limits = job.limits;
         let kind = EngineKind { fuel: limits.fuel.is_some(), deterministic: job.deterministic };
         let pre = self.instance_pre(module, kind).await?;
