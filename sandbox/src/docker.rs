@@ -23,9 +23,9 @@ use bollard::models::{
     ResourcesUlimits,
 };
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -150,6 +150,28 @@ impl DockerExecutor {
             remove(&self.docker, id).await;
         }
         Ok(ids.len())
+    }
+
+    /// Imports a root filesystem tarball as image `image` (`name:tag`) — the engine's
+    /// create-image from source, no registry involved; how tests and the demo get images.
+    pub async fn import_rootfs(&self, image: &str, rootfs_tar: Vec<u8>) -> Result<(), ExecError> {
+        let (repo, tag) = image.split_once(':').unwrap_or((image, "latest"));
+        let options =
+            CreateImageOptionsBuilder::default().from_src("-").repo(repo).tag(tag).build();
+        let mut progress = self.docker.create_image(
+            Some(options),
+            Some(bollard::body_full(rootfs_tar.into())),
+            None,
+        );
+        while let Some(step) = progress.next().await {
+            step.map_err(|e| ExecError::Internal(format!("cannot import image {image}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `image` is present on this node.
+    pub async fn has_image(&self, image: &str) -> bool {
+        self.docker.inspect_image(image).await.is_ok()
     }
 
     /// Ids of the containers (running or not) carrying this executor's owner label.
@@ -336,6 +358,9 @@ impl DockerExecutor {
             }
         }
         if status.is_some() {
+            // Close the attach stream first: the engine would otherwise wait for us to read
+            // what the container is still writing before it lets the container die.
+            drop(attached);
             let kill = KillContainerOptionsBuilder::default().signal("SIGKILL").build();
             let _ = self.docker.kill_container(name, Some(kill)).await;
         } else {
@@ -518,4 +543,48 @@ fn rand_u64() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     h.finish()
+}
+
+/// Applets linked in a [`busybox_rootfs`].
+pub const BUSYBOX_APPLETS: &[&str] = &[
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "sleep",
+    "dd",
+    "head",
+    "touch",
+    "true",
+    "id",
+    "seq",
+    "wc",
+    "sha256sum",
+];
+
+/// A minimal root filesystem tarball: a static busybox (e.g. Debian's `busybox-static`) at
+/// `/bin/busybox` with [`BUSYBOX_APPLETS`] linked to it, and empty `/tmp`, `/job`, `/etc`.
+pub fn busybox_rootfs(busybox: &Path) -> std::io::Result<Vec<u8>> {
+    let bytes = std::fs::read(busybox)?;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(bytes.len() as u64);
+    header.set_mode(0o755);
+    header.set_cksum();
+    tar.append_data(&mut header, "bin/busybox", bytes.as_slice())?;
+    for applet in BUSYBOX_APPLETS {
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        link.set_mode(0o777);
+        tar.append_link(&mut link, format!("bin/{applet}"), "busybox")?;
+    }
+    for dir in ["tmp", "job", "etc"] {
+        let mut d = tar::Header::new_gnu();
+        d.set_entry_type(tar::EntryType::Directory);
+        d.set_size(0);
+        d.set_mode(0o755);
+        tar.append_data(&mut d, dir, std::io::empty())?;
+    }
+    tar.into_inner()
 }

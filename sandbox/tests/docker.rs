@@ -13,13 +13,9 @@ use aimatrix_sandbox::docker::{ContainerWorkload, DockerConfig, DockerExecutor};
 use aimatrix_sandbox::{
     ExecError, ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload, PreparedJob, RunControl,
 };
-use bollard::query_parameters::CreateImageOptionsBuilder;
-use futures_util::StreamExt;
 
 const IMAGE: &str = "aimatrix-test-busybox:1";
 const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] =
-    &["sh", "cat", "echo", "ls", "sleep", "dd", "head", "touch", "true", "id", "seq", "wc"];
 
 /// Connects and imports the test image, or explains why the tests cannot run.
 async fn setup(owner: &str) -> Option<DockerExecutor> {
@@ -36,44 +32,16 @@ async fn setup(owner: &str) -> Option<DockerExecutor> {
         eprintln!("SKIPPED: Docker tests need an engine and {BUSYBOX}: {why}");
         return None;
     }
-    import_image().await;
     let cfg = DockerConfig { owner: owner.into(), pids_limit: 64, ..DockerConfig::default() };
-    Some(DockerExecutor::connect(cfg).await.unwrap())
+    let executor = DockerExecutor::connect(cfg).await.unwrap();
+    import_image(&executor).await;
+    Some(executor)
 }
 
-async fn import_image() {
-    let docker = bollard::Docker::connect_with_defaults().unwrap();
-    if docker.inspect_image(IMAGE).await.is_ok() {
-        return;
-    }
-    let mut tar = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    let busybox = std::fs::read(BUSYBOX).unwrap();
-    header.set_size(busybox.len() as u64);
-    header.set_mode(0o755);
-    header.set_cksum();
-    tar.append_data(&mut header, "bin/busybox", busybox.as_slice()).unwrap();
-    for applet in APPLETS {
-        let mut link = tar::Header::new_gnu();
-        link.set_entry_type(tar::EntryType::Symlink);
-        link.set_size(0);
-        link.set_mode(0o777);
-        tar.append_link(&mut link, format!("bin/{applet}"), "busybox").unwrap();
-    }
-    for dir in ["tmp", "job", "etc"] {
-        let mut d = tar::Header::new_gnu();
-        d.set_entry_type(tar::EntryType::Directory);
-        d.set_size(0);
-        d.set_mode(0o755);
-        tar.append_data(&mut d, dir, std::io::empty()).unwrap();
-    }
-    let bytes = tar.into_inner().unwrap();
-    let (repo, tag) = IMAGE.split_once(':').unwrap();
-    let options = CreateImageOptionsBuilder::default().from_src("-").repo(repo).tag(tag).build();
-    let mut progress =
-        docker.create_image(Some(options), Some(bollard::body_full(bytes.into())), None);
-    while let Some(step) = progress.next().await {
-        step.unwrap();
+async fn import_image(executor: &DockerExecutor) {
+    if !executor.has_image(IMAGE).await {
+        let rootfs = aimatrix_sandbox::docker::busybox_rootfs(Path::new(BUSYBOX)).unwrap();
+        executor.import_rootfs(IMAGE, rootfs).await.unwrap();
     }
 }
 

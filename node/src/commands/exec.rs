@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use aimatrix_protocol::job::{ContentRef, JobSpec, Runtime};
+use aimatrix_sandbox::docker::{ContainerWorkload, DockerConfig, DockerExecutor};
 use aimatrix_sandbox::wasm::{ModuleSource, WasmConfig, WasmExecutor};
 use aimatrix_sandbox::{
     ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload, PreparedJob, RunControl,
@@ -21,7 +22,8 @@ const MODULE_BYTES_MAX: u64 = 64 << 20;
 
 /// Run a job locally, exactly as a node would, to try it before posting it.
 ///
-/// Takes a job file (`job.toml`) or a bare wasm module. Flags override the job file's limits
+/// Takes a job file (`job.toml`, wasm or docker runtime) or a bare wasm module. Docker jobs
+/// need a reachable engine and their image present locally (nothing is pulled). Flags override the job file's limits
 /// (and give the limits for a bare module). Exit status: 0 the job succeeded, 1 it ran and did
 /// not succeed, 2 it could not run.
 #[derive(Debug, Args)]
@@ -58,7 +60,7 @@ pub(crate) struct ExecArgs {
 }
 
 pub(crate) fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
-    let (job, work) = prepare(&args)?;
+    let (job, work, cpu_share) = prepare(&args)?;
     let data_dir = data_dir::resolve(args.data_dir.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -66,7 +68,19 @@ pub(crate) fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let outcome = runtime.block_on(async {
-        let executor = WasmExecutor::new(WasmConfig::in_dir(data_dir.join("wasm-cache")))?;
+        let executor: Box<dyn Executor> = match &job.workload {
+            JobWorkload::Wasm(_) => {
+                Box::new(WasmExecutor::new(WasmConfig::in_dir(data_dir.join("wasm-cache")))?)
+            }
+            JobWorkload::Container(_) => {
+                let cfg = DockerConfig {
+                    cpu_share,
+                    owner: "aimatrix-exec".into(),
+                    ..DockerConfig::default()
+                };
+                Box::new(DockerExecutor::connect(cfg).await?)
+            }
+        };
         let control = RunControl::default();
         let cancel = control.cancel.clone();
         tokio::spawn(async move {
@@ -88,7 +102,7 @@ pub(crate) fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Builds the prepared job and its private work directory (with the inputs copied in).
-fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir)> {
+fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir, f64)> {
     let shown = args.job.display().to_string();
     let is_toml = args.job.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
     let work = tempfile::Builder::new()
@@ -98,12 +112,14 @@ fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir)> 
     let inputs_dir = work.path().join(aimatrix_sandbox::INPUTS_DIR);
     std::fs::create_dir_all(&inputs_dir)?;
     let mut names = BTreeSet::new();
+    let mut cpu_share = aimatrix_protocol::job::Limits::default().cpu_share;
     let mut job = if is_toml {
         let text =
             std::fs::read_to_string(&args.job).with_context(|| format!("cannot read {shown}"))?;
         let spec =
             JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}", e.with_source(&shown)))?;
         let base = args.job.parent().unwrap_or(Path::new("."));
+        cpu_share = spec.limits.cpu_share;
         from_spec(&spec, base, &shown, &inputs_dir, &mut names, work.path(), args)?
     } else {
         let module = ModuleSource::from_file(&args.job, MODULE_BYTES_MAX)?;
@@ -133,7 +149,7 @@ fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir)> 
         job.limits.fuel = (f > 0).then_some(f);
     }
     job.deterministic |= args.deterministic;
-    Ok((job, work))
+    Ok((job, work, cpu_share))
 }
 
 fn from_spec(
@@ -145,23 +161,26 @@ fn from_spec(
     work_dir: &Path,
     args: &ExecArgs,
 ) -> anyhow::Result<PreparedJob> {
-    if spec.workload.runtime != Runtime::Wasm {
-        bail!(
-            "{shown}: workload.runtime = \"docker\" is not supported by `exec` yet; \
-             it runs wasm jobs (the Docker sandbox arrives with its own issue)"
-        );
-    }
     if !args.args.is_empty() {
         bail!("{shown}: arguments after `--` only apply to a bare module; set workload.args in the job file");
     }
-    let module_ref = spec.workload.module.as_ref().context("workload.module is missing")?;
-    let module = match module_ref {
-        ContentRef::Path(p) => ModuleSource::from_file(&base.join(p), MODULE_BYTES_MAX)
-            .map_err(|e| anyhow::anyhow!("{shown}: workload.module: {e}"))?,
-        ContentRef::Digest(d) => bail!(
-            "{shown}: workload.module = \"{d}\" names a module by hash, and `exec` has no module \
-             store to fetch it from; point workload.module at the .wasm file"
-        ),
+    let workload = match spec.workload.runtime {
+        Runtime::Wasm => {
+            let module_ref = spec.workload.module.as_ref().context("workload.module is missing")?;
+            JobWorkload::Wasm(match module_ref {
+                ContentRef::Path(p) => ModuleSource::from_file(&base.join(p), MODULE_BYTES_MAX)
+                    .map_err(|e| anyhow::anyhow!("{shown}: workload.module: {e}"))?,
+                ContentRef::Digest(d) => bail!(
+                    "{shown}: workload.module = \"{d}\" names a module by hash, and `exec` has no \
+                     module store to fetch it from; point workload.module at the .wasm file"
+                ),
+            })
+        }
+        Runtime::Docker => JobWorkload::Container(ContainerWorkload {
+            image: spec.workload.image.clone().context("workload.image is missing")?,
+            command: spec.workload.command.clone(),
+            gpus: spec.requirements.gpus,
+        }),
     };
     for (i, input) in spec.inputs.iter().enumerate() {
         let ContentRef::Path(p) = &input.source else {
@@ -170,8 +189,7 @@ fn from_spec(
         copy_input(&base.join(p), inputs_dir, &input.name, names)
             .with_context(|| format!("{shown}: inputs[{i}] ({p})"))?;
     }
-    let mut job =
-        PreparedJob::new(JobWorkload::Wasm(module), work_dir, ExecLimits::from_spec(&spec.limits));
+    let mut job = PreparedJob::new(workload, work_dir, ExecLimits::from_spec(&spec.limits));
     job.args.clone_from(&spec.workload.args);
     job.env.clone_from(&spec.workload.env);
     job.deterministic = spec.replication > 1 || spec.training.is_some();
