@@ -6,7 +6,9 @@
 //! this binary only carries bytes, time and side effects in and out of it.
 //!
 //! Subcommands live one per file under `src/commands/`: `exec` runs a job locally in the
-//! sandbox; the network subcommands arrive with their issues.
+//! sandbox (wasm or Docker), `detect` reports the hardware and runtimes the node would
+//! advertise, `workloads` lists the shipped guests; the network subcommands arrive with their
+//! issues.
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
