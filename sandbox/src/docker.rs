@@ -406,23 +406,7 @@ impl DockerExecutor {
         }
         stdout.truncate(limits.stdio_bytes);
         stderr.truncate(limits.stdio_bytes);
-        let outputs =
-            match outputs::collect(outputs_dir, limits.output_quota_bytes, limits.output_files_max)
-            {
-                Ok(files) => files,
-                Err(e) => {
-                    if status.is_success()
-                        || matches!(
-                            e,
-                            outputs::CollectError::QuotaExceeded { .. }
-                                | outputs::CollectError::TooManyFiles { .. }
-                        )
-                    {
-                        status = ExecStatus::OutputLimitExceeded { what: e.to_string() };
-                    }
-                    Vec::new()
-                }
-            };
+        let outputs = outputs::collect_for_run(outputs_dir, &limits, &mut status);
         let usage = Usage {
             wall_ms,
             cpu_ms: sample.cpu_ns / 1_000_000,

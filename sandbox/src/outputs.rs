@@ -12,7 +12,7 @@ use aimatrix_protocol::hash::Digest;
 use cap_std::fs::Dir;
 use sha2::{Digest as _, Sha256};
 
-use crate::OutputFile;
+use crate::{ExecLimits, ExecStatus, OutputFile};
 
 /// Deepest directory nesting followed inside the outputs directory.
 pub const MAX_DEPTH: usize = 16;
@@ -90,6 +90,27 @@ fn walk(
         // Symlinks, sockets, fifos and devices are skipped, never followed or read.
     }
     Ok(())
+}
+
+/// Collects a finished run's outputs under `limits`; a quota or file-count breach (or, for a
+/// run that otherwise succeeded, any collection failure) turns `status` into
+/// [`ExecStatus::OutputLimitExceeded`] and reports no outputs.
+pub fn collect_for_run(
+    outputs_dir: &Path,
+    limits: &ExecLimits,
+    status: &mut ExecStatus,
+) -> Vec<OutputFile> {
+    match collect(outputs_dir, limits.output_quota_bytes, limits.output_files_max) {
+        Ok(files) => files,
+        Err(e) => {
+            let limit_hit =
+                matches!(e, CollectError::QuotaExceeded { .. } | CollectError::TooManyFiles { .. });
+            if status.is_success() || limit_hit {
+                *status = ExecStatus::OutputLimitExceeded { what: e.to_string() };
+            }
+            Vec::new()
+        }
+    }
 }
 
 /// Hashes at most `budget` bytes; `None` when the file holds more.

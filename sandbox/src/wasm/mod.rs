@@ -366,25 +366,7 @@ impl WasmExecutor {
         let mut status = classify(ended, &shared, limits.stdio_bytes, stdout.len(), stderr.len());
         stdout.truncate(limits.stdio_bytes);
         stderr.truncate(limits.stdio_bytes);
-        let outputs = match outputs::collect(
-            &outputs_dir,
-            limits.output_quota_bytes,
-            limits.output_files_max,
-        ) {
-            Ok(files) => files,
-            Err(e) => {
-                if status.is_success()
-                    || matches!(
-                        e,
-                        outputs::CollectError::QuotaExceeded { .. }
-                            | outputs::CollectError::TooManyFiles { .. }
-                    )
-                {
-                    status = ExecStatus::OutputLimitExceeded { what: e.to_string() };
-                }
-                Vec::new()
-            }
-        };
+        let outputs = outputs::collect_for_run(&outputs_dir, &limits, &mut status);
         let usage = Usage {
             wall_ms,
             cpu_ms: cpu_ns.load(Ordering::Relaxed) / 1_000_000,
