@@ -185,3 +185,21 @@ fn an_unusable_data_dir_is_a_reason_not_a_failure() {
     assert_eq!(report["profile"]["disk"]["free_bytes"], 0);
     assert!(report["cpu"]["threads"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn an_unreachable_engine_means_no_docker_runtime_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(binary("aimatrix-node"))
+        .args(["detect", "--json", "--data-dir"])
+        .arg(dir.path())
+        .env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["runtimes"]["docker"]["available"], false);
+    let reason = json["runtimes"]["docker"]["reason"].as_str().unwrap();
+    assert!(reason.contains("nonexistent"), "{reason}");
+    assert_eq!(json["profile"]["runtimes"]["docker"], false, "the node does not advertise docker");
+    assert_eq!(json["runtimes"]["wasm"]["available"], true);
+}
