@@ -6,8 +6,8 @@
 //! `aimatrix-protocol`; the relay driver in this package's library (`studio_relay`) carries bytes,
 //! time, ledger writes and HTTP requests in and out of it, and this binary is its CLI.
 //!
-//! Today the binary has no subcommands; each one arrives with the issue that builds it, as one
-//! variant of `Command`.
+//! Subcommands arrive with the issues that build them, one variant of `Command` each (one file
+//! per group under `commands/`). Today: `ledger` (mint, balance, history, audit, export).
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
@@ -19,6 +19,8 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+mod commands;
 
 /// Exit status for every error: bad usage, bad input, a failure while running.
 const EXIT_ERROR: u8 = 2;
@@ -36,9 +38,12 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// The subcommands; empty until the first one is built.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// The credit ledger: mint, balance, history, audit, export.
+    Ledger(commands::ledger::LedgerArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,7 +63,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         eprint!("{}", Cli::command().render_help());
         return Ok(ExitCode::from(EXIT_ERROR));
     };
-    match command {}
+    match command {
+        Command::Ledger(args) => commands::ledger::run(args),
+    }
 }
 
 /// Sends `tracing` output to stderr, filtered by `RUST_LOG`.

@@ -1,0 +1,3 @@
+//! The subcommands, one file per group.
+
+pub(crate) mod ledger;

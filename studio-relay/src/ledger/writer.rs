@@ -1,0 +1,89 @@
+//! The group-commit writer: one thread, one batch, one flush, then the acknowledgements.
+
+use std::sync::mpsc;
+
+use super::state::{Applied, Entry, LedgerState, Op};
+use super::store::Store;
+use super::{LedgerError, BATCH_LEN_MAX};
+
+/// What the writer is asked to do.
+pub(crate) enum Command {
+    /// Apply a caller's op.
+    Apply(Op),
+    /// Void every reservation past its timeout at this instant.
+    Expire(u64),
+}
+
+/// One queued command and where to send its answer.
+pub(crate) struct Request {
+    pub(crate) command: Command,
+    pub(crate) reply: mpsc::SyncSender<Result<Outcome, LedgerError>>,
+}
+
+/// What a durable command did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An op was recorded, or had been recorded before.
+    Applied(Applied),
+    /// An expiry voided these reservations.
+    Expired(Vec<u128>),
+}
+
+/// The answer to one submitted command; [`Ticket::wait`] returns once it is durable.
+#[derive(Debug)]
+pub struct Ticket(mpsc::Receiver<Result<Outcome, LedgerError>>);
+
+impl Ticket {
+    /// Blocks until the command is durable (or refused, or the writer failed).
+    pub fn wait(self) -> Result<Outcome, LedgerError> {
+        self.0.recv().unwrap_or(Err(LedgerError::Closed))
+    }
+}
+
+pub(crate) fn reply_pair() -> (mpsc::SyncSender<Result<Outcome, LedgerError>>, Ticket) {
+    let (tx, rx) = mpsc::sync_channel(1);
+    (tx, Ticket(rx))
+}
+
+/// Runs until every sender is gone or storage fails.
+pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<Request>) {
+    let mut batch: Vec<Request> = Vec::with_capacity(BATCH_LEN_MAX);
+    let mut results: Vec<Result<Outcome, LedgerError>> = Vec::with_capacity(BATCH_LEN_MAX);
+    let mut entries: Vec<Entry> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < BATCH_LEN_MAX {
+            match rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        for request in &mut batch {
+            let command = std::mem::replace(&mut request.command, Command::Expire(0));
+            results.push(match command {
+                Command::Apply(op) => state
+                    .apply(op, &mut entries)
+                    .map(Outcome::Applied)
+                    .map_err(LedgerError::Rejected),
+                Command::Expire(now_ms) => Ok(Outcome::Expired(state.expire(now_ms, &mut entries))),
+            });
+        }
+        // A repeat of an op recorded in this very batch is answered after the flush too.
+        if !entries.is_empty() {
+            if let Err(err) = store.commit(&entries, &state) {
+                tracing::error!("ledger writer stopping: {err}");
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(LedgerError::Storage(err.clone())));
+                }
+                // The in-memory state is now ahead of the disk: stop, so nothing else is
+                // acknowledged; reopening replays what is durable.
+                return;
+            }
+            entries.clear();
+        }
+        for (request, result) in batch.drain(..).zip(results.drain(..)) {
+            // A submitter that stopped waiting is not an error.
+            let _ = request.reply.send(result);
+        }
+    }
+}
