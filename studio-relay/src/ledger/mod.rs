@@ -53,7 +53,8 @@ pub enum LedgerError {
     Rejected(#[from] OpError),
     /// The database does not match its own log; it was not changed.
     #[error(
-        "ledger database {} is corrupt: {detail}. It was left as it is: restore it from a backup \
+        "ledger database {} is corrupt: {detail}. Nothing new was recorded in it and it will be \
+         refused again on every open: restore the ledger directory from a backup \
          (`studio-relay ledger audit --data-dir DIR` lists every problem)",
         path.display()
     )]
