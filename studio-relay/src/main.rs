@@ -42,6 +42,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// The credit ledger: mint, balance, history, audit, export.
+    ///
+    /// These commands work directly on the ledger files in --data-dir, so the relay must be
+    /// stopped (the database is locked while it runs). Going through a running relay's HTTP API
+    /// arrives with the relay itself (issue 6).
     Ledger(commands::ledger::LedgerArgs),
 }
 
