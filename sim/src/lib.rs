@@ -1,10 +1,27 @@
 //! The aimatrix simulator: the network at scale, in one process, reproducibly.
 //!
-//! This library will hold a deterministic discrete-event simulation that runs thousands of nodes
-//! and a relay by driving the same sans-IO cores (`NodeCore`, `RelayCore` from
-//! `aimatrix-protocol`) that the real binaries ship. Time, message delivery, loss, latency and
-//! failures come from a seeded scheduler, so a failing run prints the seed that replays it
-//! exactly, and what the simulation shows about 10,000 nodes holds for the code that ships.
+//! A deterministic discrete-event simulation that drives the same sans-IO cores the real
+//! binaries ship ([`aimatrix_protocol::node::NodeCore`], [`aimatrix_protocol::relay::RelayCore`])
+//! over a simulated network. One clock, one event queue (ties broken by scheduling order) and
+//! one seeded ChaCha RNG decide everything, so a seed and a [`Scenario`] replay a run exactly.
+//! Execution is simulated (duration and success by hardware class and node behaviour), the
+//! relays' ledger instructions are applied to an [`aimatrix_protocol::ledger::EscrowBook`], and
+//! invariants ([`invariants`]) are checked after every step.
 //!
-//! The `aimatrix-sim` binary in this package is the command line over this library. Nothing of
-//! the above exists yet; see `docs/architecture.md` for how the pieces fit.
+//! ```
+//! use aimatrix_sim::{Scenario, Sim};
+//!
+//! let scenario = Scenario { nodes: 20, duration_s: 120, ..Scenario::default() };
+//! let summary = Sim::new(scenario).run();
+//! assert!(summary.invariants_ok, "{}", summary.to_text());
+//! ```
+
+pub mod invariants;
+mod queue;
+pub mod scenario;
+pub mod stats;
+mod world;
+
+pub use scenario::Scenario;
+pub use stats::Summary;
+pub use world::Sim;

@@ -5,8 +5,7 @@
 //! seed that replays any run exactly. The simulation itself lives in this package's library
 //! (`aimatrix_sim`); this binary is its CLI.
 //!
-//! Today the binary has no subcommands; each one arrives with the issue that builds it, as one
-//! variant of `Command`.
+//! Subcommands live one per file under `src/commands/`: `run` simulates a scenario.
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
@@ -18,6 +17,8 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+mod commands;
 
 /// Exit status for every error: bad usage, bad input, a failure while running.
 const EXIT_ERROR: u8 = 2;
@@ -35,9 +36,11 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// The subcommands; empty until the first one is built.
+/// The subcommands.
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    Run(commands::run::RunArgs),
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -57,7 +60,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         eprint!("{}", Cli::command().render_help());
         return Ok(ExitCode::from(EXIT_ERROR));
     };
-    match command {}
+    match command {
+        Command::Run(args) => commands::run::run(args),
+    }
 }
 
 /// Sends `tracing` output to stderr, filtered by `RUST_LOG`.

@@ -1,0 +1,895 @@
+//! The simulation: one clock, one event queue, one seeded RNG, the real protocol cores, a
+//! network model between them, simulated execution, and the ledger.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+
+use aimatrix_protocol::capability::{CapabilityProfile, GpuInfo, GpuVendor, GIB};
+use aimatrix_protocol::hash::Digest;
+use aimatrix_protocol::identity::NodeId;
+use aimatrix_protocol::job::{
+    Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
+};
+use aimatrix_protocol::ledger::{EscrowBook, LedgerOp, FEE_ACCOUNT};
+use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest, Usage};
+use aimatrix_protocol::node::{NodeConfig, NodeCore, NodeEvent};
+use aimatrix_protocol::relay::training::RoundVerdict;
+use aimatrix_protocol::relay::{RelayConfig, RelayCore, RelayEvent};
+use aimatrix_protocol::time::Millis;
+use aimatrix_protocol::{testkit, Topic, Transmit};
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt, SeedableRng};
+
+use crate::invariants::{self, Invariant, Violation};
+use crate::queue::EventQueue;
+use crate::scenario::{JobClass, Scenario};
+use crate::stats::{Percentiles, Summary};
+
+/// The simulated epoch: 2025-01-01T00:00:00Z, so envelope timestamps look real.
+const EPOCH_MS: Millis = 1_735_689_600_000;
+/// How often jobs are swept for the "no job lost" invariant.
+const SWEEP_INTERVAL_MS: u64 = 60_000;
+/// Time the relay's timer may lag a job deadline before the job counts as lost.
+const DEADLINE_SLACK_MS: u64 = 2_000;
+/// Offer propagation is histogrammed per ms up to this bound (later arrivals land in the last bucket).
+const PROPAGATION_BUCKETS: usize = 60_001;
+
+/// A core that receives messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Endpoint {
+    Relay(u32),
+    Node(u32),
+}
+
+/// How a node behaves when it runs a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    Honest,
+    /// Returns wrong results and wrong training updates.
+    Byzantine,
+    /// Never returns a result.
+    Withholding,
+}
+
+enum Event {
+    Deliver { to: Endpoint, from: Option<Endpoint>, sent_at: Millis, offer: bool, bytes: Rc<[u8]> },
+    Timer { to: Endpoint },
+    Finish { node: u32, incarnation: u32, job: JobId, lease: u32, outcome: Outcome },
+    Post,
+    Crash,
+    Restart { node: u32 },
+    Sweep,
+}
+
+struct RelaySlot {
+    core: RelayCore,
+    timer_at: Option<Millis>,
+    access_ms: u64,
+}
+
+struct NodeSlot {
+    core: NodeCore,
+    up: bool,
+    incarnation: u32,
+    behaviour: Behaviour,
+    class: usize,
+    timer_at: Option<Millis>,
+    access_ms: u64,
+}
+
+/// What the driver remembers of a job it posted.
+struct PostedJob {
+    relay: u32,
+    class: usize,
+    posted_at: Millis,
+    first_lease_at: Option<Millis>,
+    ended: bool,
+}
+
+/// One deterministic run of a scenario.
+pub struct Sim {
+    sc: Scenario,
+    rng: ChaCha8Rng,
+    now: Millis,
+    end: Millis,
+    step: u64,
+    queue: EventQueue<Event>,
+    relays: Vec<RelaySlot>,
+    nodes: Vec<NodeSlot>,
+    ids: HashMap<NodeId, Endpoint>,
+    node_cfg: NodeConfig,
+    book: EscrowBook,
+    accounts: BTreeSet<String>,
+    minted: u64,
+    jobs: BTreeMap<JobId, PostedJob>,
+    /// Training: the honest update digest of each running lease, by (job, lease).
+    expected_updates: HashMap<(JobId, u32), Digest>,
+    /// Training: the nodes whose updates the last aggregation of a job accepted.
+    last_accepted: HashMap<JobId, Vec<NodeId>>,
+    violation: Option<Violation>,
+    summary: Summary,
+    assign_ms: Vec<u64>,
+    complete_ms: Vec<u64>,
+    propagation: Vec<u64>,
+}
+
+impl Sim {
+    /// Builds the network of `sc`: relays, nodes drawn from the hardware mix, the ledger.
+    pub fn new(sc: Scenario) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(sc.seed);
+        let mut relays = Vec::new();
+        let mut ids = HashMap::new();
+        let relay_cfg = RelayConfig {
+            max_adverts: RelayConfig::default().max_adverts.max(sc.nodes as usize * 2),
+            ..RelayConfig::default()
+        };
+        for r in 0..sc.relays {
+            let core =
+                RelayCore::new(testkit::keypair(1 << 40 | u64::from(r)), relay_cfg, rng.random());
+            ids.insert(core.id(), Endpoint::Relay(r));
+            let access_ms = rng.random_range(0..=sc.network.access_ms_max);
+            relays.push(RelaySlot { core, timer_at: None, access_ms });
+        }
+        let node_cfg = NodeConfig {
+            trusted_relays: relays.iter().map(|r| r.core.id()).collect(),
+            ..NodeConfig::default()
+        };
+        let weights: Vec<u32> = sc.hardware.iter().map(|h| h.weight).collect();
+        let mut nodes = Vec::new();
+        for i in 0..sc.nodes {
+            let class = pick(&mut rng, &weights);
+            let roll: f64 = rng.random();
+            let behaviour = if roll < sc.faults.byzantine_share {
+                Behaviour::Byzantine
+            } else if roll < sc.faults.byzantine_share + sc.faults.withholding_share {
+                Behaviour::Withholding
+            } else {
+                Behaviour::Honest
+            };
+            let core = NodeCore::new(
+                testkit::keypair(u64::from(i)),
+                node_cfg.clone(),
+                profile_of(&sc, class),
+                rng.random(),
+            );
+            ids.insert(core.id(), Endpoint::Node(i));
+            let access_ms = rng.random_range(0..=sc.network.access_ms_max);
+            nodes.push(NodeSlot {
+                core,
+                up: true,
+                incarnation: 0,
+                behaviour,
+                class,
+                timer_at: None,
+                access_ms,
+            });
+        }
+        let mut book = EscrowBook::new();
+        let mut accounts = BTreeSet::from([FEE_ACCOUNT.to_owned()]);
+        let mut minted = 0;
+        for r in 0..sc.relays {
+            let account = requester(r);
+            book.mint(&account, sc.workload.requester_funds);
+            minted += sc.workload.requester_funds;
+            accounts.insert(account);
+        }
+        for n in &nodes {
+            accounts.insert(n.core.id().account_name());
+        }
+        let summary = Summary {
+            scenario: sc.name.clone(),
+            seed: sc.seed,
+            nodes: sc.nodes,
+            relays: sc.relays,
+            duration_s: sc.duration_s,
+            ..Summary::default()
+        };
+        let mut sim = Self {
+            now: EPOCH_MS,
+            end: EPOCH_MS + sc.duration_s * 1000,
+            sc,
+            rng,
+            step: 0,
+            queue: EventQueue::new(),
+            relays,
+            nodes,
+            ids,
+            node_cfg,
+            book,
+            accounts,
+            minted,
+            jobs: BTreeMap::new(),
+            expected_updates: HashMap::new(),
+            last_accepted: HashMap::new(),
+            violation: None,
+            summary,
+            assign_ms: Vec::new(),
+            complete_ms: Vec::new(),
+            propagation: vec![0; PROPAGATION_BUCKETS],
+        };
+        // Nodes start over the first minute, so their adverts are not one burst.
+        for i in 0..sim.nodes.len() {
+            let at = EPOCH_MS + sim.rng.random_range(0..60_000);
+            sim.nodes[i].timer_at = Some(at);
+            sim.queue.push(at, Event::Timer { to: Endpoint::Node(i as u32) });
+        }
+        sim.schedule_next_post();
+        sim.schedule_next_crash();
+        sim.queue.push(EPOCH_MS + SWEEP_INTERVAL_MS, Event::Sweep);
+        sim
+    }
+
+    /// Runs to the scenario's end (or the first violated invariant) and reports.
+    pub fn run(mut self) -> Summary {
+        while let Some((at, event)) = self.queue.pop_until(self.end) {
+            self.now = at;
+            self.step += 1;
+            self.handle(event);
+            if self.violation.is_some() {
+                break;
+            }
+        }
+        if self.violation.is_none() {
+            self.now = self.now.max(self.end.min(self.now));
+            self.sweep();
+        }
+        self.finish_summary()
+    }
+
+    fn fail(&mut self, invariant: Invariant, detail: String) {
+        if self.violation.is_none() {
+            self.violation = Some(Violation {
+                invariant,
+                seed: self.sc.seed,
+                step: self.step,
+                at_ms: self.now - EPOCH_MS,
+                detail,
+            });
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { to, from, sent_at, offer, bytes } => {
+                self.deliver(to, from, sent_at, offer, &bytes)
+            }
+            Event::Timer { to } => self.fire_timer(to),
+            Event::Finish { node, incarnation, job, lease, outcome } => {
+                let slot = &mut self.nodes[node as usize];
+                if slot.up && slot.incarnation == incarnation {
+                    // A cancelled lease is gone from the core: that error is the expected answer.
+                    let _ = slot.core.finish(self.now, job, lease, outcome, Usage::default());
+                    self.drain(Endpoint::Node(node));
+                }
+            }
+            Event::Post => {
+                self.post();
+                self.schedule_next_post();
+            }
+            Event::Crash => {
+                self.crash();
+                self.schedule_next_crash();
+            }
+            Event::Restart { node } => self.restart(node),
+            Event::Sweep => {
+                self.sweep();
+                self.queue.push(self.now + SWEEP_INTERVAL_MS, Event::Sweep);
+            }
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        to: Endpoint,
+        from: Option<Endpoint>,
+        sent_at: Millis,
+        offer: bool,
+        bytes: &[u8],
+    ) {
+        let from_id = from.map(|e| self.id_of(e));
+        match to {
+            Endpoint::Relay(r) => {
+                self.relays[r as usize].core.handle_message(self.now, from_id, bytes)
+            }
+            Endpoint::Node(i) => {
+                let slot = &mut self.nodes[i as usize];
+                if !slot.up {
+                    self.summary.messages.to_down_nodes += 1;
+                    return;
+                }
+                slot.core.handle_message(self.now, from_id, bytes);
+                if offer {
+                    let ms = (self.now - sent_at).min(PROPAGATION_BUCKETS as u64 - 1);
+                    self.propagation[ms as usize] += 1;
+                }
+            }
+        }
+        self.summary.messages.delivered += 1;
+        self.summary.messages.verifications += 1;
+        self.summary.messages.delivered_bytes += bytes.len() as u64;
+        self.drain(to);
+    }
+
+    fn id_of(&self, e: Endpoint) -> NodeId {
+        match e {
+            Endpoint::Relay(r) => self.relays[r as usize].core.id(),
+            Endpoint::Node(i) => self.nodes[i as usize].core.id(),
+        }
+    }
+
+    fn fire_timer(&mut self, to: Endpoint) {
+        let now = self.now;
+        match to {
+            Endpoint::Relay(r) => {
+                let slot = &mut self.relays[r as usize];
+                if slot.timer_at != Some(now) {
+                    return; // superseded
+                }
+                slot.timer_at = None;
+                slot.core.handle_timeout(now);
+            }
+            Endpoint::Node(i) => {
+                let slot = &mut self.nodes[i as usize];
+                if !slot.up || slot.timer_at != Some(now) {
+                    return;
+                }
+                slot.timer_at = None;
+                slot.core.handle_timeout(now);
+            }
+        }
+        self.drain(to);
+    }
+
+    /// Moves everything a core produced into the network and the driver, until it is quiet,
+    /// then arms its timer.
+    fn drain(&mut self, ep: Endpoint) {
+        loop {
+            let mut moved = false;
+            while let Some(t) = self.poll_transmit(ep) {
+                moved = true;
+                self.route(ep, t);
+            }
+            match ep {
+                Endpoint::Relay(r) => {
+                    while let Some(e) = self.relays[r as usize].core.poll_event() {
+                        moved = true;
+                        self.on_relay_event(r, e);
+                    }
+                }
+                Endpoint::Node(i) => {
+                    while let Some(e) = self.nodes[i as usize].core.poll_event() {
+                        moved = true;
+                        self.on_node_event(i, e);
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.arm_timer(ep);
+    }
+
+    fn poll_transmit(&mut self, ep: Endpoint) -> Option<Transmit> {
+        match ep {
+            Endpoint::Relay(r) => self.relays[r as usize].core.poll_transmit(),
+            Endpoint::Node(i) => self.nodes[i as usize].core.poll_transmit(),
+        }
+    }
+
+    fn arm_timer(&mut self, ep: Endpoint) {
+        let now = self.now;
+        let (wanted, timer_at) = match ep {
+            Endpoint::Relay(r) => {
+                let s = &mut self.relays[r as usize];
+                (s.core.poll_timeout(), &mut s.timer_at)
+            }
+            Endpoint::Node(i) => {
+                let s = &mut self.nodes[i as usize];
+                if !s.up {
+                    return;
+                }
+                (s.core.poll_timeout(), &mut s.timer_at)
+            }
+        };
+        // Whatever is due now was handled by this call; what is due again runs a ms later.
+        let Some(at) = wanted.map(|t| t.max(now + 1)) else { return };
+        if timer_at.is_none_or(|t| at < t) {
+            *timer_at = Some(at);
+            self.queue.push(at, Event::Timer { to: ep });
+        }
+    }
+
+    fn access_ms(&self, e: Endpoint) -> u64 {
+        match e {
+            Endpoint::Relay(r) => self.relays[r as usize].access_ms,
+            Endpoint::Node(i) => self.nodes[i as usize].access_ms,
+        }
+    }
+
+    fn route(&mut self, from: Endpoint, t: Transmit) {
+        self.summary.messages.sent += 1;
+        self.summary.messages.signatures += 1;
+        match t {
+            Transmit::Broadcast { topic, bytes } => {
+                let bytes: Rc<[u8]> = bytes.into();
+                let offer = topic == Topic::Offers;
+                // Offers reach every node, adverts every relay (the subscribers of each topic).
+                let targets: Vec<Endpoint> = match (topic, from) {
+                    (Topic::Offers, Endpoint::Relay(_)) => {
+                        (0..self.nodes.len() as u32).map(Endpoint::Node).collect()
+                    }
+                    (Topic::Adverts, Endpoint::Node(_)) => {
+                        (0..self.relays.len() as u32).map(Endpoint::Relay).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for to in targets {
+                    self.send_copy(from, to, None, offer, &bytes);
+                }
+            }
+            Transmit::Direct { to, bytes } => {
+                let Some(&target) = self.ids.get(&to) else { return };
+                self.send_copy(from, target, Some(from), false, &bytes.into());
+            }
+        }
+    }
+
+    fn send_copy(
+        &mut self,
+        from: Endpoint,
+        to: Endpoint,
+        sender: Option<Endpoint>,
+        offer: bool,
+        bytes: &Rc<[u8]>,
+    ) {
+        let net = &self.sc.network;
+        let (loss, dup, jitter, base) = (net.loss, net.duplicate, net.jitter_ms, net.base_ms);
+        if loss > 0.0 && self.rng.random_bool(loss) {
+            self.summary.messages.lost += 1;
+            return;
+        }
+        let copies = if dup > 0.0 && self.rng.random_bool(dup) {
+            self.summary.messages.duplicated += 1;
+            2
+        } else {
+            1
+        };
+        let path = base + self.access_ms(from) + self.access_ms(to);
+        for _ in 0..copies {
+            let at = self.now + path + self.rng.random_range(0..=jitter);
+            let event =
+                Event::Deliver { to, from: sender, sent_at: self.now, offer, bytes: bytes.clone() };
+            self.queue.push(at, event);
+        }
+    }
+
+    fn on_node_event(&mut self, i: u32, e: NodeEvent) {
+        match e {
+            NodeEvent::Claimed { .. } => self.summary.activity.claims += 1,
+            NodeEvent::ClaimDenied { .. } => self.summary.activity.claims_denied += 1,
+            NodeEvent::RunJob { lease, .. } => self.start_run(i, &lease),
+            NodeEvent::Rejected { reason, .. } => {
+                *self.summary.rejected.entry(format!("node/{}", reason.label())).or_default() += 1;
+            }
+            NodeEvent::OfferSeen { .. }
+            | NodeEvent::CancelJob { .. }
+            | NodeEvent::ReceiptReceived { .. } => {}
+        }
+    }
+
+    /// Simulates the sandbox: a duration by job and node class, and an outcome by behaviour.
+    fn start_run(&mut self, i: u32, lease: &aimatrix_protocol::messages::Lease) {
+        let node = &self.nodes[i as usize];
+        if node.behaviour == Behaviour::Withholding {
+            return;
+        }
+        let Some(posted) = self.jobs.get(&lease.job_id) else { return };
+        let class = &self.sc.workload.classes[posted.class];
+        let hw = &self.sc.hardware[node.class];
+        let (behaviour, incarnation, slowness, failure_rate) =
+            (node.behaviour, node.incarnation, hw.slowness, hw.failure_rate);
+        let nominal_ms = class.duration_s as f64 * 1000.0 * slowness;
+        let ms = (nominal_ms * self.rng.random_range(0.5..1.5)) as u64;
+        // Liars do not collude: each one's wrong output is its own.
+        let liar = (behaviour == Behaviour::Byzantine).then_some(i);
+        let honest = match lease.round {
+            Some(r) => {
+                let out = update_outcome(lease.job_id, r.round, r.chunk, None);
+                if let Outcome::Succeeded { result_hash, .. } = &out {
+                    self.expected_updates.insert((lease.job_id, lease.lease), *result_hash);
+                }
+                update_outcome(lease.job_id, r.round, r.chunk, liar)
+            }
+            None => batch_outcome(lease.job_id, liar),
+        };
+        let outcome = if self.rng.random_bool(failure_rate) {
+            Outcome::Failed { reason: "simulated exit code 1".into() }
+        } else {
+            honest
+        };
+        let event =
+            Event::Finish { node: i, incarnation, job: lease.job_id, lease: lease.lease, outcome };
+        self.queue.push(self.now + ms.max(1), event);
+    }
+
+    fn on_relay_event(&mut self, r: u32, e: RelayEvent) {
+        let now = self.now;
+        match e {
+            RelayEvent::Ledger(op) => self.apply_ledger(r, &op),
+            RelayEvent::LeaseGranted { job_id, .. } => {
+                self.summary.activity.leases_granted += 1;
+                if let Some(p) = self.jobs.get_mut(&job_id) {
+                    if p.first_lease_at.is_none() {
+                        p.first_lease_at = Some(now);
+                        self.assign_ms.push(now - p.posted_at);
+                    }
+                }
+                if let Some(job) = self.relays[r as usize].core.job(&job_id) {
+                    if let Err(why) = invariants::check_leases(job) {
+                        self.fail(Invariant::LeasesWithinReplication, why);
+                    }
+                }
+            }
+            RelayEvent::LeaseExpired { .. } => self.summary.activity.leases_expired += 1,
+            RelayEvent::ResultReceived { .. } => self.summary.activity.results += 1,
+            RelayEvent::RoundClosed { job_id, round, model, updates } => {
+                self.aggregate(r, job_id, round, model, &updates)
+            }
+            RelayEvent::RoundFailed { .. } => self.summary.activity.rounds_failed += 1,
+            RelayEvent::JobCompleted { job_id, .. } => self.job_ended(job_id, End::Completed),
+            RelayEvent::JobFailed { job_id, .. } => self.job_ended(job_id, End::Failed),
+            RelayEvent::JobRefused { job_id, .. } => self.job_ended(job_id, End::Refused),
+            RelayEvent::Rejected { reason, .. } => {
+                *self.summary.rejected.entry(format!("relay/{}", reason.label())).or_default() += 1;
+            }
+            RelayEvent::JobOpen { .. }
+            | RelayEvent::Progress { .. }
+            | RelayEvent::Receipted(_)
+            | RelayEvent::RoundStarted { .. } => {}
+        }
+    }
+
+    fn apply_ledger(&mut self, r: u32, op: &LedgerOp) {
+        let now = self.now;
+        let result = self.book.apply(op);
+        match op {
+            LedgerOp::Reserve { job_id, .. } => {
+                let relay = &mut self.relays[r as usize].core;
+                let answer = match result {
+                    Ok(()) => relay.reserve_confirmed(now, *job_id),
+                    Err(e) => relay.reserve_failed(now, *job_id, e.to_string()),
+                };
+                if let Err(e) = answer {
+                    self.fail(
+                        Invariant::DriverConsistent,
+                        format!("confirming a reservation: {e}"),
+                    );
+                }
+            }
+            LedgerOp::Pay { job_id, node, amount, fee, .. } => {
+                if let Err(e) = result {
+                    return self.fail(
+                        Invariant::CreditsConserved,
+                        format!("the ledger refused a payment: {e}"),
+                    );
+                }
+                self.summary.credits.paid_to_nodes += amount;
+                self.summary.credits.fees += fee;
+                if let Some(Endpoint::Node(i)) = self.ids.get(node) {
+                    if self.nodes[*i as usize].behaviour == Behaviour::Byzantine {
+                        self.summary.credits.paid_to_byzantine += amount;
+                    }
+                }
+                let Some(job) = self.relays[r as usize].core.job(job_id) else { return };
+                let verified = if job.training.is_some() {
+                    match self.last_accepted.get(job_id) {
+                        Some(accepted) if accepted.contains(node) => Ok(()),
+                        _ => {
+                            Err(format!("job {job_id} paid {node}, whose update was not accepted"))
+                        }
+                    }
+                } else {
+                    invariants::check_batch_payment(job, op)
+                };
+                if let Err(why) = verified {
+                    self.fail(Invariant::PaidIsVerified, why);
+                }
+            }
+            LedgerOp::Release { amount, .. } => {
+                if let Err(e) = result {
+                    return self.fail(
+                        Invariant::CreditsConserved,
+                        format!("the ledger refused a release: {e}"),
+                    );
+                }
+                self.summary.credits.refunded += amount;
+            }
+        }
+        if let Err(why) = invariants::check_conserved(&self.book, self.accounts.iter(), self.minted)
+        {
+            self.fail(Invariant::CreditsConserved, why);
+        }
+    }
+
+    /// Training: the robust aggregation is modelled as accepting exactly the honest updates.
+    fn aggregate(
+        &mut self,
+        r: u32,
+        job_id: JobId,
+        round: u32,
+        model: Digest,
+        updates: &[(NodeId, u32, Digest)],
+    ) {
+        let mut accepted = Vec::new();
+        let mut rejected = Vec::new();
+        for (node, lease, digest) in updates {
+            if self.expected_updates.remove(&(job_id, *lease)) == Some(*digest) {
+                accepted.push(*node);
+            } else {
+                rejected.push((*node, "update is an outlier".to_owned()));
+            }
+        }
+        self.last_accepted.insert(job_id, accepted.clone());
+        let new_model = Digest::of_parts(&[&model.0, &round.to_le_bytes()]);
+        let verdict = RoundVerdict { accepted, rejected, new_model };
+        let now = self.now;
+        if let Err(e) = self.relays[r as usize].core.round_aggregated(now, job_id, round, verdict) {
+            return self.fail(Invariant::DriverConsistent, format!("aggregating a round: {e}"));
+        }
+        self.summary.activity.rounds_aggregated += 1;
+    }
+
+    fn job_ended(&mut self, job_id: JobId, end: End) {
+        let now = self.now;
+        let Some(p) = self.jobs.get_mut(&job_id) else {
+            return self
+                .fail(Invariant::EndsOnce, format!("job {job_id} ended but was never posted"));
+        };
+        if p.ended {
+            return self
+                .fail(Invariant::EndsOnce, format!("job {job_id} ended a second time ({end:?})"));
+        }
+        p.ended = true;
+        let since_post = now - p.posted_at;
+        let j = &mut self.summary.jobs;
+        match end {
+            End::Completed => {
+                j.completed += 1;
+                self.complete_ms.push(since_post);
+            }
+            End::Failed => j.failed += 1,
+            End::Refused => j.refused += 1,
+        }
+    }
+
+    fn schedule_next_post(&mut self) {
+        let rate = self.sc.workload.arrivals_per_s;
+        if rate > 0.0 {
+            let gap_ms = exponential(&mut self.rng, rate) * 1000.0;
+            self.queue.push(self.now + gap_ms as u64 + 1, Event::Post);
+        }
+    }
+
+    fn post(&mut self) {
+        let weights: Vec<u32> = self.sc.workload.classes.iter().map(|c| c.weight).collect();
+        let class = pick(&mut self.rng, &weights);
+        let relay = (self.summary.jobs.posted % u64::from(self.sc.relays)) as u32;
+        let spec = spec_of(&self.sc.workload.classes[class]);
+        let now = self.now;
+        match self.relays[relay as usize].core.post_job(now, &requester(relay), spec) {
+            Ok(id) => {
+                self.summary.jobs.posted += 1;
+                self.jobs.insert(
+                    id,
+                    PostedJob { relay, class, posted_at: now, first_lease_at: None, ended: false },
+                );
+                self.drain(Endpoint::Relay(relay));
+            }
+            Err(e) => self.fail(Invariant::DriverConsistent, format!("posting a job: {e}")),
+        }
+    }
+
+    fn schedule_next_crash(&mut self) {
+        let per_s = self.sc.faults.crashes_per_node_hour * f64::from(self.sc.nodes) / 3600.0;
+        if per_s > 0.0 {
+            let gap_ms = exponential(&mut self.rng, per_s) * 1000.0;
+            self.queue.push(self.now + gap_ms as u64 + 1, Event::Crash);
+        }
+    }
+
+    fn crash(&mut self) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        let i = self.rng.random_range(0..self.nodes.len() as u32);
+        let slot = &mut self.nodes[i as usize];
+        if !slot.up {
+            return;
+        }
+        slot.up = false;
+        slot.incarnation += 1;
+        slot.timer_at = None;
+        self.summary.activity.crashes += 1;
+        if self.sc.faults.restart_after_s > 0 {
+            self.queue
+                .push(self.now + self.sc.faults.restart_after_s * 1000, Event::Restart { node: i });
+        }
+    }
+
+    fn restart(&mut self, i: u32) {
+        let class = self.nodes[i as usize].class;
+        let core = NodeCore::new(
+            testkit::keypair(u64::from(i)),
+            self.node_cfg.clone(),
+            profile_of(&self.sc, class),
+            self.rng.random(),
+        );
+        let slot = &mut self.nodes[i as usize];
+        slot.core = core;
+        slot.up = true;
+        self.summary.activity.restarts += 1;
+        let now = self.now;
+        self.nodes[i as usize].core.handle_timeout(now);
+        self.drain(Endpoint::Node(i));
+    }
+
+    /// Checks every posted job: ended exactly as reported, or pending before its deadline.
+    fn sweep(&mut self) {
+        let now = self.now;
+        let mut problem = None;
+        for (id, p) in &self.jobs {
+            let job = self.relays[p.relay as usize].core.job(id);
+            let result = if p.ended {
+                match job {
+                    Some(j) if j.state.is_final() => Ok(()),
+                    _ => Err(format!("job {id} was reported ended but is not final")),
+                }
+            } else {
+                invariants::check_not_lost(job, now, DEADLINE_SLACK_MS)
+            };
+            if let Err(why) = result {
+                problem = Some(why);
+                break;
+            }
+        }
+        if let Some(why) = problem {
+            self.fail(Invariant::NoJobLost, why);
+        }
+    }
+
+    fn finish_summary(mut self) -> Summary {
+        let s = &mut self.summary;
+        s.steps = self.step;
+        s.jobs.pending = s.jobs.posted - s.jobs.completed - s.jobs.failed - s.jobs.refused;
+        s.time_to_assign_ms = Percentiles::of(std::mem::take(&mut self.assign_ms));
+        s.time_to_complete_ms = Percentiles::of(std::mem::take(&mut self.complete_ms));
+        s.offer_propagation_ms = Percentiles::of_histogram(&self.propagation);
+        let posted = s.jobs.posted.max(1) as f64;
+        s.messages.sent_per_job = round1(s.messages.sent as f64 / posted);
+        s.messages.bytes_per_job = round1(s.messages.delivered_bytes as f64 / posted);
+        s.invariants_ok = self.violation.is_none();
+        s.violation = self.violation;
+        self.summary
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Completed,
+    Failed,
+    Refused,
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn requester(relay: u32) -> String {
+    format!("requester-{relay}")
+}
+
+/// An index drawn by weight.
+fn pick(rng: &mut ChaCha8Rng, weights: &[u32]) -> usize {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let mut roll = rng.random_range(0..total.max(1));
+    for (i, w) in weights.iter().enumerate() {
+        if roll < u64::from(*w) {
+            return i;
+        }
+        roll -= u64::from(*w);
+    }
+    weights.len() - 1
+}
+
+/// An exponentially distributed gap, in seconds, for events at `rate_per_s`.
+fn exponential(rng: &mut ChaCha8Rng, rate_per_s: f64) -> f64 {
+    let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    -u.ln() / rate_per_s
+}
+
+fn profile_of(sc: &Scenario, class: usize) -> CapabilityProfile {
+    let hw = &sc.hardware[class];
+    let mut p = testkit::profile();
+    p.cpu.model = hw.name.clone();
+    p.cpu.physical_cores = hw.cores;
+    p.cpu.threads = hw.cores * 2;
+    p.memory.total_bytes = hw.memory_gb * GIB;
+    p.memory.available_bytes = hw.memory_gb * GIB * 3 / 4;
+    p.policy.max_concurrent_jobs = hw.slots.max(1);
+    p.runtimes.docker_gpu = hw.gpus > 0;
+    p.gpus = (0..hw.gpus)
+        .map(|g| GpuInfo {
+            vendor: GpuVendor::Nvidia,
+            name: format!("{} GPU {g}", hw.name),
+            vram_bytes: hw.vram_gb * GIB,
+            compute_capability: Some((8, 6)),
+            driver: Some("550.0".into()),
+        })
+        .collect();
+    p
+}
+
+fn spec_of(c: &JobClass) -> JobSpec {
+    let mut spec = if c.gpus > 0 {
+        let mut s = testkit::docker_gpu_spec(c.reward);
+        s.requirements.gpus = c.gpus;
+        s.requirements.vram_gb = c.vram_gb;
+        s
+    } else {
+        testkit::batch_spec(c.reward)
+    };
+    spec.name = c.name.clone();
+    spec.max_attempts = c.max_attempts;
+    spec.deadline_s = c.deadline_s;
+    // The slowest node (1.5x class, 1.5x draw) must fit in the timeout.
+    spec.limits.timeout_s = (c.duration_s * 5).div_ceil(2).max(1);
+    if c.kind == "training" {
+        spec.kind = JobKind::Training;
+        spec.replication = 1;
+        spec.limits.timeout_s = spec.limits.timeout_s.max(c.round_deadline_s);
+        spec.training = Some(TrainingParams {
+            model: ContentRef::Digest(Digest::of(b"sim model v0")),
+            dataset: ContentRef::Digest(Digest::of(b"sim dataset")),
+            participants: c.participants,
+            rounds: c.rounds,
+            local_epochs: 1,
+            learning_rate: 0.1,
+            batch_size: 32,
+            aggregation: Aggregation::TrimmedMean,
+            compression: Compression::None,
+            round_deadline_s: c.round_deadline_s,
+            quorum: c.quorum,
+            verify_share: 0.0,
+        });
+    } else {
+        spec.replication = c.replication;
+    }
+    spec
+}
+
+/// The output of a batch run: the right one, or node `liar`'s own wrong one.
+fn batch_outcome(job: JobId, liar: Option<u32>) -> Outcome {
+    let tag = liar.map_or(u64::MAX, u64::from).to_le_bytes();
+    Outcome::succeeded(vec![OutputDigest {
+        name: "out.bin".into(),
+        digest: Digest::of_parts(&[b"sim result", &job.0, &tag]),
+        size_bytes: 1024,
+    }])
+}
+
+/// A training update: the right one for the chunk, or node `liar`'s own wrong one.
+fn update_outcome(job: JobId, round: u32, chunk: u32, liar: Option<u32>) -> Outcome {
+    let tag = liar.map_or(u64::MAX, u64::from).to_le_bytes();
+    Outcome::succeeded(vec![OutputDigest {
+        name: "update.bin".into(),
+        digest: Digest::of_parts(&[
+            b"sim update",
+            &job.0,
+            &round.to_le_bytes(),
+            &chunk.to_le_bytes(),
+            &tag,
+        ]),
+        size_bytes: 4096,
+    }])
+}
