@@ -422,7 +422,7 @@ fn epoch_callback(
                 shared.fuel_left.store(left, Ordering::Relaxed);
             }
         }
-        if ticks % 16 == 0
+        if ticks.is_multiple_of(16)
             && outputs::usage(&outputs_dir, limits.output_quota_bytes) > limits.output_quota_bytes
         {
             shared.output_quota_hit.store(true, Ordering::Relaxed);
