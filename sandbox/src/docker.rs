@@ -174,6 +174,32 @@ impl DockerExecutor {
         self.docker.inspect_image(image).await.is_ok()
     }
 
+    /// Removes every aimatrix job container (of any owner) whose owner tag satisfies `stale`,
+    /// e.g. containers of `aimatrix-node exec` runs whose process is gone; returns how many.
+    pub async fn remove_stale_owners(
+        &self,
+        stale: impl Fn(&str) -> bool,
+    ) -> Result<usize, ExecError> {
+        let filters = HashMap::from([("label", vec![OWNER_LABEL.to_owned()])]);
+        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| ExecError::Internal(format!("cannot list containers: {e}")))?;
+        let mut removed = 0;
+        for container in list {
+            let owner = container.labels.as_ref().and_then(|l| l.get(OWNER_LABEL));
+            if let (Some(id), Some(owner)) = (&container.id, owner) {
+                if stale(owner) {
+                    remove(&self.docker, id).await;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Ids of the containers (running or not) carrying this executor's owner label.
     pub async fn owned_containers(&self) -> Result<Vec<String>, ExecError> {
         let filters = HashMap::from([("label", vec![format!("{OWNER_LABEL}={}", self.cfg.owner)])]);

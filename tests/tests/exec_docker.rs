@@ -85,3 +85,46 @@ source = "words.txt"
     assert_eq!(result["stdout"], "counted\n");
     assert_eq!(std::fs::read_to_string(out.join("count.txt")).unwrap().trim(), "3");
 }
+
+#[test]
+fn a_killed_exec_leaves_no_container_after_the_next_run() {
+    if !image_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let job = |script: &str| {
+        format!(
+            "kind = \"batch\"\nreward = 1\n[workload]\nruntime = \"docker\"\nimage = \"{IMAGE}\"\ncommand = [\"sh\", \"-c\", \"{script}\"]\n[limits]\ntimeout_s = 600\nmemory_mb = 64\n"
+        )
+    };
+    std::fs::write(dir.path().join("sleep.toml"), job("sleep 3600")).unwrap();
+    std::fs::write(dir.path().join("quick.toml"), job("true")).unwrap();
+    let mut sleeper = Command::new(aimatrix_tests::binary("aimatrix-node"))
+        .args(["exec", dir.path().join("sleep.toml").to_str().unwrap()])
+        .env("AIMATRIX_DATA_DIR", dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let owner = format!("aimatrix-exec-{}", sleeper.id());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let executor = rt
+        .block_on(DockerExecutor::connect(DockerConfig { owner, ..DockerConfig::default() }))
+        .unwrap();
+    let count = || rt.block_on(executor.owned_containers()).unwrap().len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while count() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the exec run never started its container");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    sleeper.kill().unwrap(); // SIGKILL: no chance to clean up
+    sleeper.wait().unwrap();
+    assert_eq!(count(), 1, "the killed run left its container behind");
+    let output = Command::new(aimatrix_tests::binary("aimatrix-node"))
+        .args(["exec", dir.path().join("quick.toml").to_str().unwrap()])
+        .env("AIMATRIX_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(count(), 0, "the next exec run removed the dead run's container");
+}

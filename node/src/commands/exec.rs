@@ -17,6 +17,17 @@ use clap::Args;
 
 use crate::data_dir;
 
+/// Owner tag of `exec`'s containers: this prefix and the process id.
+const EXEC_OWNER_PREFIX: &str = "aimatrix-exec-";
+
+/// Whether `owner` names an `exec` run whose process no longer exists.
+fn exec_run_is_gone(owner: &str) -> bool {
+    owner
+        .strip_prefix(EXEC_OWNER_PREFIX)
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
 /// Largest module `exec` reads.
 const MODULE_BYTES_MAX: u64 = 64 << 20;
 
@@ -73,12 +84,15 @@ pub(crate) fn run(args: ExecArgs) -> anyhow::Result<ExitCode> {
                 Box::new(WasmExecutor::new(WasmConfig::in_dir(data_dir.join("wasm-cache")))?)
             }
             JobWorkload::Container(_) => {
-                let cfg = DockerConfig {
-                    cpu_share,
-                    owner: "aimatrix-exec".into(),
-                    ..DockerConfig::default()
-                };
-                Box::new(DockerExecutor::connect(cfg).await?)
+                let owner = format!("{EXEC_OWNER_PREFIX}{}", std::process::id());
+                let cfg = DockerConfig { cpu_share, owner, ..DockerConfig::default() };
+                let docker = DockerExecutor::connect(cfg).await?;
+                // Containers of earlier `exec` runs that were killed before they could clean up.
+                let swept = docker.remove_stale_owners(exec_run_is_gone).await?;
+                if swept > 0 {
+                    tracing::info!("removed {swept} container(s) left by interrupted exec runs");
+                }
+                Box::new(docker)
             }
         };
         let control = RunControl::default();
