@@ -10,27 +10,16 @@
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
 
-use std::env::VarError;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail};
-use clap::{CommandFactory, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use clap::{Parser, Subcommand};
 
 mod commands;
-
-/// Exit status for every error: bad usage, bad input, a failure while running.
-const EXIT_ERROR: u8 = 2;
-
-/// Log filter used when `RUST_LOG` is unset or empty.
-const LOG_FILTER_DEFAULT: &str = "warn";
 
 /// aimatrix simulator: deterministic runs of many nodes on the real protocol cores
 #[derive(Debug, Parser)]
 #[command(version, about)]
-#[command(after_help = "Exit status: 0 success, 1 the command ran and its answer is negative, \
-                        2 error.\nLogs go to stderr; RUST_LOG sets the filter (default: warn).")]
+#[command(after_help = aimatrix_cli_support::AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -43,47 +32,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("aimatrix-sim: error: {err:#}");
-            ExitCode::from(EXIT_ERROR)
-        }
-    }
+    aimatrix_cli_support::finish("aimatrix-sim", run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    init_logging()?;
+    aimatrix_cli_support::init_logging("aimatrix_sim")?;
     let Some(command) = cli.command else {
-        // A bare invocation is a usage error, like any other clap rejects: show help, exit 2.
-        eprint!("{}", Cli::command().render_help());
-        return Ok(ExitCode::from(EXIT_ERROR));
+        return Ok(aimatrix_cli_support::bare_invocation::<Cli>());
     };
     match command {
         Command::Run(args) => commands::run::run(args),
     }
-}
-
-/// Sends `tracing` output to stderr, filtered by `RUST_LOG`.
-fn init_logging() -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
-            .map_err(|err| {
-                anyhow!(
-                    "RUST_LOG={directives:?} is not a valid log filter ({err}); \
-                     try RUST_LOG=info or RUST_LOG=aimatrix_sim=debug"
-                )
-            })?,
-        Ok(_) | Err(VarError::NotPresent) => EnvFilter::new(LOG_FILTER_DEFAULT),
-        Err(VarError::NotUnicode(_)) => {
-            bail!("RUST_LOG is not valid UTF-8; try RUST_LOG=info or unset it")
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init()
-        .map_err(|err| anyhow!("installing the stderr logger failed: {err}"))
 }

@@ -1,0 +1,73 @@
+//! What the three aimatrix binaries (`aimatrix-node`, `studio-relay`, `aimatrix-sim`) share on
+//! the command line: logs to stderr filtered by `RUST_LOG`, the exit status contract (0
+//! success, 1 negative answer, 2 error), and help on a bare invocation.
+//!
+//! ```no_run
+//! # #[derive(clap::Parser)] struct Cli;
+//! fn main() -> std::process::ExitCode {
+//!     aimatrix_cli_support::finish("my-bin", aimatrix_cli_support::init_logging("my_bin").map(|()| {
+//!         std::process::ExitCode::SUCCESS
+//!     }))
+//! }
+//! ```
+
+use std::env::VarError;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail};
+use clap::CommandFactory;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for every error: bad usage, bad input, a failure while running.
+pub const EXIT_ERROR: u8 = 2;
+
+/// Log filter used when `RUST_LOG` is unset or empty.
+pub const LOG_FILTER_DEFAULT: &str = "warn";
+
+/// The `after_help` text every binary shows.
+pub const AFTER_HELP: &str = "Exit status: 0 success, 1 the command ran and its answer is \
+                              negative, 2 error.\nLogs go to stderr; RUST_LOG sets the filter \
+                              (default: warn).";
+
+/// Sends `tracing` output to stderr, filtered by `RUST_LOG`; `crate_name` appears in the
+/// example of the error message for an invalid filter.
+pub fn init_logging(crate_name: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .map_err(|err| {
+                anyhow!(
+                    "RUST_LOG={directives:?} is not a valid log filter ({err}); \
+                     try RUST_LOG=info or RUST_LOG={crate_name}=debug"
+                )
+            })?,
+        Ok(_) | Err(VarError::NotPresent) => EnvFilter::new(LOG_FILTER_DEFAULT),
+        Err(VarError::NotUnicode(_)) => {
+            bail!("RUST_LOG is not valid UTF-8; try RUST_LOG=info or unset it")
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .map_err(|err| anyhow!("installing the stderr logger failed: {err}"))
+}
+
+/// A bare invocation is a usage error, like any other clap rejects: help on stderr, exit 2.
+pub fn bare_invocation<C: CommandFactory>() -> ExitCode {
+    eprint!("{}", C::command().render_help());
+    ExitCode::from(EXIT_ERROR)
+}
+
+/// Turns a command's result into the process exit status, printing an error as
+/// `<bin>: error: <message>` (exit 2).
+pub fn finish(bin: &str, result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("{bin}: error: {err:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
