@@ -596,6 +596,11 @@ impl NodeCore {
             return self.reject(Some(relay), RejectReason::Refused(why));
         };
         self.awaiting_receipt.remove(pos);
+        // A node holds one lease per job: with its receipt, the job is over for this node, so
+        // its offer is forgotten instead of kept until the job's deadline.
+        if !self.leases.keys().any(|(j, _)| *j == receipt.job_id) {
+            self.offers.remove(&receipt.job_id);
+        }
         if let Verdict::Paid { amount } = receipt.verdict {
             self.earned = self.earned.saturating_add(amount);
         }

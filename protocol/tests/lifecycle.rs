@@ -291,6 +291,10 @@ fn happy_path_pays_the_node_that_ran_the_job() {
     assert_eq!(net.nodes[paid[0]].earned(), 10);
     assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
     assert_eq!(net.book.held(), 0, "the reservation is closed");
+    assert!(
+        net.nodes[paid[0]].offers().all(|o| o.offer.job_id != job),
+        "with its receipt the node forgets the offer"
+    );
 }
 
 #[test]
