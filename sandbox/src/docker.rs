@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use bollard::container::LogOutput;
 use bollard::models::{
-    ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig, Mount, MountType,
-    ResourcesUlimits,
+    ContainerCreateBody, ContainerSummary, DeviceRequest, HostConfig, HostConfigLogConfig, Mount,
+    MountType, ResourcesUlimits,
 };
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
@@ -32,8 +32,8 @@ use futures_util::StreamExt;
 use tokio::sync::Mutex;
 
 use crate::{
-    outputs, ExecError, ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload, PreparedJob,
-    RunControl, RunFuture, Usage, INPUTS_DIR, OUTPUTS_DIR,
+    outputs, stdio_overflow, ExecError, ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload,
+    PreparedJob, RunControl, RunFuture, Usage, INPUTS_DIR, OUTPUTS_DIR,
 };
 
 /// The label every aimatrix job container carries (value: the executor's owner tag).
@@ -180,15 +180,8 @@ impl DockerExecutor {
         &self,
         stale: impl Fn(&str) -> bool,
     ) -> Result<usize, ExecError> {
-        let filters = HashMap::from([("label", vec![OWNER_LABEL.to_owned()])]);
-        let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let list = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| ExecError::Internal(format!("cannot list containers: {e}")))?;
         let mut removed = 0;
-        for container in list {
+        for container in self.list_labelled(OWNER_LABEL.to_owned()).await? {
             let owner = container.labels.as_ref().and_then(|l| l.get(OWNER_LABEL));
             if let (Some(id), Some(owner)) = (&container.id, owner) {
                 if stale(owner) {
@@ -202,14 +195,18 @@ impl DockerExecutor {
 
     /// Ids of the containers (running or not) carrying this executor's owner label.
     pub async fn owned_containers(&self) -> Result<Vec<String>, ExecError> {
-        let filters = HashMap::from([("label", vec![format!("{OWNER_LABEL}={}", self.cfg.owner)])]);
+        let owned = self.list_labelled(format!("{OWNER_LABEL}={}", self.cfg.owner)).await?;
+        Ok(owned.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// Containers, running or not, matching a `label` filter (`key` or `key=value`).
+    async fn list_labelled(&self, label: String) -> Result<Vec<ContainerSummary>, ExecError> {
+        let filters = HashMap::from([("label", vec![label])]);
         let options = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let list = self
-            .docker
+        self.docker
             .list_containers(Some(options))
             .await
-            .map_err(|e| ExecError::Internal(format!("cannot list containers: {e}")))?;
-        Ok(list.into_iter().filter_map(|c| c.id).collect())
+            .map_err(|e| ExecError::Internal(format!("cannot list containers: {e}")))
     }
 
     async fn run_container(
@@ -376,11 +373,8 @@ impl DockerExecutor {
                     None => -1,
                 }),
             }
-            if stdout.len() > limits.stdio_bytes || stderr.len() > limits.stdio_bytes {
-                let which = if stdout.len() > limits.stdio_bytes { "stdout" } else { "stderr" };
-                status = Some(ExecStatus::OutputLimitExceeded {
-                    what: format!("{which} passed {} bytes", limits.stdio_bytes),
-                });
+            if let Some(overflow) = stdio_overflow(stdout.len(), stderr.len(), limits.stdio_bytes) {
+                status = Some(overflow);
             }
         }
         if status.is_some() {
@@ -398,7 +392,7 @@ impl DockerExecutor {
                         LogOutput::StdErr { message } => stderr.extend_from_slice(&message),
                         _ => {}
                     }
-                    if stdout.len() > limits.stdio_bytes || stderr.len() > limits.stdio_bytes {
+                    if stdio_overflow(stdout.len(), stderr.len(), limits.stdio_bytes).is_some() {
                         break;
                     }
                 }
@@ -424,11 +418,9 @@ impl DockerExecutor {
                 ExecStatus::Trapped { reason: "the container ended without an exit code".into() }
             }
         });
-        if stdout.len() > limits.stdio_bytes || stderr.len() > limits.stdio_bytes {
-            let which = if stdout.len() > limits.stdio_bytes { "stdout" } else { "stderr" };
-            status = ExecStatus::OutputLimitExceeded {
-                what: format!("{which} passed {} bytes", limits.stdio_bytes),
-            };
+        // Output drained after the exit can still pass the cap.
+        if let Some(overflow) = stdio_overflow(stdout.len(), stderr.len(), limits.stdio_bytes) {
+            status = overflow;
         }
         stdout.truncate(limits.stdio_bytes);
         stderr.truncate(limits.stdio_bytes);

@@ -211,6 +211,23 @@ impl fmt::Display for ExecStatus {
     }
 }
 
+/// [`ExecStatus::OutputLimitExceeded`] when captured stdout or stderr went past `cap` bytes
+/// (executors capture one byte more than the cap to tell the two apart).
+pub(crate) fn stdio_overflow(
+    stdout_len: usize,
+    stderr_len: usize,
+    cap: usize,
+) -> Option<ExecStatus> {
+    let which = if stdout_len > cap {
+        "stdout"
+    } else if stderr_len > cap {
+        "stderr"
+    } else {
+        return None;
+    };
+    Some(ExecStatus::OutputLimitExceeded { what: format!("{which} passed {cap} bytes") })
+}
+
 /// One output file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputFile {

@@ -446,15 +446,8 @@ fn classify(
     };
     // Writing past the stdio cap fails the guest's write; whatever it did next, the job broke
     // its output limit.
-    if stdout_len > stdio_cap {
-        return ExecStatus::OutputLimitExceeded {
-            what: format!("stdout passed {stdio_cap} bytes"),
-        };
-    }
-    if stderr_len > stdio_cap {
-        return ExecStatus::OutputLimitExceeded {
-            what: format!("stderr passed {stdio_cap} bytes"),
-        };
+    if let Some(overflow) = crate::stdio_overflow(stdout_len, stderr_len, stdio_cap) {
+        return overflow;
     }
     let Some(error) = error else { return ExecStatus::Succeeded };
     if let Some(exit) = error.downcast_ref::<I32Exit>() {
