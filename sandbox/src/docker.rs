@@ -33,7 +33,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     outputs, stdio_overflow, ExecError, ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload,
-    PreparedJob, RunControl, RunFuture, Usage, INPUTS_DIR, OUTPUTS_DIR,
+    PreparedJob, RunControl, RunFuture, Usage, INPUTS_DIR,
 };
 
 /// The label every aimatrix job container carries (value: the executor's owner tag).
@@ -218,7 +218,7 @@ impl DockerExecutor {
             return Err(ExecError::Internal("the Docker executor runs container workloads".into()));
         };
         let limits = job.limits;
-        let outputs_dir = prepare_dirs(&job.work_dir)?;
+        let outputs_dir = crate::prepare_work_dir(&job.work_dir)?;
         self.check_image(&workload.image).await?;
         let name = format!("aimatrix-job-{:016x}", rand_u64());
         let body = self.container_body(&job, workload, &outputs_dir)?;
@@ -508,15 +508,6 @@ fn create_error(image: &str, e: &bollard::errors::Error) -> ExecError {
         }
         other => ExecError::Internal(format!("cannot create the container: {other}")),
     }
-}
-
-/// Creates `inputs/` and `outputs/`; returns the outputs directory.
-fn prepare_dirs(work_dir: &Path) -> Result<std::path::PathBuf, ExecError> {
-    let err = |reason: String| ExecError::WorkDir { path: work_dir.display().to_string(), reason };
-    std::fs::create_dir_all(work_dir.join(INPUTS_DIR)).map_err(|e| err(e.to_string()))?;
-    let outputs = work_dir.join(OUTPUTS_DIR);
-    std::fs::create_dir_all(&outputs).map_err(|e| err(e.to_string()))?;
-    Ok(outputs)
 }
 
 /// The non-root user the container runs as: the node's own uid and gid when it is not root

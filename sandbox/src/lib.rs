@@ -32,7 +32,7 @@ pub mod wasm;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -209,6 +209,19 @@ impl fmt::Display for ExecStatus {
             Self::OutputLimitExceeded { what } => write!(f, "output limit exceeded: {what}"),
         }
     }
+}
+
+/// Checks the work directory and creates `inputs/` and `outputs/` if missing.
+pub(crate) fn prepare_work_dir(work_dir: &Path) -> Result<PathBuf, ExecError> {
+    let err = |reason: String| ExecError::WorkDir { path: work_dir.display().to_string(), reason };
+    let meta = std::fs::metadata(work_dir).map_err(|e| err(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(err("not a directory".into()));
+    }
+    std::fs::create_dir_all(work_dir.join(INPUTS_DIR)).map_err(|e| err(e.to_string()))?;
+    let outputs = work_dir.join(OUTPUTS_DIR);
+    std::fs::create_dir_all(&outputs).map_err(|e| err(e.to_string()))?;
+    Ok(outputs)
 }
 
 /// [`ExecStatus::OutputLimitExceeded`] when captured stdout or stderr went past `cap` bytes

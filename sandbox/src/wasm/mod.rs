@@ -40,7 +40,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::{
     outputs, ExecError, ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload, PreparedJob,
-    RunControl, RunFuture, Usage, INPUTS_DIR, OUTPUTS_DIR,
+    RunControl, RunFuture, Usage,
 };
 
 pub use cache::CacheStats;
@@ -312,7 +312,7 @@ impl WasmExecutor {
         let limits = job.limits;
         let kind = EngineKind { fuel: limits.fuel.is_some(), deterministic: job.deterministic };
         let pre = self.instance_pre(module, kind).await?;
-        let outputs_dir = prepare_work_dir(&job.work_dir)?;
+        let outputs_dir = crate::prepare_work_dir(&job.work_dir)?;
 
         // One byte over the cap tells a guest that wrote exactly the cap from one that wrote more.
         let stdout = MemoryOutputPipe::new(limits.stdio_bytes.saturating_add(1));
@@ -471,19 +471,6 @@ fn classify(
         Some(trap) => ExecStatus::Trapped { reason: trap.to_string() },
         None => ExecStatus::Trapped { reason: format!("{error:#}") },
     }
-}
-
-/// Checks the work directory and creates `inputs/` and `outputs/` if missing.
-fn prepare_work_dir(work_dir: &Path) -> Result<PathBuf, ExecError> {
-    let err = |reason: String| ExecError::WorkDir { path: work_dir.display().to_string(), reason };
-    let meta = std::fs::metadata(work_dir).map_err(|e| err(e.to_string()))?;
-    if !meta.is_dir() {
-        return Err(err("not a directory".into()));
-    }
-    std::fs::create_dir_all(work_dir.join(INPUTS_DIR)).map_err(|e| err(e.to_string()))?;
-    let outputs = work_dir.join(OUTPUTS_DIR);
-    std::fs::create_dir_all(&outputs).map_err(|e| err(e.to_string()))?;
-    Ok(outputs)
 }
 
 /// The guest's WASI context: one job directory, no network, only the job's args and env.
