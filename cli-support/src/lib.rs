@@ -54,6 +54,16 @@ pub fn init_logging(crate_name: &str) -> anyhow::Result<()> {
         .map_err(|err| anyhow!("installing the stderr logger failed: {err}"))
 }
 
+/// The default data directory of program `app`: `$XDG_DATA_HOME/<app>`, else
+/// `$HOME/.local/share/<app>` (empty variables count as unset).
+pub fn default_data_dir(app: &str) -> Option<std::path::PathBuf> {
+    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| std::path::PathBuf::from(v));
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").and_then(non_empty) {
+        return Some(xdg.join(app));
+    }
+    std::env::var_os("HOME").and_then(non_empty).map(|home| home.join(".local/share").join(app))
+}
+
 /// A bare invocation is a usage error, like any other clap rejects: help on stderr, exit 2.
 pub fn bare_invocation<C: CommandFactory>() -> ExitCode {
     eprint!("{}", C::command().render_help());

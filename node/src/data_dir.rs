@@ -9,21 +9,13 @@ use anyhow::Context;
 pub(crate) fn resolve(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let dir = match explicit {
         Some(dir) => dir.to_owned(),
-        None => default_dir().context(
+        None => aimatrix_cli_support::default_data_dir("aimatrix").context(
             "cannot find a data directory: set --data-dir, AIMATRIX_DATA_DIR, XDG_DATA_HOME or HOME",
         )?,
     };
     create_private(&dir)
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     Ok(dir)
-}
-
-fn default_dir() -> Option<PathBuf> {
-    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
-    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").and_then(non_empty) {
-        return Some(xdg.join("aimatrix"));
-    }
-    std::env::var_os("HOME").and_then(non_empty).map(|h| h.join(".local/share/aimatrix"))
 }
 
 fn create_private(dir: &Path) -> std::io::Result<()> {

@@ -122,17 +122,9 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
 
 /// `DIR/ledger`, with DIR from the flag, else the default relay data directory.
 fn ledger_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let non_empty = |v: std::ffi::OsString| (!v.is_empty()).then(|| PathBuf::from(v));
     let dir = match explicit {
         Some(dir) => dir.to_owned(),
-        None => std::env::var_os("XDG_DATA_HOME")
-            .and_then(non_empty)
-            .map(|d| d.join("aimatrix-relay"))
-            .or_else(|| {
-                std::env::var_os("HOME")
-                    .and_then(non_empty)
-                    .map(|h| h.join(".local/share/aimatrix-relay"))
-            })
+        None => aimatrix_cli_support::default_data_dir("aimatrix-relay")
             .context("cannot find a data directory: set --data-dir, XDG_DATA_HOME or HOME")?,
     };
     Ok(dir.join("ledger"))
