@@ -18,14 +18,14 @@ pub const FORMAT_VERSION: u8 = 1;
 /// The largest frame this codec encodes or decodes, version byte included (1 MiB).
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
-type Config = bincode::config::Configuration<
+type Config<const LIMIT: usize> = bincode::config::Configuration<
     bincode::config::LittleEndian,
     bincode::config::Varint,
-    bincode::config::Limit<MAX_FRAME_BYTES>,
+    bincode::config::Limit<LIMIT>,
 >;
 
-const fn config() -> Config {
-    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+const fn config<const LIMIT: usize>() -> Config<LIMIT> {
+    bincode::config::standard().with_limit::<LIMIT>()
 }
 
 /// Why bytes could not be decoded.
@@ -74,26 +74,41 @@ pub enum EncodeError {
 
 /// Encodes `value` as a versioned frame.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, EncodeError> {
-    let mut out = vec![FORMAT_VERSION];
-    let body = bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| EncodeError::Serialize(e.to_string()))?;
-    out.extend_from_slice(&body);
-    if out.len() > MAX_FRAME_BYTES {
-        return Err(EncodeError::TooLarge { len: out.len(), max: MAX_FRAME_BYTES });
-    }
-    Ok(out)
+    encode_limited::<T, MAX_FRAME_BYTES>(value)
 }
 
 /// Decodes a versioned frame. Never panics; never allocates beyond [`MAX_FRAME_BYTES`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    decode_limited::<T, MAX_FRAME_BYTES>(bytes)
+}
+
+/// [`encode`] with a frame limit of `LIMIT` bytes instead of [`MAX_FRAME_BYTES`], for the few
+/// frames allowed to be larger (blobs, see `direct`).
+pub fn encode_limited<T: Serialize + ?Sized, const LIMIT: usize>(
+    value: &T,
+) -> Result<Vec<u8>, EncodeError> {
+    let mut out = vec![FORMAT_VERSION];
+    bincode::serde::encode_into_std_write(value, &mut out, config::<LIMIT>())
+        .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if out.len() > LIMIT {
+        return Err(EncodeError::TooLarge { len: out.len(), max: LIMIT });
+    }
+    Ok(out)
+}
+
+/// [`decode`] with a frame limit of `LIMIT` bytes instead of [`MAX_FRAME_BYTES`]. Never panics;
+/// never allocates beyond `LIMIT`.
+pub fn decode_limited<T: DeserializeOwned, const LIMIT: usize>(
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
     let (&version, body) = bytes.split_first().ok_or(DecodeError::Empty)?;
-    if bytes.len() > MAX_FRAME_BYTES {
-        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_BYTES });
+    if bytes.len() > LIMIT {
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: LIMIT });
     }
     if version != FORMAT_VERSION {
         return Err(DecodeError::UnknownVersion { got: version });
     }
-    let (value, used) = bincode::serde::decode_from_slice::<T, _>(body, config())
+    let (value, used) = bincode::serde::decode_from_slice::<T, _>(body, config::<LIMIT>())
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(DecodeError::TrailingBytes(body.len() - used));

@@ -24,6 +24,7 @@
 
 pub mod capability;
 pub mod codec;
+pub mod direct;
 pub mod envelope;
 pub mod hash;
 pub mod identity;
