@@ -139,7 +139,7 @@ pub fn response_frame_bytes_max(head: &[u8]) -> usize {
 
 /// Encodes a request, refusing one whose payload is over its limit.
 pub fn encode_request(req: &DirectRequest) -> Result<Vec<u8>, EncodeError> {
-    check_request(req).map_err(|(len, max)| EncodeError::TooLarge { len, max })?;
+    check_request(req)?;
     codec::encode_limited::<_, FRAME_BYTES_MAX>(req)
 }
 
@@ -151,13 +151,13 @@ pub fn decode_request(frame: &[u8]) -> Result<DirectRequest, DecodeError> {
         return Err(DecodeError::TooLarge { len: frame.len(), max });
     }
     let req = codec::decode_limited::<DirectRequest, FRAME_BYTES_MAX>(frame)?;
-    check_request(&req).map_err(|(len, max)| DecodeError::TooLarge { len, max })?;
+    check_request(&req).map_err(too_large)?;
     Ok(req)
 }
 
 /// Encodes a response, refusing one whose payload is over its limit.
 pub fn encode_response(resp: &DirectResponse) -> Result<Vec<u8>, EncodeError> {
-    check_response(resp).map_err(|(len, max)| EncodeError::TooLarge { len, max })?;
+    check_response(resp)?;
     codec::encode_limited::<_, FRAME_BYTES_MAX>(resp)
 }
 
@@ -168,12 +168,13 @@ pub fn decode_response(frame: &[u8]) -> Result<DirectResponse, DecodeError> {
         return Err(DecodeError::TooLarge { len: frame.len(), max });
     }
     let resp = codec::decode_limited::<DirectResponse, FRAME_BYTES_MAX>(frame)?;
-    check_response(&resp).map_err(|(len, max)| DecodeError::TooLarge { len, max })?;
+    check_response(&resp).map_err(too_large)?;
     Ok(resp)
 }
 
-/// The payload limit of a request, as `Err((len, max))` when it is exceeded.
-fn check_request(req: &DirectRequest) -> Result<(), (usize, usize)> {
+/// Checks the payload limits of a request without encoding it: a message of at most
+/// [`codec::MAX_FRAME_BYTES`], a blob of at most [`BLOB_BYTES_MAX`].
+pub fn check_request(req: &DirectRequest) -> Result<(), EncodeError> {
     match req {
         DirectRequest::Message(bytes) => within(bytes.len(), codec::MAX_FRAME_BYTES),
         DirectRequest::GetBlob(_) => Ok(()),
@@ -181,7 +182,9 @@ fn check_request(req: &DirectRequest) -> Result<(), (usize, usize)> {
     }
 }
 
-fn check_response(resp: &DirectResponse) -> Result<(), (usize, usize)> {
+/// Checks the payload limits of a response without encoding it: a blob of at most
+/// [`BLOB_BYTES_MAX`], a reason of at most [`REASON_BYTES_MAX`] bytes.
+pub fn check_response(resp: &DirectResponse) -> Result<(), EncodeError> {
     match resp {
         DirectResponse::Accepted | DirectResponse::NotFound => Ok(()),
         DirectResponse::Refused(reason) => within(reason.len(), REASON_BYTES_MAX),
@@ -189,11 +192,19 @@ fn check_response(resp: &DirectResponse) -> Result<(), (usize, usize)> {
     }
 }
 
-const fn within(len: usize, max: usize) -> Result<(), (usize, usize)> {
+const fn within(len: usize, max: usize) -> Result<(), EncodeError> {
     if len <= max {
         Ok(())
     } else {
-        Err((len, max))
+        Err(EncodeError::TooLarge { len, max })
+    }
+}
+
+/// A payload over its limit, reported by the decoder.
+fn too_large(e: EncodeError) -> DecodeError {
+    match e {
+        EncodeError::TooLarge { len, max } => DecodeError::TooLarge { len, max },
+        EncodeError::Serialize(text) => DecodeError::Malformed(text),
     }
 }
 

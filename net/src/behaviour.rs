@@ -1,0 +1,110 @@
+//! The derived `NetworkBehaviour`: every protocol the swarm speaks, configured, no decisions.
+
+use std::time::Duration;
+
+use aimatrix_protocol::hash::Digest;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response};
+
+use crate::codec::{DirectCodec, DIRECT_PROTOCOL};
+use crate::{NetConfig, NetError, Role};
+
+/// The identify protocol version: peers of other networks are told apart by it.
+pub(crate) const IDENTIFY_PROTOCOL_VERSION: &str = "/aimatrix/1";
+
+/// The largest gossip message: a 1 MiB envelope plus gossipsub's own framing (signature, key,
+/// topic, sequence number).
+pub(crate) const GOSSIP_TRANSMIT_BYTES_MAX: usize =
+    aimatrix_protocol::codec::MAX_FRAME_BYTES + (64 << 10);
+
+/// How often gossipsub maintains its mesh. Publishing floods to every subscribed peer at once,
+/// so this bounds how soon a new peer joins the mesh, not delivery latency.
+const GOSSIP_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// How long a Kademlia query may run.
+const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every protocol of the swarm. Role-specific parts are toggled off on the other role.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) direct: request_response::Behaviour<DirectCodec>,
+    pub(crate) relay_server: Toggle<relay::Behaviour>,
+    pub(crate) relay_client: Toggle<relay::client::Behaviour>,
+    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Behaviour {
+    /// Builds the behaviour for `cfg.role`; `relay_client` comes from the transport builder.
+    pub(crate) fn new(
+        key: &identity::Keypair,
+        relay_client: relay::client::Behaviour,
+        cfg: &NetConfig,
+    ) -> Result<Self, NetError> {
+        let peer_id = key.public().to_peer_id();
+        let is_relay = cfg.role == Role::Relay;
+
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
+                .with_agent_version(format!("aimatrix/{}", env!("CARGO_PKG_VERSION")))
+                .with_push_listen_addr_updates(true),
+        );
+
+        let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+        kad_config.set_query_timeout(KAD_QUERY_TIMEOUT);
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // The relay always serves the DHT; a node serves it only once it has a confirmed direct
+        // external address (see `SwarmTask::update_kad_mode`).
+        kad.set_mode(Some(if is_relay { kad::Mode::Server } else { kad::Mode::Client }));
+
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(GOSSIP_HEARTBEAT)
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .message_id_fn(|msg: &gossipsub::Message| {
+                gossipsub::MessageId::new(&Digest::of(&msg.data).0)
+            })
+            .max_transmit_size(GOSSIP_TRANSMIT_BYTES_MAX)
+            .flood_publish(true)
+            .build()
+            .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )
+        .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
+
+        let direct = request_response::Behaviour::with_codec(
+            DirectCodec,
+            [(DIRECT_PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(cfg.request_timeout),
+        );
+
+        let mdns = if cfg.mdns {
+            let behaviour = mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                .map_err(|e| NetError::Config(format!("mdns: {e}")))?;
+            Some(behaviour)
+        } else {
+            None
+        };
+
+        Ok(Self {
+            identify,
+            ping: ping::Behaviour::default(),
+            kad,
+            gossipsub,
+            direct,
+            relay_server: is_relay
+                .then(|| relay::Behaviour::new(peer_id, relay::Config::default()))
+                .into(),
+            relay_client: (!is_relay).then_some(relay_client).into(),
+            dcutr: (!is_relay).then(|| dcutr::Behaviour::new(peer_id)).into(),
+            mdns: mdns.into(),
+        })
+    }
+}

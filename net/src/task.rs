@@ -1,0 +1,605 @@
+//! The swarm task: owns the swarm, serves [`Command`]s from handles, turns swarm events into
+//! [`NetEvent`]s and replies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use aimatrix_protocol::direct::{self, DirectRequest, DirectResponse};
+use aimatrix_protocol::Topic;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use libp2p::core::transport::ListenerId;
+use libp2p::gossipsub::{self, IdentTopic, TopicHash};
+use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{identify, mdns, noise, relay, tcp, yamux, Multiaddr, PeerId, Swarm, SwarmBuilder};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::{libp2p_keypair, NetConfig, NetError, NetEvent, Responder, Role};
+
+/// How long [`crate::spawn`] waits for each listen address to be bound.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often disconnected bootstrap peers are redialed.
+const BOOTSTRAP_REDIAL: Duration = Duration::from_secs(10);
+
+/// How long an idle connection stays open.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How many connection and address events wait while the event channel is full, beyond which
+/// the oldest are dropped.
+const OVERFLOW_EVENTS_MAX: usize = 1024;
+
+type Reply<T> = oneshot::Sender<Result<T, NetError>>;
+
+/// What a [`crate::NetHandle`] asks of the task.
+pub(crate) enum Command {
+    Publish { topic: Topic, bytes: Vec<u8>, reply: Reply<()> },
+    Request { peer: PeerId, request: DirectRequest, reply: Reply<DirectResponse> },
+    PutRecord { key: Vec<u8>, value: Vec<u8>, reply: Reply<()> },
+    GetRecord { key: Vec<u8>, reply: Reply<Option<Vec<u8>>> },
+    StartProviding { key: Vec<u8>, reply: Reply<()> },
+    GetProviders { key: Vec<u8>, reply: Reply<Vec<PeerId>> },
+    Dial { addr: Multiaddr, reply: Reply<()> },
+    ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
+    ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// A DHT query a handle waits on.
+enum Query {
+    PutRecord(Reply<()>),
+    GetRecord(Reply<Option<Vec<u8>>>),
+    StartProviding(Reply<()>),
+    GetProviders(Reply<Vec<PeerId>>, HashSet<PeerId>),
+}
+
+/// An inbound request waiting for the driver's answer, paired with the libp2p channel.
+type PendingResponse =
+    Pin<Box<dyn Future<Output = (ResponseChannel<DirectResponse>, DirectResponse)> + Send>>;
+
+pub(crate) struct SwarmTask {
+    swarm: Swarm<Behaviour>,
+    role: Role,
+    request_timeout: Duration,
+    events: mpsc::Sender<NetEvent>,
+    /// Connection and address events waiting for room in `events`.
+    overflow: VecDeque<NetEvent>,
+    gossip_dropped: u64,
+    topics: [(Topic, TopicHash); 2],
+    /// Bootstrap peers and their address (without `/p2p`).
+    bootstrap: HashMap<PeerId, Multiaddr>,
+    /// Relay circuit listeners (reservations) by the relay they go through.
+    circuits: HashMap<ListenerId, PeerId>,
+    requests: HashMap<OutboundRequestId, Reply<DirectResponse>>,
+    queries: HashMap<QueryId, Query>,
+    dials: HashMap<ConnectionId, Reply<()>>,
+    inbound: FuturesUnordered<PendingResponse>,
+}
+
+impl SwarmTask {
+    /// Builds the swarm, binds every listen address and starts dialing the bootstrap peers.
+    pub(crate) async fn start(
+        cfg: NetConfig,
+        events: mpsc::Sender<NetEvent>,
+    ) -> Result<Self, NetError> {
+        let bootstrap = parse_bootstrap(&cfg.bootstrap)?;
+        let swarm = build_swarm(&cfg)?;
+        let topics = [Topic::Adverts, Topic::Offers].map(|t| (t, IdentTopic::new(t.name()).hash()));
+        let mut task = Self {
+            swarm,
+            role: cfg.role,
+            request_timeout: cfg.request_timeout,
+            events,
+            overflow: VecDeque::new(),
+            gossip_dropped: 0,
+            topics,
+            bootstrap,
+            circuits: HashMap::new(),
+            requests: HashMap::new(),
+            queries: HashMap::new(),
+            dials: HashMap::new(),
+            inbound: FuturesUnordered::new(),
+        };
+        for topic in [Topic::Adverts, Topic::Offers] {
+            task.swarm
+                .behaviour_mut()
+                .gossipsub
+                .subscribe(&IdentTopic::new(topic.name()))
+                .map_err(|e| {
+                    NetError::Config(format!("cannot subscribe to {}: {e}", topic.name()))
+                })?;
+        }
+        task.bind(&cfg.listen).await?;
+        let bootstrap: Vec<_> = task.bootstrap.iter().map(|(p, a)| (*p, a.clone())).collect();
+        for (peer, addr) in bootstrap {
+            task.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            task.swarm.add_peer_address(peer, addr);
+        }
+        task.redial_bootstrap();
+        info!(peer = %task.swarm.local_peer_id(), role = ?task.role, "network started");
+        Ok(task)
+    }
+
+    /// Listens on every address and waits until each has reported an address.
+    async fn bind(&mut self, listen: &[Multiaddr]) -> Result<(), NetError> {
+        let mut waiting = HashMap::new();
+        for addr in listen {
+            let id = self
+                .swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+            waiting.insert(id, addr.clone());
+        }
+        let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !waiting.is_empty() {
+            tokio::select! {
+                event = self.swarm.select_next_some() => {
+                    let failed = match &event {
+                        SwarmEvent::NewListenAddr { listener_id, .. } => {
+                            waiting.remove(listener_id);
+                            None
+                        }
+                        SwarmEvent::ListenerError { listener_id, error } => {
+                            waiting.get(listener_id).map(|a| (a.clone(), error.to_string()))
+                        }
+                        SwarmEvent::ListenerClosed { listener_id, reason, .. } => waiting
+                            .get(listener_id)
+                            .map(|a| (a.clone(), format!("listener closed: {reason:?}"))),
+                        _ => None,
+                    };
+                    if let Some((addr, reason)) = failed {
+                        return Err(NetError::Listen { addr, reason });
+                    }
+                    self.on_swarm_event(event);
+                }
+                () = &mut deadline => {
+                    let addr = waiting.into_values().next().expect("waiting is not empty");
+                    return Err(NetError::Listen { addr, reason: "timed out binding".into() });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until shutdown or until every handle is dropped.
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut redial = tokio::time::interval(BOOTSTRAP_REDIAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        redial.reset();
+        // A permit borrows its sender: reserve through a clone, not through `self`.
+        let events = self.events.clone();
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = commands.recv() => match command {
+                    Some(Command::Shutdown { reply }) => {
+                        self.stop();
+                        let _ = reply.send(());
+                        return;
+                    }
+                    Some(command) => self.on_command(command),
+                    None => {
+                        self.stop();
+                        return;
+                    }
+                },
+                Some((channel, resp)) = self.inbound.next(), if !self.inbound.is_empty() => {
+                    self.respond(channel, resp);
+                }
+                permit = events.reserve(), if !self.overflow.is_empty() => match permit {
+                    Ok(permit) => {
+                        let event = self.overflow.pop_front().expect("overflow is not empty");
+                        permit.send(event);
+                    }
+                    Err(_) => self.overflow.clear(), // the driver is gone
+                },
+                _ = redial.tick() => self.redial_bootstrap(),
+            }
+        }
+    }
+
+    /// Stops: pending operations fail with [`NetError::Shutdown`] as their replies drop.
+    fn stop(&mut self) {
+        info!(peer = %self.swarm.local_peer_id(), "network stopped");
+        if self.gossip_dropped > 0 {
+            warn!(
+                dropped = self.gossip_dropped,
+                "gossip messages dropped while the driver was busy"
+            );
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let behaviour = self.swarm.behaviour_mut();
+        match command {
+            Command::Publish { topic, bytes, reply } => {
+                let result = behaviour.gossipsub.publish(IdentTopic::new(topic.name()), bytes);
+                let _ = reply.send(result.map(drop).map_err(|e| match e {
+                    gossipsub::PublishError::NoPeersSubscribedToTopic => NetError::NoPeers,
+                    other => NetError::Publish(format!("{other:?}")),
+                }));
+            }
+            Command::Request { peer, request, reply } => {
+                if peer == *self.swarm.local_peer_id() {
+                    let _ =
+                        reply.send(Err(NetError::Dial("cannot send a request to itself".into())));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().direct.send_request(&peer, request);
+                self.requests.insert(id, reply);
+            }
+            Command::PutRecord { key, value, reply } => {
+                let record = kad::Record::new(key, value);
+                match behaviour.kad.put_record(record, kad::Quorum::One) {
+                    Ok(id) => drop(self.queries.insert(id, Query::PutRecord(reply))),
+                    Err(e) => drop(reply.send(Err(NetError::Dht(format!("cannot store: {e:?}"))))),
+                }
+            }
+            Command::GetRecord { key, reply } => {
+                let id = behaviour.kad.get_record(key.into());
+                self.queries.insert(id, Query::GetRecord(reply));
+            }
+            Command::StartProviding { key, reply } => {
+                match behaviour.kad.start_providing(key.into()) {
+                    Ok(id) => drop(self.queries.insert(id, Query::StartProviding(reply))),
+                    Err(e) => drop(reply.send(Err(NetError::Dht(format!("cannot store: {e:?}"))))),
+                }
+            }
+            Command::GetProviders { key, reply } => {
+                let id = behaviour.kad.get_providers(key.into());
+                self.queries.insert(id, Query::GetProviders(reply, HashSet::new()));
+            }
+            Command::Dial { addr, reply } => {
+                let opts = DialOpts::from(addr);
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => drop(self.dials.insert(id, reply)),
+                    Err(e) => drop(reply.send(Err(NetError::Dial(e.to_string())))),
+                }
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers { reply } => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Shutdown { .. } => unreachable!("handled by run"),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            SwarmEvent::ConnectionEstablished {
+                peer_id, connection_id, num_established, ..
+            } => {
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "connected");
+                    self.emit(NetEvent::PeerConnected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                debug!(peer = %peer_id, "disconnected");
+                self.emit(NetEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
+                debug!(peer = ?peer_id, %error, "dial failed");
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NetError::Dial(error.to_string())));
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.emit(NetEvent::ListenAddr(address));
+            }
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+                if let Some(relay) = self.circuits.remove(&listener_id) {
+                    info!(%relay, ?reason, "relay reservation closed");
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { .. } | SwarmEvent::ExternalAddrExpired { .. } => {
+                self.update_kad_mode();
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+                let Some(topic) =
+                    self.topics.iter().find(|(_, hash)| *hash == message.topic).map(|(t, _)| *t)
+                else {
+                    debug!(topic = %message.topic, "gossip on an unknown topic");
+                    return;
+                };
+                self.emit(NetEvent::Gossip { topic, bytes: message.data, source: message.source });
+            }
+            BehaviourEvent::Direct(event) => self.on_direct_event(event),
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            }) => {
+                self.on_query_progress(id, result, step.last);
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.on_identified(peer_id, info);
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    self.swarm.add_peer_address(peer, addr.clone());
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![addr])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%peer, error = %e, "cannot dial an mDNS peer");
+                    }
+                }
+            }
+            BehaviourEvent::RelayClient(event) => debug!(?event, "relay client"),
+            BehaviourEvent::RelayServer(event) => debug!(?event, "relay server"),
+            BehaviourEvent::Dcutr(event) => debug!(?event, "dcutr"),
+            _ => {}
+        }
+    }
+
+    fn on_direct_event(&mut self, event: request_response::Event<DirectRequest, DirectResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => {
+                    self.on_inbound_request(peer, request, channel);
+                }
+                request_response::Message::Response { request_id, response } => {
+                    if let Some(reply) = self.requests.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                debug!(%peer, %error, "direct request failed");
+                if let Some(reply) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Err(match error {
+                        OutboundFailure::DialFailure => {
+                            NetError::Dial(format!("no reachable address for {peer}"))
+                        }
+                        OutboundFailure::Timeout => NetError::Timeout,
+                        OutboundFailure::ConnectionClosed => NetError::ConnectionClosed,
+                        OutboundFailure::UnsupportedProtocols => NetError::UnsupportedProtocol,
+                        OutboundFailure::Io(e) => NetError::Stream(e.to_string()),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound direct request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Hands an inbound request to the driver, and queues its answer (or a refusal once the
+    /// driver drops the responder or the request times out).
+    fn on_inbound_request(
+        &mut self,
+        peer: PeerId,
+        request: DirectRequest,
+        channel: ResponseChannel<DirectResponse>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        let timeout = self.request_timeout;
+        self.inbound.push(Box::pin(async move {
+            let resp = match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(_)) => DirectResponse::refused("no response"),
+                Err(_) => DirectResponse::refused("timed out"),
+            };
+            (channel, resp)
+        }));
+        self.emit(NetEvent::Request { peer, request, reply: Responder { tx } });
+    }
+
+    fn respond(&mut self, channel: ResponseChannel<DirectResponse>, resp: DirectResponse) {
+        let resp = match direct::check_response(&resp) {
+            Ok(()) => resp,
+            Err(e) => {
+                warn!(error = %e, "refusing instead of sending an oversize response");
+                DirectResponse::refused("response too large")
+            }
+        };
+        if self.swarm.behaviour_mut().direct.send_response(channel, resp).is_err() {
+            debug!("the requester is gone; response dropped");
+        }
+    }
+
+    fn on_query_progress(&mut self, id: QueryId, result: QueryResult, last: bool) {
+        let Some(query) = self.queries.remove(&id) else { return };
+        let dht = |e: &dyn std::fmt::Display| NetError::Dht(e.to_string());
+        match (query, result) {
+            (Query::PutRecord(reply), QueryResult::PutRecord(result)) => {
+                let _ = reply.send(result.map(drop).map_err(|e| dht(&e)));
+            }
+            (Query::StartProviding(reply), QueryResult::StartProviding(result)) => {
+                let _ = reply.send(result.map(drop).map_err(|e| dht(&e)));
+            }
+            (Query::GetRecord(reply), QueryResult::GetRecord(result)) => match result {
+                Ok(GetRecordOk::FoundRecord(found)) => {
+                    let _ = reply.send(Ok(Some(found.record.value)));
+                    if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        query.finish();
+                    }
+                }
+                Ok(GetRecordOk::FinishedWithNoAdditionalRecord { .. })
+                | Err(kad::GetRecordError::NotFound { .. }) => {
+                    let _ = reply.send(Ok(None));
+                }
+                Err(e) if last => drop(reply.send(Err(dht(&e)))),
+                Err(_) => drop(self.queries.insert(id, Query::GetRecord(reply))),
+            },
+            (Query::GetProviders(reply, mut found), QueryResult::GetProviders(result)) => {
+                let error = match result {
+                    Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
+                        found.extend(providers);
+                        None
+                    }
+                    Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => None,
+                    Err(e) => Some(e),
+                };
+                if !last {
+                    self.queries.insert(id, Query::GetProviders(reply, found));
+                } else if let (Some(e), true) = (error, found.is_empty()) {
+                    let _ = reply.send(Err(dht(&e)));
+                } else {
+                    let _ = reply.send(Ok(found.into_iter().collect()));
+                }
+            }
+            (query, result) => {
+                // A query id names one kind of query; anything else is a bug in this module.
+                unreachable!("query result {result:?} for a different query kind {}", query.kind());
+            }
+        }
+    }
+
+    fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
+        let serves_dht = info.protocols.contains(&kad::PROTOCOL_NAME);
+        for addr in info.listen_addrs {
+            if serves_dht {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            self.swarm.add_peer_address(peer, addr);
+        }
+        let is_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+        if self.role == Role::Node && is_relay && !self.circuits.values().any(|r| *r == peer) {
+            if let Some(addr) = self.bootstrap.get(&peer) {
+                let circuit = addr.clone().with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
+                match self.swarm.listen_on(circuit.clone()) {
+                    Ok(id) => {
+                        info!(%circuit, "reserving a relay slot");
+                        self.circuits.insert(id, peer);
+                    }
+                    Err(e) => warn!(%circuit, error = %e, "cannot reserve a relay slot"),
+                }
+            }
+        }
+    }
+
+    /// A node serves the DHT only while it has a confirmed external address that is not a
+    /// relay circuit: a DHT server behind a relay would send every query through it.
+    fn update_kad_mode(&mut self) {
+        if self.role == Role::Relay {
+            return;
+        }
+        let direct = self
+            .swarm
+            .external_addresses()
+            .any(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+        let mode = if direct { kad::Mode::Server } else { kad::Mode::Client };
+        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+    }
+
+    fn redial_bootstrap(&mut self) {
+        let peers: Vec<_> = self
+            .bootstrap
+            .iter()
+            .filter(|(peer, _)| !self.swarm.is_connected(peer))
+            .map(|(peer, addr)| (*peer, addr.clone()))
+            .collect();
+        for (peer, addr) in peers {
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "cannot dial a bootstrap peer");
+            }
+        }
+    }
+
+    /// Sends an event to the driver without ever waiting: gossip is dropped (and counted) and
+    /// requests are refused `busy` when the channel is full; other events wait in `overflow`.
+    fn emit(&mut self, event: NetEvent) {
+        let event = if self.overflow.is_empty() {
+            match self.events.try_send(event) {
+                Ok(()) | Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(event)) => event,
+            }
+        } else {
+            event
+        };
+        match event {
+            NetEvent::Gossip { topic, .. } => {
+                self.gossip_dropped += 1;
+                if self.gossip_dropped.is_power_of_two() {
+                    warn!(?topic, dropped = self.gossip_dropped, "driver busy: gossip dropped");
+                }
+            }
+            NetEvent::Request { peer, reply, .. } => {
+                warn!(%peer, "driver busy: direct request refused");
+                reply.send(DirectResponse::refused("busy"));
+            }
+            other => {
+                if self.overflow.len() >= OVERFLOW_EVENTS_MAX {
+                    let dropped = self.overflow.pop_front();
+                    warn!(?dropped, "driver busy: event dropped");
+                }
+                self.overflow.push_back(other);
+            }
+        }
+    }
+}
+
+impl Query {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::PutRecord(_) => "put_record",
+            Self::GetRecord(_) => "get_record",
+            Self::StartProviding(_) => "start_providing",
+            Self::GetProviders(..) => "get_providers",
+        }
+    }
+}
+
+/// Bootstrap peers by id, with their address without the `/p2p` suffix.
+fn parse_bootstrap(addrs: &[Multiaddr]) -> Result<HashMap<PeerId, Multiaddr>, NetError> {
+    let mut out = HashMap::new();
+    for addr in addrs {
+        let mut base = addr.clone();
+        let Some(Protocol::P2p(peer)) = base.pop() else {
+            return Err(NetError::BootstrapAddr(addr.clone()));
+        };
+        out.insert(peer, base);
+    }
+    Ok(out)
+}
+
+fn build_swarm(cfg: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let config_error =
+        |what: &str, e: &dyn std::fmt::Display| NetError::Config(format!("{what}: {e}"));
+    let swarm = SwarmBuilder::with_existing_identity(libp2p_keypair(&cfg.keypair))
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| config_error("tcp", &e))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| config_error("dns", &e))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| config_error("relay client", &e))?
+        .with_behaviour(|key, relay_client| {
+            Behaviour::new(key, relay_client, cfg)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        })
+        .map_err(|e| config_error("behaviour", &e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
