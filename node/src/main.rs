@@ -20,6 +20,12 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod data_dir;
 mod hardware;
+#[cfg_attr(not(test), expect(dead_code, reason = "kept by join"))]
+#[cfg_attr(test, allow(dead_code))]
+mod history;
+#[cfg_attr(not(test), expect(dead_code, reason = "applied by join"))]
+#[cfg_attr(test, allow(dead_code))]
+mod policy;
 
 /// aimatrix compute node: joins the network, advertises hardware, runs jobs in a sandbox
 #[derive(Debug, Parser)]

@@ -14,9 +14,11 @@ use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
 use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest, Usage, Verdict};
 use aimatrix_protocol::node::{AcceptMode, NodeConfig, NodeCore, NodeEvent};
 use aimatrix_protocol::relay::training::RoundVerdict;
-use aimatrix_protocol::relay::{JobState, LeaseStatus, RelayConfig, RelayCore, RelayEvent};
+use aimatrix_protocol::relay::{
+    JobState, LeaseStatus, RelayConfig, RelayCore, RelayEvent, RelayJob,
+};
 use aimatrix_protocol::time::Millis;
-use aimatrix_protocol::{testkit, Topic, Transmit};
+use aimatrix_protocol::{codec, testkit, Topic, Transmit};
 
 const REQUESTER: &str = "requester";
 const FUNDS: u64 = 1_000;
@@ -264,6 +266,33 @@ impl Net {
                 _ => None,
             })
             .sum()
+    }
+
+    /// Stops the relay and starts a new one with the same key and a fresh nonce seed, then
+    /// restores every job from the bytes a driver would have stored.
+    fn restart_relay(&mut self, cfg: RelayConfig, nonce_seed: u64) {
+        assert!(self.relay.poll_event().is_none() && self.relay.poll_transmit().is_none());
+        let stored: Vec<Vec<u8>> =
+            self.relay.jobs().map(|job| codec::encode(job).unwrap()).collect();
+        self.relay = RelayCore::new(testkit::keypair(1_000), cfg, nonce_seed);
+        for bytes in stored {
+            let job: RelayJob = codec::decode(&bytes).unwrap();
+            self.relay.restore_job(self.now, job).unwrap();
+        }
+    }
+
+    /// How many ledger ops of each kind the relay emitted: (reserve, pay, release).
+    fn ledger_ops(&self) -> (usize, usize, usize) {
+        let mut counts = (0, 0, 0);
+        for e in &self.relay_events {
+            match e {
+                RelayEvent::Ledger(LedgerOp::Reserve { .. }) => counts.0 += 1,
+                RelayEvent::Ledger(LedgerOp::Pay { .. }) => counts.1 += 1,
+                RelayEvent::Ledger(LedgerOp::Release { .. }) => counts.2 += 1,
+                _ => {}
+            }
+        }
+        counts
     }
 
     fn leases_of(&self, job: JobId) -> BTreeMap<u32, (usize, LeaseStatus)> {
@@ -575,4 +604,120 @@ fn finished_jobs_can_be_forgotten_to_bound_the_relay() {
     assert_eq!(net.relay.forget_finished(1), 2);
     assert!(net.relay.job(&jobs[0]).is_none() && net.relay.job(&jobs[1]).is_none());
     assert!(net.relay.job(&jobs[2]).is_some(), "the newest finished job is kept");
+}
+
+/// Runs a job whose relay restarts while node 0 holds the lease. The node's result is signed
+/// before the restart (and waits in the transport while the relay is down) or after it.
+fn restart_mid_job(result_signed_before_restart: bool) -> (Net, JobId, Vec<Vec<u8>>) {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 5_000 }; 2]);
+    let job = net.post(testkit::batch_spec(10));
+    assert!(matches!(net.leases_of(job)[&0], (0, LeaseStatus::Active)), "{:?}", net.leases_of(job));
+    let snapshot = net.relay.job(&job).cloned().unwrap();
+    let mut held = Vec::new();
+    if result_signed_before_restart {
+        let (finish_at, i, job_id, lease) = net.running.pop().unwrap();
+        net.now = finish_at;
+        net.nodes[i].finish(net.now, job_id, lease, right_output(), Usage::default()).unwrap();
+        // Direct messages wait in the transport for the relay; gossip is lost.
+        held.extend(std::iter::from_fn(|| net.nodes[i].poll_transmit()).filter_map(|t| match t {
+            Transmit::Direct { bytes, .. } => Some(bytes),
+            Transmit::Broadcast { .. } => None,
+        }));
+        assert!(!held.is_empty(), "the result (sent first) waits for the relay");
+    }
+    net.restart_relay(RelayConfig::default(), 8);
+    assert_eq!(net.relay.job(&job), Some(&snapshot), "restored exactly");
+    assert!(net.relay.poll_event().is_none(), "a running job with no free slot just waits");
+    for bytes in &held {
+        net.relay.handle_message(net.now, Some(net.nodes[0].id()), bytes);
+    }
+    net.settle();
+    net.run_until_final(job);
+    (net, job, held)
+}
+
+fn assert_paid_once(net: &Net, job: JobId) {
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(matches!(state, JobState::Completed { .. }), "{state:?}");
+    assert_eq!(net.ledger_ops(), (1, 1, 1), "one reserve, one pay, one release");
+    assert_eq!(net.leases_of(job).len(), 1, "the restored lease finished the job");
+    assert_eq!((net.balance(0), net.balance(1)), (10, 0));
+    assert_eq!(net.paid_receipts(0), 10, "the receipt reached the node");
+    assert_eq!(net.nodes[0].earned(), 10);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
+    assert_eq!(net.book.held(), 0, "the escrow is released");
+}
+
+#[test]
+fn a_relay_restarted_mid_job_completes_the_job_and_pays_once() {
+    let (net, job, _) = restart_mid_job(false);
+    assert_paid_once(&net, job);
+
+    let (mut net, job, held) = restart_mid_job(true);
+    assert_paid_once(&net, job);
+    // Restarted again, the relay has forgotten the result's nonce, but the lease has its
+    // result: the same bytes are refused as a duplicate, and the finished job stays quiet.
+    net.restart_relay(RelayConfig::default(), 9);
+    assert_eq!(net.relay.poll_timeout(), None, "a finished job sets no timer");
+    assert!(net.relay.poll_event().is_none() && net.relay.poll_transmit().is_none());
+    net.relay.handle_message(net.now, Some(net.nodes[0].id()), &held[0]);
+    let events: Vec<RelayEvent> = std::iter::from_fn(|| net.relay.poll_event()).collect();
+    assert!(
+        matches!(&events[..], [RelayEvent::Rejected { reason, .. }]
+            if reason.to_string().contains("duplicate result")),
+        "{events:?}"
+    );
+    assert!(net.relay.poll_transmit().is_none(), "no second receipt");
+    net.settle();
+    assert_paid_once(&net, job);
+}
+
+#[test]
+fn a_lease_that_expires_while_the_relay_is_down_is_reoffered_after_the_restart() {
+    let mut net = Net::new(&[Behaviour::Vanish, Behaviour::Honest { ms: 5_000 }]);
+    let job = net.post(testkit::batch_spec(10));
+    let deadline = net.relay.job(&job).unwrap().leases[&0].deadline_ms;
+    assert_eq!(net.leases_of(job)[&0], (0, LeaseStatus::Active));
+    // The relay is down from here until well past the lease deadline.
+    net.now = deadline + 60_000;
+    net.restart_relay(RelayConfig::default(), 8);
+    assert_eq!(net.leases_of(job)[&0], (0, LeaseStatus::Expired), "expired on restore");
+    let restarted_at = net.now;
+    net.settle();
+    let leases = net.leases_of(job);
+    assert!(matches!(leases[&1], (1, LeaseStatus::Active)), "re-offered at once: {leases:?}");
+    assert_eq!(net.relay.job(&job).unwrap().leases[&1].granted_at_ms, restarted_at);
+    assert!(net.relay.job(&job).unwrap().excluded.contains(&net.nodes[0].id()));
+    net.run_until_final(job);
+    assert!(matches!(net.relay.job(&job).unwrap().state, JobState::Completed { .. }));
+    assert_eq!((net.balance(0), net.balance(1)), (0, 10));
+    assert_eq!(net.ledger_ops(), (1, 1, 1));
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
+    assert_eq!(net.book.held(), 0);
+}
+
+#[test]
+fn a_job_restored_while_reserving_asks_for_the_same_reservation_again() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 5_000 }]);
+    let job = net.relay.post_job(net.now, REQUESTER, testkit::batch_spec(10)).unwrap();
+    // The driver applies the reservation; the relay stops before it is confirmed.
+    let Some(RelayEvent::Ledger(reserve)) = net.relay.poll_event() else { panic!("no reserve") };
+    net.book.apply(&reserve).unwrap();
+    net.relay_events.push(RelayEvent::Ledger(reserve.clone()));
+    // A changed margin must not change the op: the ledger refuses an id reused differently.
+    let cfg = RelayConfig { reserve_margin_ms: 1, ..RelayConfig::default() };
+    net.restart_relay(cfg, 8);
+    net.settle();
+    let reserves: Vec<&RelayEvent> = net
+        .relay_events
+        .iter()
+        .filter(|e| matches!(e, RelayEvent::Ledger(LedgerOp::Reserve { .. })))
+        .collect();
+    assert_eq!(reserves, [&RelayEvent::Ledger(reserve.clone()); 2], "the identical op again");
+    net.run_until_final(job);
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(matches!(state, JobState::Completed { .. }), "{state:?}");
+    assert_eq!(net.balance(0), 10);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10, "the escrow was taken once");
+    assert_eq!(net.book.held(), 0);
 }

@@ -10,8 +10,10 @@
 //! Inputs: [`RelayCore::handle_message`], [`RelayCore::handle_timeout`] and the commands.
 //! Outputs: [`RelayCore::poll_transmit`], [`RelayCore::poll_event`],
 //! [`RelayCore::poll_timeout`]. Every credit movement is a [`RelayEvent::Ledger`] carrying an
-//! idempotency id.
+//! idempotency id. A driver can store each [`RelayJob`] and restore it into a fresh core after
+//! a restart ([`RelayCore::restore_job`]).
 
+mod restore;
 pub mod training;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -139,7 +141,11 @@ pub struct LeaseRecord {
 }
 
 /// A job as the relay tracks it.
-#[derive(Clone, Debug)]
+///
+/// Serializable with every private field, so a driver can store it with
+/// [`crate::codec::encode`] after each change and hand it to [`RelayCore::restore_job`] after
+/// a restart (see `docs/protocol.md`, "Restoring jobs after a restart").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RelayJob {
     /// The id.
     pub id: JobId,
@@ -168,11 +174,24 @@ pub struct RelayJob {
     next_lease: u32,
     announce_at_ms: Millis,
     post_seq: u64,
+    /// The reservation's ledger timeout, kept so a restored job re-emits the identical
+    /// `Reserve` even if `reserve_margin_ms` changed.
+    reserve_timeout_at_ms: Millis,
 }
 
 impl RelayJob {
     fn reserve_id(&self) -> TransferId {
         TransferId::derive(self.id, "reserve", &[])
+    }
+
+    fn reserve_op(&self) -> LedgerOp {
+        LedgerOp::Reserve {
+            id: self.reserve_id(),
+            job_id: self.id,
+            requester: self.requester.clone(),
+            amount: self.escrow,
+            timeout_at_ms: self.reserve_timeout_at_ms,
+        }
     }
 
     fn active_leases(&self) -> usize {
@@ -352,6 +371,9 @@ pub enum CommandError {
     /// The command's arguments do not fit the job.
     #[error("{0}")]
     Invalid(String),
+    /// The job is already in this relay's memory; restore each stored job once.
+    #[error("job {0} is already known to this relay; restore each stored job once")]
+    AlreadyKnown(JobId),
 }
 
 /// Counters of rejected messages by reason label.
@@ -485,13 +507,7 @@ impl RelayCore {
             return Err(PostError::TooLarge(format!("{spec_len} bytes encoded")));
         }
         self.posted += 1;
-        let id = JobId::from_digest(&Digest::of_parts(&[
-            b"aimatrix/job",
-            self.id().as_bytes(),
-            requester.as_bytes(),
-            &now.to_le_bytes(),
-            &self.posted.to_le_bytes(),
-        ]));
+        let id = self.job_id_for(requester, now, self.posted);
         let escrow = spec.escrow().ok_or_else(|| PostError::TooLarge("escrow overflows".into()))?;
         let deadline_ms = now.saturating_add(secs(spec.deadline_s));
         let training = (spec.kind == JobKind::Training)
@@ -512,17 +528,24 @@ impl RelayCore {
             next_lease: 0,
             announce_at_ms: now,
             post_seq: self.posted,
+            reserve_timeout_at_ms: deadline_ms.saturating_add(self.cfg.reserve_margin_ms),
             spec,
         };
-        self.events.push_back(RelayEvent::Ledger(LedgerOp::Reserve {
-            id: job.reserve_id(),
-            job_id: id,
-            requester: requester.to_owned(),
-            amount: escrow,
-            timeout_at_ms: deadline_ms.saturating_add(self.cfg.reserve_margin_ms),
-        }));
+        self.events.push_back(RelayEvent::Ledger(job.reserve_op()));
         self.jobs.insert(id, job);
         Ok(id)
+    }
+
+    /// A job's id: derived from this relay's key, the requester, the posting time and the count
+    /// of jobs accepted so far (this one included).
+    fn job_id_for(&self, requester: &str, posted_at_ms: Millis, post_seq: u64) -> JobId {
+        JobId::from_digest(&Digest::of_parts(&[
+            b"aimatrix/job",
+            self.id().as_bytes(),
+            requester.as_bytes(),
+            &posted_at_ms.to_le_bytes(),
+            &post_seq.to_le_bytes(),
+        ]))
     }
 
     /// The ledger holds the job's escrow: offer it.
@@ -985,14 +1008,22 @@ impl RelayCore {
         let open: Vec<JobId> =
             self.jobs.values().filter(|j| j.state == JobState::Open).map(|j| j.id).collect();
         for job_id in open {
-            let past_deadline = self.jobs.get(&job_id).is_some_and(|j| now >= j.deadline_ms);
-            if past_deadline {
-                self.fail_job(now, job_id, "the job's deadline passed".into());
-            } else {
-                self.expire_leases(now, job_id);
-            }
+            self.on_time(now, job_id);
         }
         self.announce(now);
+    }
+
+    /// Brings one open job up to `now`: fails it past its deadline, or expires its leases.
+    fn on_time(&mut self, now: Millis, job_id: JobId) {
+        let Some(job) = self.jobs.get(&job_id) else { return };
+        if job.state != JobState::Open {
+            return;
+        }
+        if now >= job.deadline_ms {
+            self.fail_job(now, job_id, "the job's deadline passed".into());
+        } else {
+            self.expire_leases(now, job_id);
+        }
     }
 
     fn expire_leases(&mut self, now: Millis, job_id: JobId) {

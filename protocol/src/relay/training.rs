@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{CommandError, JobState, LeaseStatus, RelayCore, RelayEvent};
+use super::{CommandError, JobState, LeaseStatus, RelayCore, RelayEvent, RelayJob};
 use crate::hash::Digest;
 use crate::identity::NodeId;
 use crate::job::TrainingParams;
@@ -227,20 +227,38 @@ impl RelayCore {
         self.close_round(now, job_id);
     }
 
-    /// Closes the running round: to aggregation with a quorum, otherwise retried or failed.
-    fn close_round(&mut self, now: Millis, job_id: JobId) {
-        let max_attempts = self.jobs.get(&job_id).map_or(1, |j| j.spec.max_attempts);
-        let Some(job) = self.jobs.get_mut(&job_id) else { return };
-        let Some(t) = job.training.as_mut() else { return };
-        let updates: Vec<(NodeId, u32, Digest)> = t
-            .round_leases
+    /// The updates returned in the current round: node, lease, update digest.
+    fn round_updates(job: &RelayJob) -> Vec<(NodeId, u32, Digest)> {
+        let Some(t) = &job.training else { return Vec::new() };
+        t.round_leases
             .iter()
             .filter_map(|n| job.leases.get(n))
             .filter_map(|l| match l.status {
                 LeaseStatus::Returned(h) => Some((l.node, l.lease, h)),
                 _ => None,
             })
-            .collect();
+            .collect()
+    }
+
+    /// A restored job waiting for aggregation asks the driver again: the `RoundClosed` it
+    /// emitted before the restart may never have been handled.
+    pub(super) fn reemit_round_closed(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get(&job_id) else { return };
+        let Some(t) = &job.training else { return };
+        if job.state != JobState::Open || t.phase != RoundPhase::Aggregating {
+            return;
+        }
+        let (round, model) = (t.round, t.model);
+        let updates = Self::round_updates(job);
+        self.events.push_back(RelayEvent::RoundClosed { job_id, round, model, updates });
+    }
+
+    /// Closes the running round: to aggregation with a quorum, otherwise retried or failed.
+    fn close_round(&mut self, now: Millis, job_id: JobId) {
+        let max_attempts = self.jobs.get(&job_id).map_or(1, |j| j.spec.max_attempts);
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let updates = Self::round_updates(job);
+        let Some(t) = job.training.as_mut() else { return };
         let round = t.round;
         if updates.len() >= t.params.quorum as usize {
             t.phase = RoundPhase::Aggregating;
