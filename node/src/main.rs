@@ -7,8 +7,8 @@
 //!
 //! Subcommands live one per file under `src/commands/`: `exec` runs a job locally in the
 //! sandbox (wasm or Docker), `detect` reports the hardware and runtimes the node would
-//! advertise, `workloads` lists the shipped guests; the network subcommands arrive with their
-//! issues.
+//! advertise, `workloads` lists the shipped guests; `status` and `compute` ask a running node
+//! through its local control API (`src/api/`).
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
@@ -17,6 +17,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+// The join driver serves the API and keeps the history under the policy; until it is wired
+// in, only the client side of the API is used outside tests.
+#[cfg_attr(not(test), expect(dead_code, reason = "served by join"))]
+#[cfg_attr(test, allow(dead_code))]
+mod api;
+mod client;
 mod commands;
 mod data_dir;
 mod hardware;
@@ -42,6 +48,8 @@ enum Command {
     Detect(commands::detect::DetectArgs),
     Exec(commands::exec::ExecArgs),
     Workloads(commands::workloads::WorkloadsArgs),
+    Status(commands::status::StatusArgs),
+    Compute(commands::compute::ComputeArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,5 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Detect(args) => commands::detect::run(args),
         Command::Exec(args) => commands::exec::run(args),
         Command::Workloads(args) => commands::workloads::run(args),
+        Command::Status(args) => commands::status::run(args),
+        Command::Compute(args) => commands::compute::run(args),
     }
 }
