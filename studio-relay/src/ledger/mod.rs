@@ -67,7 +67,7 @@ pub enum LedgerError {
     /// Another process holds the database.
     #[error(
         "ledger database {} is in use by another process (a running relay?); stop it first, \
-         or wait for the relay's HTTP API (issue 6)",
+         or leave out --data-dir to go through the running relay's HTTP API (--api)",
         path.display()
     )]
     Locked {
@@ -83,7 +83,7 @@ pub enum LedgerError {
 }
 
 /// What `ledger audit` found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditReport {
     /// Log entries read.
     pub entries: u64,
@@ -93,6 +93,22 @@ pub struct AuditReport {
     pub open_reservations: usize,
     /// Every discrepancy, one line each; empty when clean.
     pub problems: Vec<String>,
+}
+
+impl From<store::Scan> for AuditReport {
+    fn from(scan: store::Scan) -> Self {
+        Self {
+            entries: scan.entries,
+            accounts: scan.state.accounts().len(),
+            open_reservations: scan
+                .state
+                .reservations()
+                .values()
+                .filter(|r| r.closed == Closed::Open)
+                .count(),
+            problems: scan.problems,
+        }
+    }
 }
 
 /// The durable ledger: a writer thread with group commit over a sled database.
@@ -137,18 +153,16 @@ impl Ledger {
             )));
         }
         let db = store::open_db(&paths)?;
-        let scan = store::scan(&db, &paths, db.was_recovered());
-        Ok(AuditReport {
-            entries: scan.entries,
-            accounts: scan.state.accounts().len(),
-            open_reservations: scan
-                .state
-                .reservations()
-                .values()
-                .filter(|r| r.closed == Closed::Open)
-                .count(),
-            problems: scan.problems,
-        })
+        Ok(AuditReport::from(store::scan(&db, &paths, db.was_recovered())))
+    }
+
+    /// The same scan as [`Ledger::audit`], on this open ledger: it runs on the writer thread
+    /// between two batches, so it sees every acknowledged operation and nothing half-written.
+    pub fn audit_open(&self) -> Result<AuditReport, LedgerError> {
+        match self.send(writer::Command::Audit)?.wait()? {
+            Outcome::Audited(report) => Ok(report),
+            _ => unreachable!("an audit is answered with Audited"),
+        }
     }
 
     /// Queues `op`; the ticket resolves once the op is durable (or refused).
@@ -172,7 +186,7 @@ impl Ledger {
     pub fn submit(&self, op: Op) -> Result<Applied, LedgerError> {
         match self.submit_async(op)?.wait()? {
             Outcome::Applied(applied) => Ok(applied),
-            Outcome::Expired(_) => unreachable!("an op is answered with Applied"),
+            _ => unreachable!("an op is answered with Applied"),
         }
     }
 
@@ -196,7 +210,7 @@ impl Ledger {
     pub fn expire(&self, now_ms: u64) -> Result<Vec<u128>, LedgerError> {
         match self.expire_async(now_ms)?.wait()? {
             Outcome::Expired(ids) => Ok(ids),
-            Outcome::Applied(_) => unreachable!("an expiry is answered with Expired"),
+            _ => unreachable!("an expiry is answered with Expired"),
         }
     }
 

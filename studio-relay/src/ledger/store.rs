@@ -358,6 +358,7 @@ fn head_slot(head: Head) -> [u8; 64] {
 /// The writer's side of the storage.
 pub(crate) struct Store {
     pub(crate) db: sled::Db,
+    paths: Paths,
     head_file: File,
     pub(crate) head: Head,
 }
@@ -379,11 +380,16 @@ impl Store {
             db.insert(KEY_FORMAT, FORMAT).map_err(|err| storage("writing", &err))?;
             db.flush().map_err(|err| storage("flushing", &err))?;
         }
-        let store = Self { db, head_file, head };
+        let store = Self { db, paths: paths.clone(), head_file, head };
         // Both slots start at the verified head, so an older slot never outlives a rollback check.
         store.write_head_slot(head, 0).map_err(|err| storage("writing the head file", &err))?;
         store.write_head_slot(head, 1).map_err(|err| storage("writing the head file", &err))?;
         Ok(store)
+    }
+
+    /// A full scan of the database as it is on disk now (between batches).
+    pub(crate) fn audit(&self) -> super::AuditReport {
+        super::AuditReport::from(scan(&self.db, &self.paths, true))
     }
 
     fn write_head_slot(&self, head: Head, slot: u64) -> std::io::Result<()> {

@@ -4,7 +4,7 @@ use std::sync::mpsc;
 
 use super::state::{Applied, Entry, LedgerState, Op};
 use super::store::Store;
-use super::{LedgerError, BATCH_LEN_MAX};
+use super::{AuditReport, LedgerError, BATCH_LEN_MAX};
 
 /// What the writer is asked to do.
 pub(crate) enum Command {
@@ -12,6 +12,8 @@ pub(crate) enum Command {
     Apply(Op),
     /// Void every reservation past its timeout at this instant.
     Expire(u64),
+    /// Scan the database once this batch is durable.
+    Audit,
 }
 
 /// One queued command and where to send its answer.
@@ -27,6 +29,8 @@ pub enum Outcome {
     Applied(Applied),
     /// An expiry voided these reservations.
     Expired(Vec<u128>),
+    /// What an audit of the open ledger found.
+    Audited(AuditReport),
 }
 
 /// The answer to one submitted command; [`Ticket::wait`] returns once it is durable.
@@ -50,6 +54,7 @@ pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<R
     let mut batch: Vec<Request> = Vec::with_capacity(BATCH_LEN_MAX);
     let mut results: Vec<Result<Outcome, LedgerError>> = Vec::with_capacity(BATCH_LEN_MAX);
     let mut entries: Vec<Entry> = Vec::new();
+    let mut audits: Vec<usize> = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < BATCH_LEN_MAX {
@@ -58,9 +63,14 @@ pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<R
                 Err(_) => break,
             }
         }
-        for request in &mut batch {
+        for (i, request) in batch.iter_mut().enumerate() {
             let command = std::mem::replace(&mut request.command, Command::Expire(0));
             results.push(match command {
+                Command::Audit => {
+                    // Answered below, once the batch is on disk.
+                    audits.push(i);
+                    Ok(Outcome::Expired(Vec::new()))
+                }
                 Command::Apply(op) => state
                     .apply(op, &mut entries)
                     .map(Outcome::Applied)
@@ -80,6 +90,9 @@ pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<R
                 return;
             }
             entries.clear();
+        }
+        for i in audits.drain(..) {
+            results[i] = Ok(Outcome::Audited(store.audit()));
         }
         for (request, result) in batch.drain(..).zip(results.drain(..)) {
             // A submitter that stopped waiting is not an error.
