@@ -1,0 +1,225 @@
+//! The job store: one record per job in its own sled database, so jobs survive a restart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use aimatrix_protocol::codec;
+use aimatrix_protocol::messages::{JobId, OutputDigest};
+use serde::{Deserialize, Serialize};
+
+/// The largest encoded job record (its core snapshot and output lists included).
+pub const JOB_RECORD_BYTES_MAX: usize = 4 << 20;
+
+/// What the relay keeps of one job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job.
+    pub id: JobId,
+    /// The requester's ledger account.
+    pub requester: String,
+    /// When it was posted.
+    pub posted_at_ms: u64,
+    /// The core's job, codec-encoded (`aimatrix_protocol::relay::RelayJob`); opaque here.
+    pub snapshot: Vec<u8>,
+    /// Whether the job has ended (completed, failed or refused).
+    pub final_state: bool,
+    /// The outputs each lease reported, by lease number.
+    pub outputs: BTreeMap<u32, Vec<OutputDigest>>,
+}
+
+/// Why the job store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobStoreError {
+    /// Another process holds the database.
+    #[error("job store {} is in use by another process (a running relay?); stop it first", path.display())]
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+    /// A stored record does not decode; it is refused, never guessed at.
+    #[error(
+        "job store {}: the record of job {job} is corrupt ({detail}); restore the jobs directory \
+         from a backup, or move it aside to start without the job history",
+        path.display()
+    )]
+    Corrupt {
+        /// The database directory.
+        path: PathBuf,
+        /// The job (hex of its key).
+        job: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The record is too large to store.
+    #[error("the record of job {job} is too large to store: {detail}")]
+    TooLarge {
+        /// The job.
+        job: JobId,
+        /// The encoder's complaint.
+        detail: String,
+    },
+    /// sled failed to read, write or flush.
+    #[error("job store {}: {what}: {detail}", path.display())]
+    Storage {
+        /// The database directory.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// sled's error.
+        detail: String,
+    },
+}
+
+/// The job records, keyed by job id, in a sled database of their own.
+#[derive(Debug)]
+pub struct JobStore {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+impl JobStore {
+    /// Opens (or creates) the job store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, JobStoreError> {
+        let path = dir.to_owned();
+        let opened = sled::Config::new().path(dir).flush_every_ms(None).open();
+        let db = match opened {
+            Ok(db) => db,
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(11)
+                    || e.to_string().contains("lock") =>
+            {
+                return Err(JobStoreError::Locked { path });
+            }
+            Err(e) => {
+                return Err(JobStoreError::Storage {
+                    path,
+                    what: "cannot open",
+                    detail: e.to_string(),
+                })
+            }
+        };
+        Ok(Self { db, path })
+    }
+
+    /// Writes `record`, replacing the job's previous one; returns once it is on disk.
+    pub fn put(&self, record: &JobRecord) -> Result<(), JobStoreError> {
+        let bytes = codec::encode_limited::<_, JOB_RECORD_BYTES_MAX>(record)
+            .map_err(|e| JobStoreError::TooLarge { job: record.id, detail: e.to_string() })?;
+        self.db.insert(record.id.0, bytes).map_err(|e| self.storage("cannot write", &e))?;
+        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
+        Ok(())
+    }
+
+    /// The job's record, if stored.
+    pub fn get(&self, id: &JobId) -> Result<Option<JobRecord>, JobStoreError> {
+        match self.db.get(id.0).map_err(|e| self.storage("cannot read", &e))? {
+            Some(bytes) => self.decode(&id.0, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record, newest first (by posting time, then id).
+    pub fn list(&self) -> Result<Vec<JobRecord>, JobStoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iter() {
+            let (key, value) = item.map_err(|e| self.storage("cannot read", &e))?;
+            out.push(self.decode(&key, &value)?);
+        }
+        out.sort_by(|a, b| b.posted_at_ms.cmp(&a.posted_at_ms).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// The records of jobs that have not ended, newest first.
+    pub fn unfinished(&self) -> Result<Vec<JobRecord>, JobStoreError> {
+        let mut all = self.list()?;
+        all.retain(|r| !r.final_state);
+        Ok(all)
+    }
+
+    fn decode(&self, key: &[u8], bytes: &[u8]) -> Result<JobRecord, JobStoreError> {
+        let corrupt = |detail: String| JobStoreError::Corrupt {
+            path: self.path.clone(),
+            job: hex::encode(key),
+            detail,
+        };
+        let record: JobRecord = codec::decode_limited::<_, JOB_RECORD_BYTES_MAX>(bytes)
+            .map_err(|e| corrupt(format!("it does not decode: {e}")))?;
+        if key != record.id.0 {
+            return Err(corrupt(format!("it is stored under another job's key ({})", record.id)));
+        }
+        Ok(record)
+    }
+
+    fn storage(&self, what: &'static str, err: &sled::Error) -> JobStoreError {
+        JobStoreError::Storage { path: self.path.clone(), what, detail: err.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aimatrix_protocol::hash::Digest;
+
+    use super::*;
+
+    fn record(n: u8, posted_at_ms: u64, final_state: bool) -> JobRecord {
+        let output =
+            OutputDigest { name: "/stdout".into(), digest: Digest::of(&[n]), size_bytes: 1 };
+        JobRecord {
+            id: JobId([n; 16]),
+            requester: "studio".into(),
+            posted_at_ms,
+            snapshot: vec![n, 1, 2, 3],
+            final_state,
+            outputs: BTreeMap::from([(0, vec![output])]),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = JobStore::open(dir.path()).unwrap();
+            store.put(&record(1, 100, true)).unwrap();
+            store.put(&record(2, 300, false)).unwrap();
+            store.put(&record(3, 200, false)).unwrap();
+            // Replacing a record keeps one per job.
+            store.put(&record(3, 200, true)).unwrap();
+        }
+        let store = JobStore::open(dir.path()).unwrap();
+        let ids: Vec<u8> = store.list().unwrap().iter().map(|r| r.id.0[0]).collect();
+        assert_eq!(ids, [2, 3, 1]);
+        let unfinished: Vec<u8> = store.unfinished().unwrap().iter().map(|r| r.id.0[0]).collect();
+        assert_eq!(unfinished, [2]);
+        assert_eq!(store.get(&JobId([1; 16])).unwrap(), Some(record(1, 100, true)));
+        assert_eq!(store.get(&JobId([9; 16])).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_refused_naming_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        store.put(&record(1, 100, false)).unwrap();
+        let id = JobId([7; 16]);
+        store.db.insert(id.0, &[codec::FORMAT_VERSION, 0xFF, 0xFF][..]).unwrap();
+        let err = store.get(&id).unwrap_err();
+        assert!(matches!(err, JobStoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(&id.to_string()), "{err}");
+        assert!(store.list().is_err(), "a listing does not skip a corrupt record silently");
+        assert!(store.unfinished().is_err());
+        // A valid record under another job's key is refused too.
+        let moved =
+            codec::encode_limited::<_, JOB_RECORD_BYTES_MAX>(&record(1, 100, false)).unwrap();
+        store.db.insert(id.0, moved).unwrap();
+        let err = store.get(&id).unwrap_err();
+        assert!(err.to_string().contains("another job's key"), "{err}");
+    }
+
+    #[test]
+    fn a_second_open_reports_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = JobStore::open(dir.path()).unwrap();
+        let err = JobStore::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("in use by another process"), "{err}");
+    }
+}
