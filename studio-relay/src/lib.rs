@@ -12,9 +12,14 @@
 //!   job inputs to leased nodes by content hash (to come);
 //! - **verification** of returned results (hash agreement across replicas, spot checks; to come);
 //! - **training aggregation**: robust per-round aggregation of model deltas (to come);
-//! - the relay's **HTTP API** (to come).
+//! - the relay's **HTTP API** ([`api`]) and its client ([`client`]);
+//! - the **stores** ([`store`]): content-addressed blobs and the job records that survive a
+//!   restart.
 //!
 //! The `studio-relay` binary in this package is the command line over this library; see
 //! `docs/architecture.md` for how the pieces fit and `docs/ledger.md` for the ledger.
 
+pub mod api;
+pub mod client;
 pub mod ledger;
+pub mod store;
