@@ -7,7 +7,8 @@
 //! time, ledger writes and HTTP requests in and out of it, and this binary is its CLI.
 //!
 //! Subcommands arrive with the issues that build them, one variant of `Command` each (one file
-//! per group under `commands/`). Today: `ledger` (mint, balance, history, audit, export).
+//! per group under `commands/`). Today: `job` (post, status, list, result, cancel, through the
+//! running relay's HTTP API) and `ledger` (mint, balance, history, audit, export).
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
@@ -30,11 +31,12 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Jobs on the running relay: post, status, list, result, cancel.
+    Job(commands::job::JobArgs),
     /// The credit ledger: mint, balance, history, audit, export.
     ///
-    /// These commands work directly on the ledger files in --data-dir, so the relay must be
-    /// stopped (the database is locked while it runs). Going through a running relay's HTTP API
-    /// arrives with the relay itself (issue 6).
+    /// These go through the running relay's HTTP API (--api), or, with --data-dir, work
+    /// directly on the ledger files there while the relay is stopped.
     Ledger(commands::ledger::LedgerArgs),
 }
 
@@ -48,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(aimatrix_cli_support::bare_invocation::<Cli>());
     };
     match command {
+        Command::Job(args) => commands::job::run(args),
         Command::Ledger(args) => commands::ledger::run(args),
     }
 }

@@ -1,8 +1,9 @@
 //! `studio-relay ledger ...`: mint, balance, history, audit, export (and a hidden stress writer).
 //!
-//! Today these work directly on the ledger files in `--data-dir` while the relay is stopped
-//! (sled locks the database, so a running relay makes them fail with a message saying so).
-//! Going through the running relay's HTTP API arrives with the relay itself (issue 6).
+//! With `--data-dir` (or `AIMATRIX_RELAY_DATA_DIR`) these work directly on the ledger files
+//! while the relay is stopped (sled locks the database, so a running relay makes them fail with
+//! a message saying so). Without it they go through the running relay's HTTP API (`--api`);
+//! both print the same JSON (the views in `studio_relay::api::types`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,18 +12,23 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use studio_relay::ledger::{Account, Applied, Entry, Ledger, LedgerError, LegKind, Op, OpError};
+use studio_relay::api::types::{AuditView, BalanceView, MintRequest, MintView, TransferView};
+use studio_relay::api::ApiArg;
+use studio_relay::client::RelayClient;
+use studio_relay::ledger::{Ledger, LedgerError, Op, OpError};
 
 /// Work on the credit ledger.
 ///
-/// These commands open the ledger files in the data directory directly, so the relay must be
-/// stopped. Going through a running relay's HTTP API arrives with the relay (issue 6).
+/// By default these go through the running relay's HTTP API (--api). With --data-dir they open
+/// the ledger files in that directory directly instead, so the relay must be stopped.
 #[derive(Debug, Args)]
 pub(crate) struct LedgerArgs {
-    /// The relay's data directory; the ledger lives in its `ledger/` folder
-    /// [default: $XDG_DATA_HOME/aimatrix-relay, else ~/.local/share/aimatrix-relay]
+    /// Work offline on the ledger in this relay data directory (its `ledger/` folder) instead
+    /// of going through the running relay's API; the relay must be stopped
     #[arg(long, global = true, env = "AIMATRIX_RELAY_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    api: ApiArg,
     #[command(subcommand)]
     command: LedgerCommand,
 }
@@ -106,17 +112,30 @@ enum ExportFormat {
     Json,
 }
 
+/// Where the ledger is: its files (offline) or a running relay.
+enum Target {
+    Dir(PathBuf),
+    Api(RelayClient),
+}
+
 pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
-    let dir = ledger_dir(args.data_dir.as_deref())?;
+    if let LedgerCommand::Stress { rounds, threads, seed } = args.command {
+        // The crash-test writer always works on the files.
+        return stress(&ledger_dir(args.data_dir.as_deref())?, rounds, threads, seed);
+    }
+    let target = match &args.data_dir {
+        Some(dir) => Target::Dir(dir.join("ledger")),
+        None => Target::Api(RelayClient::new(args.api.addr)),
+    };
     match args.command {
         LedgerCommand::Mint { account, amount, memo, id, json } => {
-            mint(&dir, &account, amount, &memo, id, json)
+            mint(&target, &account, amount, &memo, id, json)
         }
-        LedgerCommand::Balance { account, json } => balance(&dir, &account, json),
-        LedgerCommand::History { account, limit, json } => history(&dir, &account, limit, json),
-        LedgerCommand::Audit { json } => audit(&dir, json),
-        LedgerCommand::Export { format } => export(&dir, format),
-        LedgerCommand::Stress { rounds, threads, seed } => stress(&dir, rounds, threads, seed),
+        LedgerCommand::Balance { account, json } => balance(&target, &account, json),
+        LedgerCommand::History { account, limit, json } => history(&target, &account, limit, json),
+        LedgerCommand::Audit { json } => audit(&target, json),
+        LedgerCommand::Export { format } => export(&target, format),
+        LedgerCommand::Stress { .. } => unreachable!("handled above"),
     }
 }
 
@@ -137,7 +156,7 @@ fn open(dir: &Path) -> anyhow::Result<Ledger> {
 /// Opens for reading: refuses to create a ledger where there is none.
 fn open_existing(dir: &Path) -> anyhow::Result<Ledger> {
     if !dir.join("db").exists() {
-        bail!("no ledger in {} (mint credits first, or pass --data-dir)", dir.display());
+        bail!("no ledger in {} (mint credits first, or check --data-dir)", dir.display());
     }
     open(dir)
 }
@@ -149,7 +168,7 @@ fn print_json<T: Serialize>(out: &mut impl Write, value: &T) -> anyhow::Result<(
 }
 
 fn mint(
-    dir: &Path,
+    target: &Target,
     account: &str,
     amount: u64,
     memo: &str,
@@ -163,29 +182,21 @@ fn mint(
             .context("the clock is before 1970")?
             .as_nanos(),
     };
-    let ledger = open(dir)?;
-    let applied = match ledger.mint(id, account, amount, memo) {
-        Ok(applied) => applied,
-        Err(LedgerError::Rejected(err)) => bail!("mint refused: {err}"),
-        Err(err) => return Err(err.into()),
-    };
-    let balance = ledger.balance(account)?;
-    #[derive(Serialize)]
-    struct Minted<'a> {
-        id: String,
-        seq: u64,
-        already_recorded: bool,
-        account: &'a str,
-        amount: u64,
-        available: i128,
-    }
-    let out = Minted {
-        id: id.to_string(),
-        seq: applied.seq(),
-        already_recorded: matches!(applied, Applied::Existing(_)),
-        account,
-        amount,
-        available: balance.available(),
+    let out: MintView = match target {
+        Target::Dir(dir) => {
+            let ledger = open(dir)?;
+            match studio_relay::api::mint_now(&ledger, id, account, amount, memo) {
+                Ok(out) => out,
+                Err(LedgerError::Rejected(err)) => bail!("mint refused: {err}"),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Target::Api(client) => client.mint(&MintRequest {
+            account: account.to_owned(),
+            amount,
+            memo: memo.to_owned(),
+            id: Some(id.to_string()),
+        })?,
     };
     let mut stdout = std::io::stdout().lock();
     if json {
@@ -201,26 +212,10 @@ fn mint(
     Ok(ExitCode::SUCCESS)
 }
 
-#[derive(Serialize)]
-struct BalanceOut<'a> {
-    account: &'a str,
-    available: i128,
-    pending: u128,
-    posted_credits: u128,
-    posted_debits: u128,
-    pending_credits: u128,
-}
-
-fn balance(dir: &Path, account: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let ledger = open_existing(dir)?;
-    let a: Account = ledger.balance(account)?;
-    let out = BalanceOut {
-        account,
-        available: a.available(),
-        pending: a.debits_pending,
-        posted_credits: a.credits_posted,
-        posted_debits: a.debits_posted,
-        pending_credits: a.credits_pending,
+fn balance(target: &Target, account: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let out = match target {
+        Target::Dir(dir) => BalanceView::new(account, &open_existing(dir)?.balance(account)?),
+        Target::Api(client) => client.balance(account)?,
     };
     let mut stdout = std::io::stdout().lock();
     if json {
@@ -235,86 +230,15 @@ fn balance(dir: &Path, account: &str, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One transfer as the CLI shows it.
-#[derive(Serialize)]
-struct TransferOut {
-    seq: u64,
-    kind: &'static str,
-    id: Option<String>,
-    job_id: Option<String>,
-    reserve_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memo: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    change: Option<i128>,
-    legs: Vec<LegOut>,
-}
-
-#[derive(Serialize)]
-struct LegOut {
-    kind: &'static str,
-    debit: String,
-    credit: String,
-    amount: u128,
-}
-
-impl TransferOut {
-    fn new(entry: Entry, account: Option<&str>) -> Self {
-        let change = account.map(|a| available_change(&entry, a));
-        let memo = match &entry.op {
-            Op::Mint { memo, .. } => Some(memo.clone()),
-            _ => None,
-        };
-        Self {
-            seq: entry.seq,
-            kind: entry.op.kind(),
-            id: entry.op.id().map(|id| id.to_string()),
-            job_id: entry.op.job_id().map(hex::encode),
-            reserve_id: match entry.op {
-                Op::Reserve { .. } | Op::Mint { .. } => None,
-                _ => entry.op.reserve_id().map(|id| id.to_string()),
-            },
-            memo,
-            change,
-            legs: entry
-                .legs
-                .into_iter()
-                .map(|l| LegOut {
-                    kind: l.kind.name(),
-                    debit: l.debit,
-                    credit: l.credit,
-                    amount: l.amount,
-                })
-                .collect(),
-        }
-    }
-}
-
-/// How the entry changed `account`'s available balance.
-fn available_change(entry: &Entry, account: &str) -> i128 {
-    let mut change: i128 = 0;
-    for l in &entry.legs {
-        let a = i128::try_from(l.amount).unwrap_or(i128::MAX);
-        if l.debit == account {
-            change -= match l.kind {
-                LegKind::Posted | LegKind::Pending => a,
-                LegKind::PostPending => 0,
-                LegKind::VoidPending => -a,
-            };
-        }
-        if l.credit == account {
-            change += match l.kind {
-                LegKind::Posted | LegKind::PostPending => a,
-                LegKind::Pending | LegKind::VoidPending => 0,
-            };
-        }
-    }
-    change
-}
-
-fn history(dir: &Path, account: &str, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
-    let ledger = open_existing(dir)?;
-    let entries = ledger.history(account, limit)?;
+fn history(target: &Target, account: &str, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let transfers = match target {
+        Target::Dir(dir) => open_existing(dir)?
+            .history(account, limit)?
+            .into_iter()
+            .map(|entry| TransferView::new(entry, Some(account)))
+            .collect(),
+        Target::Api(client) => client.history(account, limit)?,
+    };
     let mut stdout = std::io::stdout().lock();
     if !json {
         writeln!(
@@ -323,8 +247,7 @@ fn history(dir: &Path, account: &str, limit: usize, json: bool) -> anyhow::Resul
             "entry", "kind", "change", "job"
         )?;
     }
-    for entry in entries {
-        let t = TransferOut::new(entry, Some(account));
+    for t in transfers {
         if json {
             print_json(&mut stdout, &t)?;
         } else {
@@ -342,29 +265,15 @@ fn history(dir: &Path, account: &str, limit: usize, json: bool) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-fn audit(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let report = Ledger::audit(dir)?;
-    let clean = report.problems.is_empty();
+fn audit(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
+    let report = match target {
+        Target::Dir(dir) => AuditView::from(Ledger::audit(dir)?),
+        Target::Api(client) => client.audit()?,
+    };
+    let clean = report.clean;
     let mut stdout = std::io::stdout().lock();
     if json {
-        #[derive(Serialize)]
-        struct AuditOut<'a> {
-            clean: bool,
-            entries: u64,
-            accounts: usize,
-            open_reservations: usize,
-            problems: &'a [String],
-        }
-        print_json(
-            &mut stdout,
-            &AuditOut {
-                clean,
-                entries: report.entries,
-                accounts: report.accounts,
-                open_reservations: report.open_reservations,
-                problems: &report.problems,
-            },
-        )?;
+        print_json(&mut stdout, &report)?;
     } else if clean {
         writeln!(
             stdout,
@@ -381,38 +290,54 @@ fn audit(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn export(dir: &Path, format: ExportFormat) -> anyhow::Result<ExitCode> {
-    let ledger = open_existing(dir)?;
+fn export(target: &Target, format: ExportFormat) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     if let ExportFormat::Csv = format {
         writeln!(stdout, "seq,kind,id,job_id,reserve_id,leg,debit,credit,amount,memo")?;
     }
-    for entry in ledger.entries() {
-        let t = TransferOut::new(entry?, None);
-        match format {
-            ExportFormat::Json => print_json(&mut stdout, &t)?,
-            ExportFormat::Csv => {
-                for l in &t.legs {
-                    writeln!(
-                        stdout,
-                        "{},{},{},{},{},{},{},{},{},{}",
-                        t.seq,
-                        t.kind,
-                        t.id.as_deref().unwrap_or(""),
-                        t.job_id.as_deref().unwrap_or(""),
-                        t.reserve_id.as_deref().unwrap_or(""),
-                        l.kind,
-                        csv_field(&l.debit),
-                        csv_field(&l.credit),
-                        l.amount,
-                        csv_field(t.memo.as_deref().unwrap_or(""))
-                    )?;
-                }
+    match target {
+        Target::Dir(dir) => {
+            for entry in open_existing(dir)?.entries() {
+                write_transfer(&mut stdout, &TransferView::new(entry?, None), format)?;
+            }
+        }
+        Target::Api(client) => {
+            for t in client.export()? {
+                write_transfer(&mut stdout, &t, format)?;
             }
         }
     }
     stdout.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn write_transfer(
+    stdout: &mut impl Write,
+    t: &TransferView,
+    format: ExportFormat,
+) -> anyhow::Result<()> {
+    match format {
+        ExportFormat::Json => print_json(stdout, t)?,
+        ExportFormat::Csv => {
+            for l in &t.legs {
+                writeln!(
+                    stdout,
+                    "{},{},{},{},{},{},{},{},{},{}",
+                    t.seq,
+                    t.kind,
+                    t.id.as_deref().unwrap_or(""),
+                    t.job_id.as_deref().unwrap_or(""),
+                    t.reserve_id.as_deref().unwrap_or(""),
+                    l.kind,
+                    csv_field(&l.debit),
+                    csv_field(&l.credit),
+                    l.amount,
+                    csv_field(t.memo.as_deref().unwrap_or(""))
+                )?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn csv_field(text: &str) -> String {

@@ -1,3 +1,4 @@
 //! The subcommands, one file per group.
 
+pub(crate) mod job;
 pub(crate) mod ledger;
