@@ -77,6 +77,11 @@ pub struct NetConfig {
     pub keypair: Keypair,
     /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/4001`, `/ip4/0.0.0.0/udp/4001/quic-v1`.
     pub listen: Vec<Multiaddr>,
+    /// Addresses at which others can reach this peer (a public IP, a forwarded port). They are
+    /// confirmed as external addresses: a node with one serves the DHT, a relay offers circuit
+    /// reservations at them. A relay with none treats its listen addresses as external (right
+    /// on a public host; set this behind a NAT or when listening on `0.0.0.0`).
+    pub external: Vec<Multiaddr>,
     /// Peers to connect to and seed the DHT with; each address ends in `/p2p/<peer id>`.
     /// They are redialed while disconnected.
     pub bootstrap: Vec<Multiaddr>,
@@ -89,12 +94,13 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// A configuration with no listen or bootstrap addresses, no mDNS and
+    /// A configuration with no listen, external or bootstrap addresses, no mDNS and
     /// [`REQUEST_TIMEOUT_DEFAULT`].
     pub fn new(keypair: Keypair, role: Role) -> Self {
         Self {
             keypair,
             listen: Vec::new(),
+            external: Vec::new(),
             bootstrap: Vec::new(),
             role,
             mdns: false,

@@ -11,6 +11,7 @@ use aimatrix_protocol::Topic;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use libp2p::core::transport::ListenerId;
 use libp2p::gossipsub::{self, IdentTopic, TopicHash};
+use libp2p::kad::store::RecordStore as _;
 use libp2p::kad::{self, GetProvidersOk, GetRecordOk, QueryId, QueryResult};
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
@@ -68,6 +69,8 @@ type PendingResponse =
 pub(crate) struct SwarmTask {
     swarm: Swarm<Behaviour>,
     role: Role,
+    /// A relay with no configured external address confirms its listen addresses instead.
+    listen_is_external: bool,
     request_timeout: Duration,
     events: mpsc::Sender<NetEvent>,
     /// Connection and address events waiting for room in `events`.
@@ -96,6 +99,7 @@ impl SwarmTask {
         let mut task = Self {
             swarm,
             role: cfg.role,
+            listen_is_external: cfg.role == Role::Relay && cfg.external.is_empty(),
             request_timeout: cfg.request_timeout,
             events,
             overflow: VecDeque::new(),
@@ -116,6 +120,9 @@ impl SwarmTask {
                 .map_err(|e| {
                     NetError::Config(format!("cannot subscribe to {}: {e}", topic.name()))
                 })?;
+        }
+        for addr in &cfg.external {
+            task.swarm.add_external_address(addr.clone());
         }
         task.bind(&cfg.listen).await?;
         let bootstrap: Vec<_> = task.bootstrap.iter().map(|(p, a)| (*p, a.clone())).collect();
@@ -302,6 +309,9 @@ impl SwarmTask {
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
+                if self.listen_is_external && !is_circuit(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.emit(NetEvent::ListenAddr(address));
             }
             SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
@@ -309,9 +319,12 @@ impl SwarmTask {
                     info!(%relay, ?reason, "relay reservation closed");
                 }
             }
-            SwarmEvent::ExternalAddrConfirmed { .. } | SwarmEvent::ExternalAddrExpired { .. } => {
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "external address confirmed");
                 self.update_kad_mode();
+                self.reannounce_provided();
             }
+            SwarmEvent::ExternalAddrExpired { .. } => self.update_kad_mode(),
             _ => {}
         }
     }
@@ -499,12 +512,22 @@ impl SwarmTask {
         if self.role == Role::Relay {
             return;
         }
-        let direct = self
-            .swarm
-            .external_addresses()
-            .any(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)));
+        let direct = self.swarm.external_addresses().any(|a| !is_circuit(a));
         let mode = if direct { kad::Mode::Server } else { kad::Mode::Client };
         self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+    }
+
+    /// Announces every provided key again: a provider record carries the provider's external
+    /// addresses as they were when it was sent, and one without addresses cannot be found by
+    /// peers that do not already know where the provider is.
+    fn reannounce_provided(&mut self) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let keys: Vec<_> = kad.store_mut().provided().map(|r| r.key.clone()).collect();
+        for key in keys {
+            if let Err(e) = kad.start_providing(key) {
+                warn!(error = ?e, "cannot announce a provided key again");
+            }
+        }
     }
 
     fn redial_bootstrap(&mut self) {
@@ -567,6 +590,10 @@ impl Query {
             Self::GetProviders(..) => "get_providers",
         }
     }
+}
+
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 /// Bootstrap peers by id, with their address without the `/p2p` suffix.

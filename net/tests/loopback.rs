@@ -1,0 +1,256 @@
+//! A relay and two nodes on loopback: gossip, direct requests, the DHT, and identities.
+//!
+//! Every wait polls for a condition under a generous deadline; nothing asserts on timing.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use aimatrix_net::{
+    node_id_of, peer_id_of, spawn, DirectRequest, DirectResponse, Multiaddr, NetConfig, NetError,
+    NetEvent, NetHandle, PeerId, Role, Topic,
+};
+use aimatrix_protocol::hash::Digest;
+use aimatrix_protocol::identity::Keypair;
+use aimatrix_protocol::messages::JobId;
+use tokio::sync::mpsc;
+
+/// Long enough for a loaded 2-core machine; a passing run takes far less.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A gossip message as a peer's driver saw it.
+#[derive(Debug)]
+struct Seen {
+    topic: Topic,
+    bytes: Vec<u8>,
+    source: Option<PeerId>,
+}
+
+/// One running peer: its handle and the gossip its driver received.
+struct Peer {
+    net: NetHandle,
+    gossip: mpsc::UnboundedReceiver<Seen>,
+}
+
+/// Starts a peer whose driver answers direct requests: messages and uploads are accepted,
+/// blobs are served from `blobs`.
+async fn start(role: Role, seed: u8, bootstrap: Vec<Multiaddr>, blobs: Vec<Vec<u8>>) -> Peer {
+    let mut cfg = NetConfig::new(Keypair::from_secret_bytes([seed; 32]), role);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.bootstrap = bootstrap;
+    cfg.request_timeout = Duration::from_secs(20);
+    let (net, events) = spawn(cfg).await.unwrap();
+    let blobs: HashMap<Digest, Vec<u8>> = blobs.into_iter().map(|b| (Digest::of(&b), b)).collect();
+    let (gossip_tx, gossip) = mpsc::unbounded_channel();
+    tokio::spawn(drive(events, blobs, gossip_tx));
+    Peer { net, gossip }
+}
+
+async fn drive(
+    mut events: mpsc::Receiver<NetEvent>,
+    blobs: HashMap<Digest, Vec<u8>>,
+    gossip: mpsc::UnboundedSender<Seen>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            NetEvent::Gossip { topic, bytes, source } => {
+                let _ = gossip.send(Seen { topic, bytes, source });
+            }
+            NetEvent::Request { request, reply, .. } => reply.send(match request {
+                DirectRequest::Message(bytes) if bytes.is_empty() => {
+                    DirectResponse::refused("empty envelope")
+                }
+                DirectRequest::Message(_) | DirectRequest::PutBlob { .. } => {
+                    DirectResponse::Accepted
+                }
+                DirectRequest::GetBlob(digest) => match blobs.get(&digest) {
+                    Some(bytes) => DirectResponse::Blob(bytes.clone()),
+                    None => DirectResponse::NotFound,
+                },
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`DEADLINE`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A relay (holding `blob`) and two nodes bootstrapped to it, both connected.
+struct Network {
+    relay: Peer,
+    a: Peer,
+    b: Peer,
+}
+
+async fn network(blobs: Vec<Vec<u8>>) -> Network {
+    let relay = start(Role::Relay, 1, Vec::new(), blobs).await;
+    let relay_id = relay.net.local_peer_id();
+    let addr = relay.net.listen_addrs().await.into_iter().next().unwrap();
+    let bootstrap = vec![addr.with(libp2p::multiaddr::Protocol::P2p(relay_id))];
+    let a = start(Role::Node, 2, bootstrap.clone(), Vec::new()).await;
+    let b = start(Role::Node, 3, bootstrap, Vec::new()).await;
+    let (a_id, b_id) = (a.net.local_peer_id(), b.net.local_peer_id());
+    eventually("both nodes to connect to the relay", || async {
+        let peers = relay.net.connected_peers().await;
+        (peers.contains(&a_id) && peers.contains(&b_id)).then_some(())
+    })
+    .await;
+    for node in [&a, &b] {
+        eventually("each node to reserve a relay slot", || async {
+            let addrs = node.net.listen_addrs().await;
+            addrs.iter().any(|a| a.to_string().contains("/p2p-circuit")).then_some(())
+        })
+        .await;
+    }
+    Network { relay, a, b }
+}
+
+/// Publishes fresh messages from `from` until every peer in `to` has received one (gossipsub
+/// needs a heartbeat or two to learn subscriptions and build its mesh).
+async fn gossip_reaches(from: &Peer, to: &mut [&mut Peer], topic: Topic) {
+    let source = from.net.local_peer_id();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut reached = vec![false; to.len()];
+    for round in 0u32.. {
+        // Gossip ids are hashes of the bytes: every message must differ.
+        let bytes = format!("{topic:?} #{round} from {source}").into_bytes();
+        match from.net.publish(topic, bytes).await {
+            Ok(()) | Err(NetError::NoPeers) => {}
+            Err(e) => panic!("publish failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (peer, done) in to.iter_mut().zip(reached.iter_mut()) {
+            while let Ok(seen) = peer.gossip.try_recv() {
+                assert_eq!(seen.topic, topic, "{seen:?}");
+                assert_eq!(seen.source, Some(source), "{seen:?}");
+                assert!(seen.bytes.starts_with(format!("{topic:?} #").as_bytes()), "{seen:?}");
+                *done = true;
+            }
+        }
+        if reached.iter().all(|d| *d) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "gossip on {topic:?} did not arrive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_on_each_topic_reaches_the_other_peers() {
+    let Network { mut relay, mut a, mut b } = network(Vec::new()).await;
+    for topic in [Topic::Adverts, Topic::Offers] {
+        gossip_reaches(&a, &mut [&mut relay, &mut b], topic).await;
+        gossip_reaches(&relay, &mut [&mut a, &mut b], topic).await;
+    }
+    for peer in [&relay, &a, &b] {
+        peer.net.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_requests_are_answered_both_ways() {
+    let blob: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let net = network(vec![blob.clone()]).await;
+    let (relay, a, b) = (&net.relay.net, &net.a.net, &net.b.net);
+
+    // Node to relay and relay to node.
+    let envelope = DirectRequest::Message(vec![7; 500]);
+    assert_eq!(
+        a.request(relay.local_peer_id(), envelope.clone()).await.unwrap(),
+        DirectResponse::Accepted
+    );
+    assert_eq!(
+        relay.request(b.local_peer_id(), envelope.clone()).await.unwrap(),
+        DirectResponse::Accepted
+    );
+    let refused = a.request(relay.local_peer_id(), DirectRequest::Message(Vec::new())).await;
+    assert_eq!(refused.unwrap(), DirectResponse::Refused("empty envelope".into()));
+
+    // Blobs larger than a message frame come back whole; unknown ones are NotFound.
+    let got = a.request(relay.local_peer_id(), DirectRequest::GetBlob(Digest::of(&blob))).await;
+    assert_eq!(got.unwrap(), DirectResponse::Blob(blob.clone()));
+    let missing =
+        a.request(relay.local_peer_id(), DirectRequest::GetBlob(Digest::of(b"nope"))).await;
+    assert_eq!(missing.unwrap(), DirectResponse::NotFound);
+    let put = DirectRequest::PutBlob { job_id: JobId([1; 16]), lease: 1, bytes: blob };
+    assert_eq!(b.request(relay.local_peer_id(), put).await.unwrap(), DirectResponse::Accepted);
+
+    // Node to node, once a knows where b listens.
+    let b_addr =
+        b.listen_addrs().await.into_iter().find(|a| a.to_string().contains("/tcp/")).unwrap();
+    a.dial(b_addr).await.unwrap();
+    assert_eq!(
+        a.request(b.local_peer_id(), envelope.clone()).await.unwrap(),
+        DirectResponse::Accepted
+    );
+
+    // Oversize requests fail before they leave; unknown peers fail instead of hanging.
+    let huge = DirectRequest::Message(vec![0; aimatrix_protocol::codec::MAX_FRAME_BYTES + 1]);
+    assert!(matches!(a.request(relay.local_peer_id(), huge).await, Err(NetError::TooLarge(_))));
+    let stranger = peer_id_of(&Keypair::from_secret_bytes([99; 32]).public());
+    assert!(matches!(a.request(stranger, envelope).await, Err(NetError::Dial(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_and_providers_travel_through_the_relay() {
+    let net = network(Vec::new()).await;
+    let (a, b) = (&net.a.net, &net.b.net);
+
+    a.put_record(b"advert/a".to_vec(), b"signed advert".to_vec()).await.unwrap();
+    let found = eventually("b to find a's record", || async {
+        b.get_record(b"advert/a".to_vec()).await.unwrap()
+    })
+    .await;
+    assert_eq!(found, b"signed advert");
+    assert_eq!(b.get_record(b"advert/nobody".to_vec()).await.unwrap(), None);
+
+    a.start_providing(b"runtime/wasm".to_vec()).await.unwrap();
+    let a_id = a.local_peer_id();
+    eventually("b to find a as a provider", || async {
+        b.get_providers(b"runtime/wasm".to_vec()).await.unwrap().contains(&a_id).then_some(())
+    })
+    .await;
+    assert!(b.get_providers(b"gpu/vram>=16g".to_vec()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_lone_node_has_no_gossip_peers_and_stops_cleanly() {
+    let key = Keypair::from_secret_bytes([42; 32]);
+    let mut cfg = NetConfig::new(key.clone(), Role::Node);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let (net, _events) = spawn(cfg).await.unwrap();
+
+    assert_eq!(net.local_peer_id(), peer_id_of(&key.public()));
+    assert_eq!(node_id_of(&net.local_peer_id()), Some(key.public()));
+    let addrs = net.listen_addrs().await;
+    assert!(addrs.iter().any(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/")), "{addrs:?}");
+    assert!(matches!(net.publish(Topic::Offers, b"offer".to_vec()).await, Err(NetError::NoPeers)));
+
+    net.shutdown().await;
+    assert!(matches!(net.publish(Topic::Offers, b"x".to_vec()).await, Err(NetError::Shutdown)));
+    assert!(net.listen_addrs().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_bootstrap_address_must_name_its_peer() {
+    let mut cfg = NetConfig::new(Keypair::from_secret_bytes([5; 32]), Role::Node);
+    cfg.bootstrap = vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()];
+    let err = spawn(cfg).await.err().unwrap();
+    assert!(matches!(err, NetError::BootstrapAddr(_)), "{err}");
+    assert!(err.to_string().contains("/p2p/"), "{err}");
+}
