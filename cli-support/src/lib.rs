@@ -81,3 +81,20 @@ pub fn finish(bin: &str, result: anyhow::Result<ExitCode>) -> ExitCode {
         }
     }
 }
+
+/// Resolves when the process receives SIGINT (Ctrl-C) or, on Unix, SIGTERM: the long-running
+/// commands (`serve`, `join`, `devnet`) stop cleanly on either.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -19,19 +19,15 @@ use clap::{Parser, Subcommand};
 
 // The join driver serves the API and keeps the history under the policy; until it is wired
 // in, only the client side of the API is used outside tests.
-#[cfg_attr(not(test), expect(dead_code, reason = "served by join"))]
-#[cfg_attr(test, allow(dead_code))]
 mod api;
 mod client;
 mod commands;
 mod data_dir;
 mod hardware;
-#[cfg_attr(not(test), expect(dead_code, reason = "kept by join"))]
-#[cfg_attr(test, allow(dead_code))]
 mod history;
-#[cfg_attr(not(test), expect(dead_code, reason = "applied by join"))]
-#[cfg_attr(test, allow(dead_code))]
+mod join;
 mod policy;
+mod prepare;
 
 /// aimatrix compute node: joins the network, advertises hardware, runs jobs in a sandbox
 #[derive(Debug, Parser)]
@@ -50,6 +46,8 @@ enum Command {
     Workloads(commands::workloads::WorkloadsArgs),
     Status(commands::status::StatusArgs),
     Compute(commands::compute::ComputeArgs),
+    Join(join::JoinArgs),
+    Devnet(commands::devnet::DevnetArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,5 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workloads(args) => commands::workloads::run(args),
         Command::Status(args) => commands::status::run(args),
         Command::Compute(args) => commands::compute::run(args),
+        Command::Join(args) => join::run(args),
+        Command::Devnet(args) => commands::devnet::run(args),
     }
 }

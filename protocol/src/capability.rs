@@ -205,3 +205,16 @@ pub fn requirement_class(spec: &JobSpec) -> String {
         Runtime::Docker => "runtime/docker".to_owned(),
     }
 }
+
+/// The Kademlia key under which a node stores its latest signed advert (an encoded envelope).
+pub fn advert_record_key(node: &crate::identity::NodeId) -> Vec<u8> {
+    let mut key = b"aimatrix/advert/".to_vec();
+    key.extend_from_slice(node.as_bytes());
+    key
+}
+
+/// The Kademlia key under which nodes of a capability class ([`capability_classes`],
+/// [`requirement_class`]) are providers.
+pub fn class_provider_key(class: &str) -> Vec<u8> {
+    format!("aimatrix/class/{class}").into_bytes()
+}

@@ -249,6 +249,11 @@ impl NodeCore {
         self.outbox.id()
     }
 
+    /// The configuration the node was built with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
     /// The profile as advertised and matched: hardware and policy, with the current load.
     pub fn profile(&self) -> CapabilityProfile {
         let mut p = self.profile.clone();

@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod serve;
 
 /// aimatrix Studio relay: posts jobs to nodes, verifies results, pays workers in credits
 #[derive(Debug, Parser)]
@@ -31,6 +32,10 @@ struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the relay (libp2p peer, job intake, verification, payments, HTTP API).
+    Serve(serve::ServeArgs),
+    /// Show the running relay: address, peers, known nodes, open jobs, rejected messages.
+    Status(commands::status::StatusArgs),
     /// Jobs on the running relay: post, status, list, result, cancel.
     Job(commands::job::JobArgs),
     /// The credit ledger: mint, balance, history, audit, export.
@@ -50,6 +55,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(aimatrix_cli_support::bare_invocation::<Cli>());
     };
     match command {
+        Command::Serve(args) => serve::run(args),
+        Command::Status(args) => commands::status::run(args),
         Command::Job(args) => commands::job::run(args),
         Command::Ledger(args) => commands::ledger::run(args),
     }

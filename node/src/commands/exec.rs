@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use aimatrix_protocol::job::{ContentRef, JobSpec, Runtime};
-use aimatrix_sandbox::docker::{ContainerWorkload, DockerConfig, DockerExecutor};
+use aimatrix_protocol::job::{ContentRef, JobSpec};
+use aimatrix_sandbox::docker::{DockerConfig, DockerExecutor};
 use aimatrix_sandbox::wasm::{ModuleSource, WasmConfig, WasmExecutor};
 use aimatrix_sandbox::{
     ExecLimits, ExecOutcome, ExecStatus, Executor, JobWorkload, PreparedJob, RunControl,
@@ -16,6 +16,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::data_dir;
+use crate::prepare::{self, ContentUse};
 
 /// Owner tag of `exec`'s containers: this prefix and the process id.
 const EXEC_OWNER_PREFIX: &str = "aimatrix-exec-";
@@ -27,9 +28,6 @@ fn exec_run_is_gone(owner: &str) -> bool {
         .and_then(|pid| pid.parse::<u32>().ok())
         .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
 }
-
-/// Largest module `exec` reads.
-const MODULE_BYTES_MAX: u64 = 64 << 20;
 
 /// Run a job locally, exactly as a node would, to try it before posting it.
 ///
@@ -134,9 +132,23 @@ fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir, f
             JobSpec::from_toml(&text).map_err(|e| anyhow::anyhow!("{}", e.with_source(&shown)))?;
         let base = args.job.parent().unwrap_or(Path::new("."));
         cpu_share = spec.limits.cpu_share;
-        from_spec(&spec, base, &shown, &inputs_dir, &mut names, work.path(), args)?
+        if !args.args.is_empty() {
+            bail!(
+                "{shown}: arguments after `--` only apply to a bare module; set workload.args in \
+                 the job file"
+            );
+        }
+        let mut resolve = |content: &ContentRef, what: ContentUse<'_>| match content {
+            ContentRef::Path(p) => Ok(base.join(p)),
+            ContentRef::Digest(d) => bail!(
+                "{what} = \"{d}\" names content by hash, and `exec` has no content store to \
+                 fetch it from; point it at a file"
+            ),
+        };
+        prepare::from_spec(&spec, work.path(), &mut names, &mut resolve)
+            .map_err(|e| anyhow::anyhow!("{shown}: {e:#}"))?
     } else {
-        let module = ModuleSource::from_file(&args.job, MODULE_BYTES_MAX)?;
+        let module = ModuleSource::from_file(&args.job, prepare::MODULE_BYTES_MAX)?;
         let mut job =
             PreparedJob::new(JobWorkload::Wasm(module), work.path(), ExecLimits::default());
         job.args.clone_from(&args.args);
@@ -147,7 +159,7 @@ fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir, f
             .file_name()
             .and_then(|n| n.to_str())
             .with_context(|| format!("--input {}: not a file name", input.display()))?;
-        copy_input(input, &inputs_dir, name, &mut names)
+        prepare::copy_input(input, &inputs_dir, name, &mut names)
             .with_context(|| format!("--input {}", input.display()))?;
     }
     if let Some(t) = args.timeout {
@@ -164,69 +176,6 @@ fn prepare(args: &ExecArgs) -> anyhow::Result<(PreparedJob, tempfile::TempDir, f
     }
     job.deterministic |= args.deterministic;
     Ok((job, work, cpu_share))
-}
-
-fn from_spec(
-    spec: &JobSpec,
-    base: &Path,
-    shown: &str,
-    inputs_dir: &Path,
-    names: &mut BTreeSet<String>,
-    work_dir: &Path,
-    args: &ExecArgs,
-) -> anyhow::Result<PreparedJob> {
-    if !args.args.is_empty() {
-        bail!("{shown}: arguments after `--` only apply to a bare module; set workload.args in the job file");
-    }
-    let workload = match spec.workload.runtime {
-        Runtime::Wasm => {
-            let module_ref = spec.workload.module.as_ref().context("workload.module is missing")?;
-            JobWorkload::Wasm(match module_ref {
-                ContentRef::Path(p) => ModuleSource::from_file(&base.join(p), MODULE_BYTES_MAX)
-                    .map_err(|e| anyhow::anyhow!("{shown}: workload.module: {e}"))?,
-                ContentRef::Digest(d) => bail!(
-                    "{shown}: workload.module = \"{d}\" names a module by hash, and `exec` has no \
-                     module store to fetch it from; point workload.module at the .wasm file"
-                ),
-            })
-        }
-        Runtime::Docker => JobWorkload::Container(ContainerWorkload {
-            image: spec.workload.image.clone().context("workload.image is missing")?,
-            command: spec.workload.command.clone(),
-            gpus: spec.requirements.gpus,
-        }),
-    };
-    for (i, input) in spec.inputs.iter().enumerate() {
-        let ContentRef::Path(p) = &input.source else {
-            bail!("{shown}: inputs[{i}].source names content by hash; `exec` needs a file path");
-        };
-        copy_input(&base.join(p), inputs_dir, &input.name, names)
-            .with_context(|| format!("{shown}: inputs[{i}] ({p})"))?;
-    }
-    let mut job = PreparedJob::new(workload, work_dir, ExecLimits::from_spec(&spec.limits));
-    job.args.clone_from(&spec.workload.args);
-    job.env.clone_from(&spec.workload.env);
-    job.deterministic = spec.replication > 1 || spec.training.is_some();
-    Ok(job)
-}
-
-fn copy_input(
-    from: &Path,
-    inputs_dir: &Path,
-    name: &str,
-    names: &mut BTreeSet<String>,
-) -> anyhow::Result<()> {
-    if !names.insert(name.to_owned()) {
-        bail!("two inputs are named {name:?}; input names must be unique");
-    }
-    let meta =
-        std::fs::metadata(from).with_context(|| format!("cannot read {}", from.display()))?;
-    if !meta.is_file() {
-        bail!("{} is not a regular file", from.display());
-    }
-    std::fs::copy(from, inputs_dir.join(name))
-        .with_context(|| format!("cannot copy {}", from.display()))?;
-    Ok(())
 }
 
 fn copy_outputs(outputs_dir: &Path, out: &Path, outcome: &ExecOutcome) -> anyhow::Result<()> {

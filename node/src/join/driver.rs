@@ -1,0 +1,404 @@
+//! The node's event loop: network events, control-API commands, sandbox runs and the core's
+//! timer go in; messages, runs and history records come out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aimatrix_net::NetEvent;
+use aimatrix_protocol::capability::{advert_record_key, capability_classes, class_provider_key};
+use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
+use aimatrix_protocol::messages::{JobId, Lease, Outcome};
+use aimatrix_protocol::node::{NodeCore, NodeEvent};
+use aimatrix_protocol::time::Millis;
+use aimatrix_protocol::{Topic, Transmit};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::run::{self, RunContext, RunUpdate};
+use crate::api::views::{NetView, OfferView, RelayView, StatusView};
+use crate::api::NodeApiCommand;
+use crate::history::{History, ReceiptRecord, RunRecord};
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// A lease being run.
+struct Running {
+    lease: Lease,
+    cancel: CancellationToken,
+    started_ms: Millis,
+    percent: u8,
+    /// The relay cancelled it: its end is not reported.
+    cancelled: bool,
+}
+
+/// The node driver.
+pub(crate) struct Node {
+    core: NodeCore,
+    ctx: RunContext,
+    history: History,
+    relay_addr: Multiaddr,
+    running: BTreeMap<(JobId, u32), Running>,
+    runs: JoinSet<()>,
+    sends: JoinSet<()>,
+    updates_tx: mpsc::Sender<RunUpdate>,
+    updates_rx: Option<mpsc::Receiver<RunUpdate>>,
+    connected: BTreeSet<PeerId>,
+    listen_addrs: Vec<Multiaddr>,
+    /// Capability classes this node is a provider of in the DHT.
+    providing: BTreeSet<String>,
+    /// The latest signed advert, sent again whenever the relay (re)connects.
+    last_advert: Option<Vec<u8>>,
+}
+
+impl Node {
+    pub(crate) fn new(
+        core: NodeCore,
+        ctx: RunContext,
+        history: History,
+        relay_addr: Multiaddr,
+    ) -> Self {
+        let (updates_tx, updates_rx) = mpsc::channel(256);
+        Self {
+            core,
+            ctx,
+            history,
+            relay_addr,
+            running: BTreeMap::new(),
+            runs: JoinSet::new(),
+            sends: JoinSet::new(),
+            updates_tx,
+            updates_rx: Some(updates_rx),
+            connected: BTreeSet::new(),
+            listen_addrs: Vec::new(),
+            providing: BTreeSet::new(),
+            last_advert: None,
+        }
+    }
+
+    /// Runs until SIGINT/SIGTERM, then drains: running leases get `grace` to finish, the rest
+    /// are handed back, and every queued message is sent before it returns.
+    pub(crate) async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<NetEvent>,
+        mut commands: mpsc::Receiver<NodeApiCommand>,
+        grace: Duration,
+    ) {
+        let mut updates = self.updates_rx.take().expect("run is called once");
+        self.listen_addrs = self.ctx.net.listen_addrs().await;
+        self.core.handle_timeout(now_ms());
+        self.pump();
+        let signal = aimatrix_cli_support::shutdown_signal();
+        tokio::pin!(signal);
+        let mut drain_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            if drain_deadline.is_some() && self.running.is_empty() {
+                break;
+            }
+            let now = now_ms();
+            let sleep = match self.core.poll_timeout() {
+                Some(at) => Duration::from_millis(at.saturating_sub(now)),
+                None => Duration::from_secs(3600),
+            };
+            let grace_over = async {
+                match drain_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut signal, if drain_deadline.is_none() => {
+                    tracing::info!(
+                        "stopping: no new jobs; {} running job(s) get {grace:?} to finish",
+                        self.running.len()
+                    );
+                    self.core.drain();
+                    drain_deadline = Some(tokio::time::Instant::now() + grace);
+                }
+                () = grace_over => {
+                    tracing::warn!("grace period over; handing back {} job(s)", self.running.len());
+                    for running in self.running.values() {
+                        running.cancel.cancel();
+                    }
+                    drain_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                }
+                event = events.recv() => match event {
+                    Some(event) => self.on_net_event(event),
+                    None => {
+                        tracing::error!("the network task stopped; shutting down");
+                        break;
+                    }
+                },
+                Some(command) = commands.recv() => self.on_command(command),
+                Some(update) = updates.recv() => self.on_update(update),
+                () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
+                Some(_) = self.runs.join_next(), if !self.runs.is_empty() => {}
+                Some(_) = self.sends.join_next(), if !self.sends.is_empty() => {}
+            }
+            self.pump();
+        }
+        // Every result, hand-back and progress report queued so far goes out before exit.
+        let flush = async { while self.sends.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), flush).await.is_err() {
+            tracing::warn!("some messages to the relay could not be delivered before exit");
+        }
+    }
+
+    fn on_net_event(&mut self, event: NetEvent) {
+        let now = now_ms();
+        match event {
+            NetEvent::Gossip { bytes, .. } => self.core.handle_message(now, None, &bytes),
+            NetEvent::Request { peer, request, reply } => match request {
+                DirectRequest::Message(bytes) => {
+                    let Some(from) = aimatrix_net::node_id_of(&peer) else {
+                        reply.send(DirectResponse::Refused("peer id is not an ed25519 key".into()));
+                        return;
+                    };
+                    self.core.handle_message(now, Some(from), &bytes);
+                    reply.send(DirectResponse::Accepted);
+                }
+                DirectRequest::GetBlob(_) => reply.send(DirectResponse::NotFound),
+                DirectRequest::PutBlob { .. } => {
+                    reply.send(DirectResponse::Refused("nodes do not store uploads".into()));
+                }
+            },
+            NetEvent::PeerConnected(peer) => {
+                self.connected.insert(peer);
+                if peer == self.ctx.relay_peer {
+                    // A relay that restarted has forgotten every advert.
+                    if let Some(advert) = self.last_advert.clone() {
+                        self.send_to_relay(advert);
+                    }
+                }
+            }
+            NetEvent::PeerDisconnected(peer) => {
+                self.connected.remove(&peer);
+            }
+            NetEvent::ListenAddr(addr) => {
+                if !self.listen_addrs.contains(&addr) {
+                    self.listen_addrs.push(addr);
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: NodeApiCommand) {
+        match command {
+            NodeApiCommand::Status { reply } => {
+                let _ = reply.send(self.status_view());
+            }
+            NodeApiCommand::Offers { all, reply } => {
+                let _ = reply.send(OfferView::list(&self.core, all));
+            }
+            NodeApiCommand::Accept { job_id, reply } => {
+                let result = self.core.accept(now_ms(), job_id).map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn on_update(&mut self, update: RunUpdate) {
+        let now = now_ms();
+        match update {
+            RunUpdate::Progress { job_id, lease, percent } => {
+                if let Some(running) = self.running.get_mut(&(job_id, lease)) {
+                    running.percent = percent;
+                    if !running.cancelled {
+                        let _ = self.core.progress(now, job_id, lease, percent);
+                    }
+                }
+            }
+            RunUpdate::Done { job_id, lease, outcome, usage, status } => {
+                let Some(running) = self.running.remove(&(job_id, lease)) else { return };
+                let record = if running.cancelled {
+                    RunRecord::cancelled(
+                        &running.lease,
+                        running.started_ms,
+                        now,
+                        "cancelled by the relay",
+                        usage,
+                    )
+                } else {
+                    RunRecord::new(&running.lease, running.started_ms, now, &outcome, usage)
+                };
+                if let Err(e) = self.history.record_run(record) {
+                    tracing::error!("cannot record job history: {e:#}");
+                }
+                if running.cancelled {
+                    return;
+                }
+                let result = match outcome {
+                    Outcome::HandedBack { reason } if self.core.is_draining() => {
+                        self.core.hand_back(
+                            now,
+                            job_id,
+                            lease,
+                            &format!("node is shutting down ({reason})"),
+                        )
+                    }
+                    outcome => self.core.finish(now, job_id, lease, outcome, usage),
+                };
+                match result {
+                    Ok(()) => tracing::info!("job {job_id} lease {lease}: {status}"),
+                    Err(e) => tracing::warn!("job {job_id} lease {lease}: result not sent: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Drains the core's outputs until it has nothing more to say.
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(transmit) = self.core.poll_transmit() {
+                progressed = true;
+                self.send(transmit);
+            }
+            while let Some(event) = self.core.poll_event() {
+                progressed = true;
+                self.on_core_event(event);
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn send(&mut self, transmit: Transmit) {
+        let net = self.ctx.net.clone();
+        match transmit {
+            Transmit::Broadcast { topic, bytes } => {
+                if topic == Topic::Adverts {
+                    // Gossip reaches every relay, the DHT serves lookups, and the direct copy
+                    // reaches our relay even before the gossip mesh has formed.
+                    self.publish_in_dht(bytes.clone());
+                    self.send_to_relay(bytes.clone());
+                    self.last_advert = Some(bytes.clone());
+                }
+                self.sends.spawn(async move {
+                    if let Err(e) = net.publish(topic, bytes).await {
+                        tracing::debug!("publish on {} failed: {e}", topic.name());
+                    }
+                });
+            }
+            Transmit::Direct { to, bytes } => {
+                self.send_direct(aimatrix_net::peer_id_of(&to), bytes)
+            }
+        }
+    }
+
+    fn send_to_relay(&mut self, bytes: Vec<u8>) {
+        self.send_direct(self.ctx.relay_peer, bytes);
+    }
+
+    /// Sends a sealed message to `peer`, retrying while it cannot be reached.
+    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        let net = self.ctx.net.clone();
+        {
+            {
+                self.sends.spawn(async move {
+                    let make = || DirectRequest::Message(bytes.clone());
+                    match super::request_retrying(&net, peer, make).await {
+                        Ok(DirectResponse::Accepted) => {}
+                        Ok(other) => tracing::warn!("{peer} did not take a message: {other:?}"),
+                        Err(e) => tracing::warn!("cannot reach {peer}: {e}"),
+                    }
+                });
+            }
+        }
+    }
+
+    /// Stores the signed advert under the node's own key and provides its capability classes.
+    fn publish_in_dht(&mut self, advert: Vec<u8>) {
+        let net = self.ctx.net.clone();
+        let key = advert_record_key(&self.core.id());
+        let classes: BTreeSet<String> =
+            capability_classes(&self.core.profile()).into_iter().collect();
+        let new_classes: Vec<String> = classes.difference(&self.providing).cloned().collect();
+        self.providing = classes;
+        self.sends.spawn(async move {
+            if let Err(e) = net.put_record(key, advert).await {
+                tracing::debug!("cannot store the advert in the DHT: {e}");
+            }
+            for class in new_classes {
+                if let Err(e) = net.start_providing(class_provider_key(&class)).await {
+                    tracing::debug!("cannot provide {class} in the DHT: {e}");
+                }
+            }
+        });
+    }
+
+    fn on_core_event(&mut self, event: NodeEvent) {
+        match event {
+            NodeEvent::OfferSeen { job_id, matched } => match matched {
+                Ok(_) => tracing::debug!("offer {job_id}: can serve"),
+                Err(reasons) => tracing::debug!("offer {job_id}: cannot serve ({reasons:?})"),
+            },
+            NodeEvent::Claimed { job_id } => tracing::info!("claimed job {job_id}"),
+            NodeEvent::ClaimDenied { job_id, reason } => {
+                tracing::debug!("claim for job {job_id} denied: {reason:?}");
+            }
+            NodeEvent::RunJob { lease, .. } => self.start(*lease),
+            NodeEvent::CancelJob { job_id, lease, reason } => {
+                if let Some(running) = self.running.get_mut(&(job_id, lease)) {
+                    tracing::info!("job {job_id} lease {lease} cancelled by the relay: {reason}");
+                    running.cancelled = true;
+                    running.cancel.cancel();
+                }
+            }
+            NodeEvent::ReceiptReceived { relay, receipt } => {
+                let record = ReceiptRecord::new(relay, &receipt, now_ms());
+                if let Err(e) = self.history.record_receipt(&record) {
+                    tracing::error!("cannot record a receipt: {e:#}");
+                }
+            }
+            NodeEvent::Rejected { from, reason } => {
+                tracing::debug!(
+                    "rejected a message from {}: {reason}",
+                    from.map_or_else(|| "gossip".to_owned(), |n| n.to_peer_id())
+                );
+            }
+        }
+    }
+
+    fn start(&mut self, lease: Lease) {
+        let key = (lease.job_id, lease.lease);
+        tracing::info!("running job {} lease {} ({})", key.0, key.1, lease.spec.name);
+        let cancel = CancellationToken::new();
+        self.running.insert(
+            key,
+            Running {
+                lease: lease.clone(),
+                cancel: cancel.clone(),
+                started_ms: now_ms(),
+                percent: 0,
+                cancelled: false,
+            },
+        );
+        let task = run::run_lease(self.ctx.clone(), lease, cancel, self.updates_tx.clone());
+        self.runs.spawn(task);
+    }
+
+    fn status_view(&self) -> StatusView {
+        let net = NetView {
+            listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
+            connected_peers: self.connected.iter().map(ToString::to_string).collect(),
+            relay: RelayView {
+                peer_id: self.ctx.relay_peer.to_string(),
+                address: self.relay_addr.to_string(),
+                connected: self.connected.contains(&self.ctx.relay_peer),
+            },
+        };
+        StatusView::from_core(
+            &self.core,
+            self.core.config().accept,
+            net,
+            self.history.earned(),
+            self.history.jobs_run(),
+        )
+    }
+}

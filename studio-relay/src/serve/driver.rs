@@ -1,0 +1,571 @@
+//! The relay's event loop: network events, API commands and the core's timer go in; messages,
+//! ledger writes and job records come out.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aimatrix_net::{NetEvent, NetHandle};
+use aimatrix_protocol::capability::{advert_record_key, class_provider_key, requirement_class};
+use aimatrix_protocol::codec;
+use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
+use aimatrix_protocol::hash::Digest;
+use aimatrix_protocol::job::JobSpec;
+use aimatrix_protocol::ledger::LedgerOp;
+use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest};
+use aimatrix_protocol::relay::{LeaseStatus, RelayCore, RelayEvent, RelayJob};
+use aimatrix_protocol::time::Millis;
+use aimatrix_protocol::Transmit;
+use libp2p::{Multiaddr, PeerId};
+use studio_relay::api::types::{JobView, RelayStatusView};
+use studio_relay::api::{ApiCommand, ApiError};
+use studio_relay::ledger::{Ledger, LedgerError};
+use studio_relay::store::{BlobStore, JobRecord, JobStore};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::views;
+
+/// Finished jobs kept in the core's memory; older ones are answered from the job store.
+const FINISHED_IN_MEMORY: usize = 1024;
+/// How often the ledger voids reservations past their timeout.
+const LEDGER_EXPIRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> Millis {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as Millis)
+}
+
+/// Something a background task hands back to the loop.
+enum Internal {
+    /// An advert found in the DHT for a job nobody in the index could serve.
+    Advert(Vec<u8>),
+}
+
+/// The relay driver.
+pub(crate) struct Relay {
+    core: RelayCore,
+    net: NetHandle,
+    ledger: Arc<Ledger>,
+    blobs: Arc<BlobStore>,
+    jobs: JobStore,
+    address: Multiaddr,
+    /// Output lists of results received, by job and lease (persisted with the job).
+    outputs: HashMap<JobId, BTreeMap<u32, Vec<OutputDigest>>>,
+    /// Jobs changed since they were last written to the job store.
+    dirty: BTreeSet<JobId>,
+    /// Pays and releases the ledger refused (e.g. the reservation had already expired).
+    ledger_refused: u64,
+    /// Reservations the ledger voided on its own.
+    ledger_expired: Arc<std::sync::atomic::AtomicU64>,
+    connected: BTreeSet<PeerId>,
+    internal_tx: mpsc::Sender<Internal>,
+    internal_rx: Option<mpsc::Receiver<Internal>>,
+}
+
+impl Relay {
+    pub(crate) fn new(
+        core: RelayCore,
+        net: NetHandle,
+        ledger: Arc<Ledger>,
+        blobs: Arc<BlobStore>,
+        jobs: JobStore,
+        address: Multiaddr,
+    ) -> Self {
+        let (internal_tx, internal_rx) = mpsc::channel(1024);
+        Self {
+            core,
+            net,
+            ledger,
+            blobs,
+            jobs,
+            address,
+            outputs: HashMap::new(),
+            dirty: BTreeSet::new(),
+            ledger_refused: 0,
+            ledger_expired: Arc::default(),
+            connected: BTreeSet::new(),
+            internal_tx,
+            internal_rx: Some(internal_rx),
+        }
+    }
+
+    /// Puts every unfinished job of the job store back into the core.
+    pub(crate) fn restore(&mut self) -> anyhow::Result<()> {
+        let now = now_ms();
+        let mut restored = 0;
+        for record in self.jobs.unfinished()? {
+            let job: RelayJob = codec::decode(&record.snapshot).map_err(|e| {
+                anyhow::anyhow!(
+                    "job record {} in the job store cannot be read ({e}); move the relay's jobs \
+                     directory aside to start without it",
+                    record.id
+                )
+            })?;
+            self.outputs.insert(record.id, record.outputs.clone());
+            self.core.restore_job(now, job)?;
+            self.dirty.insert(record.id);
+            restored += 1;
+        }
+        if restored > 0 {
+            tracing::info!("restored {restored} unfinished job(s) from the job store");
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub(crate) async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<NetEvent>,
+        mut commands: mpsc::Receiver<ApiCommand>,
+        shutdown: CancellationToken,
+    ) {
+        let mut internal = self.internal_rx.take().expect("run is called once");
+        self.spawn_ledger_expiry(shutdown.clone());
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            let now = now_ms();
+            let sleep = match self.core.poll_timeout() {
+                Some(at) => Duration::from_millis(at.saturating_sub(now)),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(event) => self.on_net_event(event),
+                    None => {
+                        tracing::error!("the network task stopped; shutting down");
+                        break;
+                    }
+                },
+                Some(command) = commands.recv() => self.on_command(command),
+                Some(msg) = internal.recv() => match msg {
+                    Internal::Advert(bytes) => self.core.handle_message(now_ms(), None, &bytes),
+                },
+                () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+            self.pump(now_ms());
+        }
+        self.persist();
+    }
+
+    fn spawn_ledger_expiry(&self, shutdown: CancellationToken) {
+        let ledger = self.ledger.clone();
+        let expired = self.ledger_expired.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LEDGER_EXPIRY_EVERY);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let ledger = ledger.clone();
+                match tokio::task::spawn_blocking(move || ledger.expire(now_ms())).await {
+                    Ok(Ok(ids)) if !ids.is_empty() => {
+                        tracing::warn!(
+                            "the ledger voided {} reservation(s) past their timeout",
+                            ids.len()
+                        );
+                        expired.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!("ledger expiry failed: {e}"),
+                    Err(e) => tracing::error!("ledger expiry task failed: {e}"),
+                }
+            }
+        });
+    }
+
+    fn housekeeping(&mut self) {
+        self.persist();
+        let forgotten = self.core.forget_finished(FINISHED_IN_MEMORY);
+        if forgotten > 0 {
+            let live: BTreeSet<JobId> = self.core.jobs().map(|j| j.id).collect();
+            self.outputs.retain(|id, _| live.contains(id));
+        }
+    }
+
+    fn on_net_event(&mut self, event: NetEvent) {
+        let now = now_ms();
+        match event {
+            NetEvent::Gossip { bytes, .. } => self.core.handle_message(now, None, &bytes),
+            NetEvent::Request { peer, request, reply } => match request {
+                DirectRequest::Message(bytes) => {
+                    let Some(from) = aimatrix_net::node_id_of(&peer) else {
+                        reply.send(DirectResponse::Refused("peer id is not an ed25519 key".into()));
+                        return;
+                    };
+                    self.core.handle_message(now, Some(from), &bytes);
+                    reply.send(DirectResponse::Accepted);
+                }
+                DirectRequest::GetBlob(digest) => {
+                    let blobs = self.blobs.clone();
+                    tokio::task::spawn_blocking(move || {
+                        reply.send(match blobs.get(&digest) {
+                            Ok(Some(bytes)) => DirectResponse::Blob(bytes),
+                            Ok(None) => DirectResponse::NotFound,
+                            Err(e) => DirectResponse::Refused(format!("cannot read blob: {e}")),
+                        });
+                    });
+                }
+                DirectRequest::PutBlob { job_id, lease, bytes } => {
+                    if let Err(why) = self.may_upload(&peer, job_id, lease) {
+                        reply.send(DirectResponse::Refused(why));
+                        return;
+                    }
+                    let blobs = self.blobs.clone();
+                    tokio::task::spawn_blocking(move || {
+                        reply.send(match blobs.put(&bytes) {
+                            Ok(_) => DirectResponse::Accepted,
+                            Err(e) => DirectResponse::Refused(format!("cannot store blob: {e}")),
+                        });
+                    });
+                }
+            },
+            NetEvent::PeerConnected(peer) => {
+                self.connected.insert(peer);
+            }
+            NetEvent::PeerDisconnected(peer) => {
+                self.connected.remove(&peer);
+            }
+            NetEvent::ListenAddr(addr) => tracing::info!("listening on {addr}"),
+        }
+    }
+
+    /// Only the holder of an active lease uploads outputs, and only for that lease.
+    fn may_upload(&self, peer: &PeerId, job_id: JobId, lease: u32) -> Result<(), String> {
+        let node = aimatrix_net::node_id_of(peer).ok_or("peer id is not an ed25519 key")?;
+        let job = self.core.job(&job_id).ok_or_else(|| format!("unknown job {job_id}"))?;
+        let record = job.leases.get(&lease).ok_or_else(|| format!("unknown lease {lease}"))?;
+        if record.node != node {
+            return Err(format!("lease {lease} of job {job_id} is held by another node"));
+        }
+        if record.status != LeaseStatus::Active {
+            return Err(format!("lease {lease} of job {job_id} is no longer active"));
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, command: ApiCommand) {
+        match command {
+            ApiCommand::PostJob { req, reply } => {
+                let req = *req;
+                let _ = reply.send(self.post_job(req.spec, &req.account));
+            }
+            ApiCommand::Job { id, reply } => {
+                let _ = reply.send(self.job_view(&id));
+            }
+            ApiCommand::Jobs { reply } => {
+                let _ = reply.send(self.job_views());
+            }
+            ApiCommand::CancelJob { id, reply } => {
+                let result = self.core.cancel_job(now_ms(), id).map_err(|e| match e {
+                    aimatrix_protocol::relay::CommandError::UnknownJob(_) => {
+                        ApiError::NotFound(format!("no job {id} at this relay"))
+                    }
+                    other => ApiError::Invalid(other.to_string()),
+                });
+                let _ = reply.send(result);
+            }
+            ApiCommand::Status { reply } => {
+                let _ = reply.send(self.status_view());
+            }
+        }
+    }
+
+    fn post_job(&mut self, spec: JobSpec, account: &str) -> Result<JobId, ApiError> {
+        if spec.training.is_some() {
+            return Err(ApiError::Invalid(
+                "this relay does not run training jobs yet: post batch, inference or docker jobs"
+                    .into(),
+            ));
+        }
+        for (what, digest) in content_digests(&spec) {
+            match self.blobs.has(&digest) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(ApiError::Invalid(format!(
+                        "{what} names content {digest} that this relay does not have; upload it \
+                         first (PUT /v1/blobs, which `studio-relay job post` does for you)"
+                    )))
+                }
+                Err(e) => return Err(ApiError::Internal(format!("cannot read blob store: {e}"))),
+            }
+        }
+        let Some(escrow) = spec.escrow() else {
+            return Err(ApiError::Invalid(
+                "reward × replication × max_attempts is too large to escrow; lower one of them"
+                    .into(),
+            ));
+        };
+        let available = self
+            .ledger
+            .balance(account)
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .available();
+        if available < i128::from(escrow) {
+            return Err(ApiError::InsufficientFunds(format!(
+                "account {account:?} has {available} credits available and this job needs \
+                 {escrow} (reward × replication × attempts); nothing was posted. Add credits \
+                 with `studio-relay ledger mint {account} <amount>`"
+            )));
+        }
+        let now = now_ms();
+        let id =
+            self.core.post_job(now, account, spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        self.pump(now);
+        match self.core.job(&id).map(|j| &j.state) {
+            Some(aimatrix_protocol::relay::JobState::Refused { reason }) => {
+                Err(ApiError::InsufficientFunds(format!("the ledger refused the escrow: {reason}")))
+            }
+            _ => {
+                tracing::info!("job {id} posted by {account}");
+                Ok(id)
+            }
+        }
+    }
+
+    /// Drains the core's outputs until it has nothing more to say, then persists changed jobs.
+    fn pump(&mut self, now: Millis) {
+        loop {
+            let mut progressed = false;
+            while let Some(transmit) = self.core.poll_transmit() {
+                progressed = true;
+                self.send(transmit);
+            }
+            while let Some(event) = self.core.poll_event() {
+                progressed = true;
+                self.on_core_event(now, event);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.persist();
+    }
+
+    fn send(&self, transmit: Transmit) {
+        let net = self.net.clone();
+        match transmit {
+            Transmit::Broadcast { topic, bytes } => {
+                tokio::spawn(async move {
+                    if let Err(e) = net.publish(topic, bytes).await {
+                        tracing::debug!("publish on {} failed: {e}", topic.name());
+                    }
+                });
+            }
+            Transmit::Direct { to, bytes } => {
+                let peer = aimatrix_net::peer_id_of(&to);
+                tokio::spawn(async move {
+                    match net.request(peer, DirectRequest::Message(bytes)).await {
+                        Ok(DirectResponse::Accepted) => {}
+                        Ok(other) => tracing::debug!("{peer} answered {other:?}"),
+                        Err(e) => tracing::warn!("cannot reach node {peer}: {e}"),
+                    }
+                });
+            }
+        }
+    }
+
+    fn on_core_event(&mut self, now: Millis, event: RelayEvent) {
+        match event {
+            RelayEvent::Ledger(op) => self.apply_ledger(now, &op),
+            RelayEvent::JobOpen { job_id } => {
+                self.dirty.insert(job_id);
+                self.look_up_nodes(job_id);
+            }
+            RelayEvent::ResultReceived { job_id, lease, outcome, node } => {
+                if let Outcome::Succeeded { outputs, .. } = outcome {
+                    self.outputs.entry(job_id).or_default().insert(lease, outputs);
+                }
+                tracing::debug!("result for job {job_id} lease {lease} from {}", node.short());
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::LeaseGranted { job_id, lease, node } => {
+                tracing::info!("job {job_id}: lease {lease} to {}", node.to_peer_id());
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::LeaseExpired { job_id, lease, node } => {
+                tracing::warn!("job {job_id}: lease {lease} of {} expired", node.to_peer_id());
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::Progress { job_id, .. } => {
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::Receipted(receipt) => {
+                self.dirty.insert(receipt.job_id);
+            }
+            RelayEvent::JobCompleted { job_id, result_hash } => {
+                tracing::info!("job {job_id} completed with result {result_hash}");
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::JobFailed { job_id, reason } => {
+                tracing::warn!("job {job_id} failed: {reason}");
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::JobRefused { job_id, reason } => {
+                tracing::warn!("job {job_id} refused: {reason}");
+            }
+            RelayEvent::RoundStarted { job_id, .. } | RelayEvent::RoundFailed { job_id, .. } => {
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::RoundClosed { job_id, round, .. } => {
+                // Training jobs are refused at post, so this can only be a restored record from
+                // a newer relay; end it rather than leave its escrow held.
+                tracing::error!("job {job_id} round {round}: this relay cannot aggregate updates");
+                let _ = self.core.cancel_job(now, job_id);
+                self.dirty.insert(job_id);
+            }
+            RelayEvent::Rejected { from, reason } => {
+                tracing::debug!(
+                    "rejected a message from {}: {reason}",
+                    from.map_or_else(|| "gossip".to_owned(), |n| n.to_peer_id())
+                );
+            }
+        }
+    }
+
+    /// Applies a ledger instruction and waits until it is durable, so a job record never says
+    /// more than the ledger holds.
+    fn apply_ledger(&mut self, now: Millis, op: &LedgerOp) {
+        let job_id = op.job_id();
+        let result = self.ledger.apply_op(op);
+        match (op, result) {
+            (LedgerOp::Reserve { .. }, Ok(_)) => {
+                if let Err(e) = self.core.reserve_confirmed(now, job_id) {
+                    tracing::error!("job {job_id}: cannot confirm its reservation: {e}");
+                }
+            }
+            (LedgerOp::Reserve { .. }, Err(e)) => {
+                let reason = match e {
+                    LedgerError::Rejected(op_error) => op_error.to_string(),
+                    other => format!("the ledger is unavailable: {other}"),
+                };
+                if let Err(e) = self.core.reserve_failed(now, job_id, reason) {
+                    tracing::error!("job {job_id}: cannot refuse its reservation: {e}");
+                }
+            }
+            (_, Ok(_)) => {}
+            (_, Err(e)) => {
+                // A pay or release after the ledger voided the reservation by its timeout:
+                // the credits are already back with the requester; nothing to retry.
+                self.ledger_refused += 1;
+                tracing::error!("job {job_id}: the ledger refused {op:?}: {e}");
+            }
+        }
+        self.dirty.insert(job_id);
+    }
+
+    /// When no node in the advert index can serve a job, asks the DHT for providers of its
+    /// capability class and feeds their adverts to the core.
+    fn look_up_nodes(&self, job_id: JobId) {
+        let Some(job) = self.core.job(&job_id) else { return };
+        let servable = self
+            .core
+            .known_nodes()
+            .any(|(_, profile)| aimatrix_protocol::matching::can_serve(&job.spec, profile));
+        if servable {
+            return;
+        }
+        let class = requirement_class(&job.spec);
+        let net = self.net.clone();
+        let tx = self.internal_tx.clone();
+        tokio::spawn(async move {
+            let providers = match net.get_providers(class_provider_key(&class)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!("no providers of {class} in the DHT: {e}");
+                    return;
+                }
+            };
+            for peer in providers.into_iter().take(64) {
+                let Some(node) = aimatrix_net::node_id_of(&peer) else { continue };
+                if let Ok(Some(bytes)) = net.get_record(advert_record_key(&node)).await {
+                    let _ = tx.send(Internal::Advert(bytes)).await;
+                }
+            }
+        });
+    }
+
+    /// Writes every changed job to the job store.
+    fn persist(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(job) = self.core.job(&id) else { continue };
+            let snapshot = match codec::encode(job) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!("job {id}: cannot encode its record: {e}");
+                    continue;
+                }
+            };
+            let record = JobRecord {
+                id,
+                requester: job.requester.clone(),
+                posted_at_ms: job.posted_at_ms,
+                snapshot,
+                final_state: job.state.is_final(),
+                outputs: self.outputs.get(&id).cloned().unwrap_or_default(),
+            };
+            if let Err(e) = self.jobs.put(&record) {
+                tracing::error!("job {id}: cannot write its record: {e}");
+                self.dirty.insert(id);
+                break;
+            }
+        }
+    }
+
+    fn job_view(&self, id: &JobId) -> Option<JobView> {
+        if let Some(job) = self.core.job(id) {
+            let outputs = self.outputs.get(id);
+            return Some(views::job_view(job, outputs, self.core.known_nodes()));
+        }
+        let record = self.jobs.get(id).ok().flatten()?;
+        let job: RelayJob = codec::decode(&record.snapshot).ok()?;
+        Some(views::job_view(&job, Some(&record.outputs), std::iter::empty()))
+    }
+
+    fn job_views(&self) -> Vec<JobView> {
+        let mut seen = BTreeSet::new();
+        let mut out: Vec<JobView> = Vec::new();
+        for job in self.core.jobs() {
+            seen.insert(job.id);
+            out.push(views::job_view(job, self.outputs.get(&job.id), self.core.known_nodes()));
+        }
+        for record in self.jobs.list().unwrap_or_default() {
+            if seen.contains(&record.id) {
+                continue;
+            }
+            if let Ok(job) = codec::decode::<RelayJob>(&record.snapshot) {
+                out.push(views::job_view(&job, Some(&record.outputs), std::iter::empty()));
+            }
+        }
+        out.sort_by(|a, b| b.posted_at_ms.cmp(&a.posted_at_ms).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    fn status_view(&self) -> RelayStatusView {
+        views::status_view(
+            &self.core,
+            &self.address,
+            &self.connected,
+            self.ledger_refused,
+            self.ledger_expired.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
+/// Every content digest a job names, with where it names it.
+fn content_digests(spec: &JobSpec) -> Vec<(String, Digest)> {
+    let mut out = Vec::new();
+    if let Some(d) = spec.workload.module.as_ref().and_then(|m| m.digest()) {
+        out.push(("workload.module".to_owned(), d));
+    }
+    for (i, input) in spec.inputs.iter().enumerate() {
+        if let Some(d) = input.source.digest() {
+            out.push((format!("inputs[{i}] ({})", input.name), d));
+        }
+    }
+    out
+}
