@@ -240,6 +240,7 @@ impl History {
     }
 
     /// Receipts kept.
+    #[cfg(test)]
     pub(crate) fn receipts(&self) -> u64 {
         self.receipts_count
     }
@@ -250,6 +251,7 @@ impl History {
     }
 
     /// The latest `n` runs (at most the last 1000), newest first.
+    #[cfg(test)]
     pub(crate) fn recent(&self, n: usize) -> impl Iterator<Item = &RunRecord> {
         self.recent.iter().rev().take(n)
     }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use clap::Args;
 
 /// The control API's default address.
+#[cfg(test)]
 pub(crate) const API_ADDR_DEFAULT: &str = "127.0.0.1:7781";
 
 /// Where the node's local control API listens.

@@ -323,7 +323,7 @@ impl Devnet {
                 }
                 views.push(view);
             }
-            if views.iter().all(|v| is_final(v)) {
+            if views.iter().all(is_final) {
                 return Ok(views);
             }
             if Instant::now() >= deadline {
