@@ -19,15 +19,17 @@ use aimatrix_protocol::Transmit;
 use libp2p::{Multiaddr, PeerId};
 use studio_relay::api::types::{JobView, RelayStatusView};
 use studio_relay::api::{ApiCommand, ApiError};
-use studio_relay::ledger::{Ledger, LedgerError};
+use studio_relay::ledger::{Ledger, LedgerError, Op};
 use studio_relay::store::{BlobStore, JobRecord, JobStore};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::views;
 
 /// Finished jobs kept in the core's memory; older ones are answered from the job store.
 const FINISHED_IN_MEMORY: usize = 1024;
+/// Inputs of each kind taken into one step at most.
+const STEP_INPUTS_MAX: usize = 512;
 /// How often the ledger voids reservations past their timeout.
 const LEDGER_EXPIRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -59,6 +61,10 @@ pub(crate) struct Relay {
     /// Reservations the ledger voided on its own.
     ledger_expired: Arc<std::sync::atomic::AtomicU64>,
     connected: BTreeSet<PeerId>,
+    /// Ledger instructions of the current step, applied as one group commit.
+    ledger_ops: Vec<LedgerOp>,
+    /// Posts waiting for their reservation to be applied before they are answered.
+    posts: Vec<(JobId, oneshot::Sender<Result<JobId, ApiError>>)>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
 }
@@ -85,6 +91,8 @@ impl Relay {
             ledger_refused: 0,
             ledger_expired: Arc::default(),
             connected: BTreeSet::new(),
+            ledger_ops: Vec::new(),
+            posts: Vec::new(),
             internal_tx,
             internal_rx: Some(internal_rx),
         }
@@ -146,7 +154,25 @@ impl Relay {
                 () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
                 _ = housekeeping.tick() => self.housekeeping(),
             }
-            self.pump(now_ms());
+            // Take everything already waiting, so one step (one ledger commit, one job-store
+            // flush) serves many messages and posts under load.
+            for _ in 0..STEP_INPUTS_MAX {
+                match events.try_recv() {
+                    Ok(event) => self.on_net_event(event),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..STEP_INPUTS_MAX {
+                match commands.try_recv() {
+                    Ok(command) => self.on_command(command),
+                    Err(_) => break,
+                }
+            }
+            let now = now_ms();
+            if self.core.poll_timeout().is_some_and(|at| at <= now) {
+                self.core.handle_timeout(now);
+            }
+            self.pump(now);
         }
         self.persist();
     }
@@ -252,7 +278,13 @@ impl Relay {
         match command {
             ApiCommand::PostJob { req, reply } => {
                 let req = *req;
-                let _ = reply.send(self.post_job(req.spec, &req.account));
+                match self.post_job(req.spec, &req.account) {
+                    // Answered once its reservation is applied, at the end of this step.
+                    Ok(id) => self.posts.push((id, reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             ApiCommand::Job { id, reply } => {
                 let _ = reply.send(self.job_view(&id));
@@ -312,18 +344,24 @@ impl Relay {
                  with `studio-relay ledger mint {account} <amount>`"
             )));
         }
-        let now = now_ms();
-        let id =
-            self.core.post_job(now, account, spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
-        self.pump(now);
-        match self.core.job(&id).map(|j| &j.state) {
-            Some(aimatrix_protocol::relay::JobState::Refused { reason }) => {
-                Err(ApiError::InsufficientFunds(format!("the ledger refused the escrow: {reason}")))
-            }
-            _ => {
-                tracing::info!("job {id} posted by {account}");
-                Ok(id)
-            }
+        let id = self
+            .core
+            .post_job(now_ms(), account, spec)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        tracing::info!("job {id} posted by {account}");
+        Ok(id)
+    }
+
+    /// Answers the posts of this step: refused when the ledger refused the escrow.
+    fn answer_posts(&mut self) {
+        for (id, reply) in std::mem::take(&mut self.posts) {
+            let answer = match self.core.job(&id).map(|j| &j.state) {
+                Some(aimatrix_protocol::relay::JobState::Refused { reason }) => Err(
+                    ApiError::InsufficientFunds(format!("the ledger refused the escrow: {reason}")),
+                ),
+                _ => Ok(id),
+            };
+            let _ = reply.send(answer);
         }
     }
 
@@ -337,13 +375,18 @@ impl Relay {
             }
             while let Some(event) = self.core.poll_event() {
                 progressed = true;
-                self.on_core_event(now, event);
+                self.on_core_event(event);
+            }
+            if !self.ledger_ops.is_empty() {
+                self.apply_ledger(now);
+                continue;
             }
             if !progressed {
                 break;
             }
         }
         self.persist();
+        self.answer_posts();
     }
 
     fn send(&self, transmit: Transmit) {
@@ -369,9 +412,12 @@ impl Relay {
         }
     }
 
-    fn on_core_event(&mut self, now: Millis, event: RelayEvent) {
+    fn on_core_event(&mut self, event: RelayEvent) {
         match event {
-            RelayEvent::Ledger(op) => self.apply_ledger(now, &op),
+            RelayEvent::Ledger(op) => {
+                self.dirty.insert(op.job_id());
+                self.ledger_ops.push(op);
+            }
             RelayEvent::JobOpen { job_id } => {
                 self.dirty.insert(job_id);
                 self.look_up_nodes(job_id);
@@ -415,7 +461,7 @@ impl Relay {
                 // Training jobs are refused at post, so this can only be a restored record from
                 // a newer relay; end it rather than leave its escrow held.
                 tracing::error!("job {job_id} round {round}: this relay cannot aggregate updates");
-                let _ = self.core.cancel_job(now, job_id);
+                let _ = self.core.cancel_job(now_ms(), job_id);
                 self.dirty.insert(job_id);
             }
             RelayEvent::Rejected { from, reason } => {
@@ -427,35 +473,42 @@ impl Relay {
         }
     }
 
-    /// Applies a ledger instruction and waits until it is durable, so a job record never says
-    /// more than the ledger holds.
-    fn apply_ledger(&mut self, now: Millis, op: &LedgerOp) {
-        let job_id = op.job_id();
-        let result = self.ledger.apply_op(op);
-        match (op, result) {
-            (LedgerOp::Reserve { .. }, Ok(_)) => {
-                if let Err(e) = self.core.reserve_confirmed(now, job_id) {
-                    tracing::error!("job {job_id}: cannot confirm its reservation: {e}");
+    /// Applies the step's ledger instructions as one group commit and waits until they are
+    /// durable, so a job record never says more than the ledger holds; then confirms or refuses
+    /// the reservations among them.
+    fn apply_ledger(&mut self, now: Millis) {
+        let ops = std::mem::take(&mut self.ledger_ops);
+        let tickets: Vec<_> = ops.iter().map(|op| self.ledger.submit_async(Op::from(op))).collect();
+        let results: Vec<Result<(), LedgerError>> = tokio::task::block_in_place(|| {
+            tickets.into_iter().map(|t| t.and_then(|t| t.wait()).map(|_| ())).collect()
+        });
+        for (op, result) in ops.iter().zip(results) {
+            let job_id = op.job_id();
+            match (op, result) {
+                (LedgerOp::Reserve { .. }, Ok(())) => {
+                    if let Err(e) = self.core.reserve_confirmed(now, job_id) {
+                        tracing::error!("job {job_id}: cannot confirm its reservation: {e}");
+                    }
+                }
+                (LedgerOp::Reserve { .. }, Err(e)) => {
+                    let reason = match e {
+                        LedgerError::Rejected(op_error) => op_error.to_string(),
+                        other => format!("the ledger is unavailable: {other}"),
+                    };
+                    if let Err(e) = self.core.reserve_failed(now, job_id, reason) {
+                        tracing::error!("job {job_id}: cannot refuse its reservation: {e}");
+                    }
+                }
+                (_, Ok(())) => {}
+                (_, Err(e)) => {
+                    // A pay or release after the ledger voided the reservation by its timeout:
+                    // the credits are already back with the requester; nothing to retry.
+                    self.ledger_refused += 1;
+                    tracing::error!("job {job_id}: the ledger refused {op:?}: {e}");
                 }
             }
-            (LedgerOp::Reserve { .. }, Err(e)) => {
-                let reason = match e {
-                    LedgerError::Rejected(op_error) => op_error.to_string(),
-                    other => format!("the ledger is unavailable: {other}"),
-                };
-                if let Err(e) = self.core.reserve_failed(now, job_id, reason) {
-                    tracing::error!("job {job_id}: cannot refuse its reservation: {e}");
-                }
-            }
-            (_, Ok(_)) => {}
-            (_, Err(e)) => {
-                // A pay or release after the ledger voided the reservation by its timeout:
-                // the credits are already back with the requester; nothing to retry.
-                self.ledger_refused += 1;
-                tracing::error!("job {job_id}: the ledger refused {op:?}: {e}");
-            }
+            self.dirty.insert(job_id);
         }
-        self.dirty.insert(job_id);
     }
 
     /// When no node in the advert index can serve a job, asks the DHT for providers of its
@@ -489,10 +542,14 @@ impl Relay {
         });
     }
 
-    /// Writes every changed job to the job store.
+    /// Writes every changed job to the job store, in one batch and one flush.
     fn persist(&mut self) {
-        for id in std::mem::take(&mut self.dirty) {
-            let Some(job) = self.core.job(&id) else { continue };
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut records = Vec::with_capacity(self.dirty.len());
+        for id in &self.dirty {
+            let Some(job) = self.core.job(id) else { continue };
             let snapshot = match codec::encode(job) {
                 Ok(bytes) => bytes,
                 Err(e) => {
@@ -500,19 +557,19 @@ impl Relay {
                     continue;
                 }
             };
-            let record = JobRecord {
-                id,
+            records.push(JobRecord {
+                id: *id,
                 requester: job.requester.clone(),
                 posted_at_ms: job.posted_at_ms,
                 snapshot,
                 final_state: job.state.is_final(),
-                outputs: self.outputs.get(&id).cloned().unwrap_or_default(),
-            };
-            if let Err(e) = self.jobs.put(&record) {
-                tracing::error!("job {id}: cannot write its record: {e}");
-                self.dirty.insert(id);
-                break;
-            }
+                outputs: self.outputs.get(id).cloned().unwrap_or_default(),
+            });
+        }
+        match tokio::task::block_in_place(|| self.jobs.put_all(&records)) {
+            Ok(()) => self.dirty.clear(),
+            // Kept dirty: written again at the next step.
+            Err(e) => tracing::error!("cannot write {} job record(s): {e}", records.len()),
         }
     }
 
