@@ -238,6 +238,31 @@ impl NetHandle {
         self.call(|reply| Command::Publish { topic, bytes, reply }).await?
     }
 
+    /// [`NetHandle::request`], retried with backoff (200 ms doubling to 5 s) while the peer
+    /// cannot be reached — a relay restarting, a dropped connection — for at most `retry_for`.
+    /// A peer's answer, whatever it says, is returned at once; `make` builds each attempt.
+    pub async fn request_retrying(
+        &self,
+        peer: PeerId,
+        make: impl Fn() -> DirectRequest,
+        retry_for: Duration,
+    ) -> Result<DirectResponse, NetError> {
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.request(peer, make()).await {
+                Ok(response) => return Ok(response),
+                Err(e @ (NetError::TooLarge(_) | NetError::Shutdown)) => return Err(e),
+                Err(e) if started.elapsed() + delay > retry_for => return Err(e),
+                Err(e) => {
+                    tracing::debug!("request to {peer} failed ({e}); retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// Sends a direct request and waits for the response (at most the request timeout). Dials
     /// the peer through its known addresses (bootstrap, identify, mDNS, DHT) if not connected.
     pub async fn request(

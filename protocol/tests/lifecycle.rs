@@ -721,3 +721,42 @@ fn a_job_restored_while_reserving_asks_for_the_same_reservation_again() {
     assert_eq!(net.book.balance(REQUESTER), FUNDS - 10, "the escrow was taken once");
     assert_eq!(net.book.held(), 0);
 }
+
+#[test]
+fn a_lease_lost_on_the_way_is_sent_again_when_its_holder_claims_again() {
+    let relay_key = testkit::keypair(1_000);
+    let mut relay = RelayCore::new(relay_key.clone(), RelayConfig::default(), 7);
+    let cfg = NodeConfig { trusted_relays: vec![relay_key.public()], ..NodeConfig::default() };
+    let mut node = NodeCore::new(testkit::keypair(0), cfg, testkit::profile(), 100);
+    let mut now: Millis = 1_000_000;
+    node.handle_timeout(now);
+    while node.poll_transmit().is_some() {}
+    let job = relay.post_job(now, REQUESTER, testkit::batch_spec(10)).unwrap();
+    let Some(RelayEvent::Ledger(LedgerOp::Reserve { .. })) = relay.poll_event() else {
+        panic!("no reserve")
+    };
+    relay.reserve_confirmed(now, job).unwrap();
+    // Offer to the node; its claim to the relay; the relay's lease is lost on the way.
+    let offer = relay.poll_transmit().unwrap();
+    node.handle_message(now, None, offer.bytes());
+    let claim = node.poll_transmit().unwrap();
+    relay.handle_message(now, Some(node.id()), claim.bytes());
+    let lost = relay.poll_transmit().unwrap();
+    assert!(matches!(lost, Transmit::Direct { .. }));
+    assert_eq!(relay.job(&job).unwrap().leases.len(), 1);
+    // The node's claim times out and it claims again; the relay sends the same lease.
+    now += NodeConfig::default().claim_timeout_ms + 1;
+    node.handle_timeout(now);
+    let again = std::iter::from_fn(|| node.poll_transmit())
+        .find(|t| matches!(t, Transmit::Direct { .. }))
+        .expect("a second claim");
+    relay.handle_message(now, Some(node.id()), again.bytes());
+    let resent = relay.poll_transmit().expect("the lease, sent again");
+    assert_eq!(relay.job(&job).unwrap().leases.len(), 1, "no second lease granted");
+    node.handle_message(now, Some(relay.id()), resent.bytes());
+    let events: Vec<NodeEvent> = std::iter::from_fn(|| node.poll_event()).collect();
+    assert!(
+        events.iter().any(|e| matches!(e, NodeEvent::RunJob { lease, .. } if lease.lease == 0)),
+        "{events:?}"
+    );
+}

@@ -302,7 +302,7 @@ impl Node {
             {
                 self.sends.spawn(async move {
                     let make = || DirectRequest::Message(bytes.clone());
-                    match super::request_retrying(&net, peer, make).await {
+                    match net.request_retrying(peer, make, super::RETRY_FOR).await {
                         Ok(DirectResponse::Accepted) => {}
                         Ok(other) => tracing::warn!("{peer} did not take a message: {other:?}"),
                         Err(e) => tracing::warn!("cannot reach {peer}: {e}"),

@@ -9,8 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aimatrix_net::{NetConfig, NetError, NetHandle, Role};
-use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
+use aimatrix_net::{NetConfig, Role};
 use aimatrix_protocol::identity::Keypair;
 use aimatrix_protocol::node::NodeCore;
 use aimatrix_sandbox::docker::{DockerConfig, DockerExecutor};
@@ -19,7 +18,7 @@ use aimatrix_sandbox::Executor;
 use anyhow::Context;
 use clap::Args;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::args::ApiArgs;
@@ -172,26 +171,4 @@ async fn connect_docker(key: &Keypair) -> Option<Arc<dyn Executor>> {
 }
 
 /// Longest a direct request is retried while the peer is unreachable (a message lives 120 s).
-const RETRY_FOR: Duration = Duration::from_secs(100);
-
-/// Sends a direct request, retrying with backoff while the peer cannot be reached (a relay
-/// restarting, a dropped connection). A peer's answer, whatever it says, is returned at once.
-pub(crate) async fn request_retrying(
-    net: &NetHandle,
-    peer: PeerId,
-    make: impl Fn() -> DirectRequest,
-) -> Result<DirectResponse, NetError> {
-    let started = tokio::time::Instant::now();
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match net.request(peer, make()).await {
-            Ok(response) => return Ok(response),
-            Err(e) if started.elapsed() + delay > RETRY_FOR => return Err(e),
-            Err(e) => {
-                tracing::debug!("request to {peer} failed ({e}); retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
+pub(crate) const RETRY_FOR: Duration = Duration::from_secs(100);

@@ -136,7 +136,7 @@ async fn fetch(ctx: &RunContext, digest: Digest) -> anyhow::Result<()> {
         tracing::warn!("cached content {digest} is damaged; fetching it again");
     }
     let get = || DirectRequest::GetBlob(digest);
-    let bytes = match super::request_retrying(&ctx.net, ctx.relay_peer, get).await? {
+    let bytes = match ctx.net.request_retrying(ctx.relay_peer, get, super::RETRY_FOR).await? {
         DirectResponse::Blob(bytes) => bytes,
         DirectResponse::NotFound => bail!("the relay has no content {digest}"),
         other => bail!("the relay refused content {digest}: {other:?}"),
@@ -196,7 +196,7 @@ async fn put(ctx: &RunContext, lease: &Lease, bytes: Vec<u8>) -> anyhow::Result<
         lease: lease.lease,
         bytes: bytes.clone(),
     };
-    match super::request_retrying(&ctx.net, ctx.relay_peer, request).await? {
+    match ctx.net.request_retrying(ctx.relay_peer, request, super::RETRY_FOR).await? {
         DirectResponse::Accepted => Ok(()),
         other => bail!("the relay refused an output: {other:?}"),
     }

@@ -682,7 +682,21 @@ impl RelayCore {
         if job.training.is_some() {
             return self.on_training_claim(now, node, job_id);
         }
-        if job.leases.values().any(|l| l.node == node) {
+        if let Some(held) = job.leases.values().find(|l| l.node == node) {
+            if held.status == LeaseStatus::Active {
+                // The holder claims again: its lease was lost on the way (a relay restart, a
+                // dropped connection). Send the same lease again rather than strand the job
+                // until the lease deadline.
+                let msg = Message::Lease(Lease {
+                    job_id,
+                    lease: held.lease,
+                    node,
+                    deadline_ms: held.deadline_ms,
+                    spec: job.spec.clone(),
+                    round: None,
+                });
+                return self.send(now, node, &msg);
+            }
             return self.deny(now, node, job_id, DenyReason::AlreadyLeased);
         }
         if job.open_slots() == 0 {

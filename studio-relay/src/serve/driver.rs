@@ -30,6 +30,8 @@ use super::views;
 const FINISHED_IN_MEMORY: usize = 1024;
 /// Inputs of each kind taken into one step at most.
 const STEP_INPUTS_MAX: usize = 512;
+/// Longest a message to a node is retried while the node cannot be reached.
+const DIRECT_RETRY_FOR: Duration = Duration::from_secs(10);
 /// How often the ledger voids reservations past their timeout.
 const LEDGER_EXPIRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -402,7 +404,11 @@ impl Relay {
             Transmit::Direct { to, bytes } => {
                 let peer = aimatrix_net::peer_id_of(&to);
                 tokio::spawn(async move {
-                    match net.request(peer, DirectRequest::Message(bytes)).await {
+                    // A node reconnecting (or the relay just restarted) gets a few seconds;
+                    // a message it never gets is recovered by the protocol (claims again,
+                    // lease deadlines).
+                    let make = || DirectRequest::Message(bytes.clone());
+                    match net.request_retrying(peer, make, DIRECT_RETRY_FOR).await {
                         Ok(DirectResponse::Accepted) => {}
                         Ok(other) => tracing::debug!("{peer} answered {other:?}"),
                         Err(e) => tracing::warn!("cannot reach node {peer}: {e}"),
