@@ -49,6 +49,9 @@ pub struct LeaseView {
     pub lease: u32,
     /// The holder's peer id.
     pub node: String,
+    /// Granted at (the run's start on the relay's clock), ms since the Unix epoch.
+    #[serde(default)]
+    pub granted_at_ms: u64,
     /// `active`, `returned`, `failed`, `expired` or `cancelled`.
     pub status: String,
     /// Why a failed lease failed.
@@ -147,6 +150,7 @@ impl JobView {
                 LeaseView {
                     lease: l.lease,
                     node: l.node.to_peer_id(),
+                    granted_at_ms: l.granted_at_ms,
                     status: status.to_owned(),
                     reason,
                     progress: l.progress,

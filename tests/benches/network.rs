@@ -1,0 +1,722 @@
+//! The network bench: one `studio-relay serve` and N `aimatrix-node join` processes (release
+//! builds) on loopback, measured against the issue's targets:
+//!
+//! - post-to-start latency of a trivial wasm job, posted one at a time;
+//! - jobs completed per second with many small jobs posted from several client threads;
+//! - the resident memory of an idle node.
+//!
+//! It prints a table (metric, value, target, PASS/MISS, the command that reproduces the row),
+//! then where the time went. A bench, not a test: a missed target is reported, not failed.
+//!
+//! ```text
+//! cargo bench -p aimatrix-tests --bench network -- --nodes 8 --jobs 2000 --samples 200
+//! ```
+//!
+//! Flags (after `--`): `--nodes N`, `--jobs N`, `--samples N`, `--clients N` (posting threads),
+//! `--only rss|latency|throughput` (one phase), `--timeout-s S` (throughput phase limit),
+//! `--keep` (keep the data directory and the logs). `RUST_LOG` is passed to the processes
+//! (default `warn`).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aimatrix_protocol::job::JobSpec;
+use anyhow::{bail, Context};
+use studio_relay::api::types::{MintRequest, PostJobRequest};
+use studio_relay::client::{ClientError, RelayClient};
+
+/// A guest that writes `ok\n` to stdout and exits.
+const TRIVIAL_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ok\n")
+  (func (export "_start")
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 3))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// Targets from the issue.
+const LATENCY_P50_MS_MAX: f64 = 50.0;
+const LATENCY_P99_MS_MAX: f64 = 200.0;
+const JOBS_PER_S_MIN: f64 = 200.0;
+const NODE_IDLE_RSS_MB_MAX: f64 = 60.0;
+
+/// Command-line options.
+#[derive(Clone, Debug)]
+struct Opts {
+    nodes: usize,
+    jobs: usize,
+    samples: usize,
+    clients: usize,
+    only: Option<String>,
+    timeout_s: u64,
+    keep: bool,
+}
+
+impl Opts {
+    const TIMEOUT_S_DEFAULT: u64 = 600;
+
+    fn parse() -> anyhow::Result<Self> {
+        let mut o = Self {
+            nodes: 8,
+            jobs: 2000,
+            samples: 200,
+            clients: 4,
+            only: None,
+            timeout_s: Self::TIMEOUT_S_DEFAULT,
+            keep: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value =
+                |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+            match arg.as_str() {
+                "--bench" => {} // added by `cargo bench`
+                "--nodes" => o.nodes = value("--nodes")?.parse()?,
+                "--jobs" => o.jobs = value("--jobs")?.parse()?,
+                "--samples" => o.samples = value("--samples")?.parse()?,
+                "--clients" => o.clients = value("--clients")?.parse()?,
+                "--timeout-s" => o.timeout_s = value("--timeout-s")?.parse()?,
+                "--only" => o.only = Some(value("--only")?),
+                "--keep" => o.keep = true,
+                other => bail!(
+                    "unknown argument {other:?}; flags: --nodes N --jobs N --samples N \
+                     --clients N --only rss|latency|throughput --timeout-s S --keep"
+                ),
+            }
+        }
+        if o.nodes == 0 || o.clients == 0 {
+            bail!("--nodes and --clients must be at least 1");
+        }
+        if let Some(only) = &o.only {
+            if !matches!(only.as_str(), "rss" | "latency" | "throughput") {
+                bail!("--only takes rss, latency or throughput, not {only:?}");
+            }
+        }
+        Ok(o)
+    }
+
+    fn runs(&self, phase: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == phase)
+    }
+
+    /// The command that reproduces one phase.
+    fn command(&self, phase: &str) -> String {
+        let mut flags = format!("--nodes {}", self.nodes);
+        match phase {
+            "latency" => flags.push_str(&format!(" --samples {}", self.samples)),
+            "throughput" => {
+                flags.push_str(&format!(" --jobs {} --clients {}", self.jobs, self.clients));
+                if self.timeout_s != Self::TIMEOUT_S_DEFAULT {
+                    flags.push_str(&format!(" --timeout-s {}", self.timeout_s));
+                }
+            }
+            _ => {}
+        }
+        format!("cargo bench -p aimatrix-tests --bench network -- {flags} --only {phase}")
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("network bench: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let opts = Opts::parse()?;
+    eprintln!("building release binaries (cargo build --release) ...");
+    let relay_bin = aimatrix_tests::binary("studio-relay");
+    let node_bin = aimatrix_tests::binary("aimatrix-node");
+    let mut net = Network::start(&relay_bin, &node_bin, opts.nodes, opts.keep)?;
+    eprintln!("network up: 1 relay, {} nodes; data and logs in {}", opts.nodes, net.dir.display());
+    let mut report = Report::default();
+    if opts.runs("rss") {
+        std::thread::sleep(Duration::from_secs(3));
+        rss_phase(&net, &opts, &mut report, "node idle RSS after joining")?;
+    }
+    let module = wat::parse_str(TRIVIAL_WAT).context("the trivial guest does not assemble")?;
+    let digest = net.client.put_blob(&module)?.sha256;
+    let spec = trivial_spec(&digest)?;
+    if opts.runs("latency") || opts.runs("throughput") {
+        warm_up(&net, &spec)?;
+    }
+    if opts.runs("latency") {
+        latency_phase(&net, &opts, &spec, &mut report)?;
+    }
+    if opts.runs("throughput") {
+        throughput_phase(&net, &opts, &spec, &mut report)?;
+    }
+    if opts.runs("rss") && opts.only.is_none() {
+        std::thread::sleep(Duration::from_secs(2));
+        rss_phase(&net, &opts, &mut report, "node idle RSS after the load (info)")?;
+    }
+    report.print(&opts);
+    net.stop();
+    Ok(())
+}
+
+/// The trivial job: reward 1, replication 1, the guest above.
+fn trivial_spec(module_sha256: &str) -> anyhow::Result<JobSpec> {
+    let spec = serde_json::json!({
+        "kind": "batch",
+        "name": "bench trivial",
+        "reward": 1,
+        "replication": 1,
+        "max_attempts": 3,
+        "deadline_s": 900,
+        "workload": { "runtime": "wasm", "module": format!("sha256:{module_sha256}") },
+        "requirements": { "cpu_cores": 1, "memory_mb": 64 },
+        "limits": { "timeout_s": 30, "memory_mb": 64 },
+    });
+    serde_json::from_value(spec).context("the trivial job spec does not parse")
+}
+
+/// The processes, killed when dropped.
+struct Network {
+    relay: Child,
+    /// Kept open: the relay's stdout is a pipe it may write to again.
+    _relay_stdout: BufReader<ChildStdout>,
+    nodes: Vec<Child>,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    client: RelayClient,
+}
+
+impl Network {
+    fn start(relay_bin: &Path, node_bin: &Path, nodes: usize, keep: bool) -> anyhow::Result<Self> {
+        let temp = tempfile::Builder::new().prefix("aimatrix-bench-").tempdir()?;
+        let (dir, temp) =
+            if keep { (temp.keep(), None) } else { (temp.path().to_owned(), Some(temp)) };
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        let api = free_loopback_addr()?;
+        let mut relay = Command::new(relay_bin)
+            .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api])
+            .arg("--data-dir")
+            .arg(dir.join("relay"))
+            .env("RUST_LOG", &log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&dir, "relay.log")?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", relay_bin.display()))?;
+        let mut stdout = BufReader::new(relay.stdout.take().context("no relay stdout")?);
+        let mut addr = String::new();
+        stdout.read_line(&mut addr)?;
+        let addr = addr.trim().to_owned();
+        let mut net = Self {
+            relay,
+            _relay_stdout: stdout,
+            nodes: Vec::new(),
+            dir,
+            _temp: temp,
+            client: RelayClient::new(&api),
+        };
+        if addr.is_empty() {
+            bail!("the relay printed no address; see {}", net.dir.join("relay.log").display());
+        }
+        for i in 0..nodes {
+            let child = Command::new(node_bin)
+                .args(["join", "--relay", &addr, "--listen", "/ip4/127.0.0.1/tcp/0"])
+                .args(["--api", &free_loopback_addr()?])
+                .arg("--data-dir")
+                .arg(net.dir.join(format!("node-{i}")))
+                .env("RUST_LOG", &log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&net.dir, &format!("node-{i}.log"))?)
+                .spawn()
+                .with_context(|| format!("cannot start {}", node_bin.display()))?;
+            net.nodes.push(child);
+        }
+        net.wait_for_nodes()?;
+        Ok(net)
+    }
+
+    /// Waits until the relay holds every node's advert.
+    fn wait_for_nodes(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let known = self.client.status().map(|s| s.known_nodes).unwrap_or(0);
+            if known >= self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {known} of {} nodes reached the relay within 120 s; logs in {}",
+                    self.nodes.len(),
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn node_pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(Child::id).collect()
+    }
+
+    /// When each node started each lease (`history.jsonl`), by job id, in ms.
+    fn lease_starts(&self) -> HashMap<String, u64> {
+        let mut starts = HashMap::new();
+        for i in 0..self.nodes.len() {
+            let path = self.dir.join(format!("node-{i}")).join("history.jsonl");
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for line in text.lines() {
+                let Ok(run) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                if let (Some(id), Some(at)) = (run["job_id"].as_str(), run["started_ms"].as_u64()) {
+                    starts.entry(id.to_owned()).or_insert(at);
+                }
+            }
+        }
+        starts
+    }
+
+    fn stop(&mut self) {
+        for child in self.nodes.iter_mut().chain(std::iter::once(&mut self.relay)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs a few jobs first, so every node has compiled the guest before anything is timed.
+fn warm_up(net: &Network, spec: &JobSpec) -> anyhow::Result<()> {
+    mint(&net.client, "bench-warmup", 1_000)?;
+    let ids: Vec<String> = (0..net.nodes.len() * 2)
+        .map(|_| post(&net.client, spec, "bench-warmup").map(|(id, _)| id))
+        .collect::<Result<_, _>>()?;
+    for id in ids {
+        wait_final(&net.client, &id, Duration::from_secs(60))?;
+    }
+    Ok(())
+}
+
+fn rss_phase(net: &Network, opts: &Opts, report: &mut Report, what: &str) -> anyhow::Result<()> {
+    let rss: Vec<f64> =
+        net.node_pids().iter().map(|pid| vm_rss_mb(*pid)).collect::<Result<_, _>>()?;
+    let max = rss.iter().copied().fold(0.0, f64::max);
+    let mean = rss.iter().sum::<f64>() / rss.len() as f64;
+    let relay = vm_rss_mb(net.relay.id())?;
+    report.row(
+        &format!("{what}, max of {}", rss.len()),
+        format!("{max:.1} MB"),
+        format!("<= {NODE_IDLE_RSS_MB_MAX} MB"),
+        Some(max <= NODE_IDLE_RSS_MB_MAX),
+        opts.command("rss"),
+    );
+    report.row(&format!("{what}, mean"), format!("{mean:.1} MB"), "".into(), None, "".into());
+    report.note(format!("{what}: relay RSS {relay:.1} MB; nodes {rss:.1?} MB"));
+    Ok(())
+}
+
+/// One sample of the latency phase, all in ms since the Unix epoch.
+struct Sample {
+    job_id: String,
+    /// Client clock, just before the POST.
+    before_post: f64,
+    /// Client clock, when the POST answered.
+    post_answered: f64,
+    /// Relay clock: the job's `posted_at_ms`.
+    posted_at: u64,
+    /// Relay clock: the first lease's `granted_at_ms`.
+    granted_at: u64,
+    /// Client clock: when polling saw the job completed.
+    completed_seen: f64,
+}
+
+fn latency_phase(
+    net: &Network,
+    opts: &Opts,
+    spec: &JobSpec,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    mint(&net.client, "bench-latency", 10 * opts.samples as u64 + 100)?;
+    let cpu_before = Cpu::read(net)?;
+    let started = Instant::now();
+    let mut samples = Vec::with_capacity(opts.samples);
+    for _ in 0..opts.samples {
+        samples.push(latency_sample(&net.client, spec)?);
+    }
+    let cpu = Cpu::read(net)?.since(&cpu_before, started.elapsed());
+    let starts = net.lease_starts();
+    let grant: Vec<f64> =
+        samples.iter().map(|s| (s.granted_at as f64 - s.before_post).max(0.0)).collect();
+    let (p50, p99) = (percentile(&grant, 0.50), percentile(&grant, 0.99));
+    let cmd = opts.command("latency");
+    let n = samples.len();
+    report.row(
+        &format!("post-to-start p50 ({n} jobs one at a time)"),
+        format!("{p50:.1} ms"),
+        format!("<= {LATENCY_P50_MS_MAX} ms"),
+        Some(p50 <= LATENCY_P50_MS_MAX),
+        cmd.clone(),
+    );
+    report.row(
+        &format!("post-to-start p99 ({n} jobs one at a time)"),
+        format!("{p99:.1} ms"),
+        format!("<= {LATENCY_P99_MS_MAX} ms"),
+        Some(p99 <= LATENCY_P99_MS_MAX),
+        cmd,
+    );
+    report.note(
+        "post-to-start = client clock just before POST /v1/jobs (blob already uploaded) to the \
+         lease's granted_at_ms on the relay's clock (same machine; the relay clock has 1 ms \
+         resolution)"
+            .into(),
+    );
+    let split = |f: &dyn Fn(&Sample) -> f64| {
+        let v: Vec<f64> = samples.iter().map(f).collect();
+        format!("p50 {:.1} / p99 {:.1} ms", percentile(&v, 0.5), percentile(&v, 0.99))
+    };
+    report.note(format!(
+        "  latency split: POST round trip {}; posted_at -> granted_at (relay: escrow, offer \
+         gossip, claim, grant) {}",
+        split(&|s| s.post_answered - s.before_post),
+        split(&|s| s.granted_at.saturating_sub(s.posted_at) as f64),
+    ));
+    let node_start: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| starts.get(&s.job_id).map(|at| (*at as f64 - s.before_post).max(0.0)))
+        .collect();
+    if !node_start.is_empty() {
+        report.note(format!(
+            "  before POST -> lease arrived at the node (history.jsonl started_ms): p50 {:.1} / \
+             p99 {:.1} ms ({} samples)",
+            percentile(&node_start, 0.5),
+            percentile(&node_start, 0.99),
+            node_start.len()
+        ));
+    }
+    report.note(format!(
+        "  before POST -> completed seen by polling every 5 ms: {}; {cpu}",
+        split(&|s| s.completed_seen - s.before_post)
+    ));
+    Ok(())
+}
+
+fn latency_sample(client: &RelayClient, spec: &JobSpec) -> anyhow::Result<Sample> {
+    let before_post = now_ms_f64();
+    let (job_id, post_answered) = post(client, spec, "bench-latency")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut granted = None;
+    loop {
+        let view = client.job(&job_id)?;
+        if granted.is_none() {
+            granted =
+                view.leases.iter().map(|l| l.granted_at_ms).min().map(|at| (view.posted_at_ms, at));
+        }
+        if view.is_final() {
+            if view.state != "completed" {
+                bail!("latency job {job_id} ended {}: {:?}", view.state, view.reason);
+            }
+            let (posted_at, granted_at) =
+                granted.with_context(|| format!("job {job_id} completed without a lease"))?;
+            let completed_seen = now_ms_f64();
+            return Ok(Sample {
+                job_id,
+                before_post,
+                post_answered,
+                posted_at,
+                granted_at,
+                completed_seen,
+            });
+        }
+        if Instant::now() > deadline {
+            bail!("latency job {job_id} did not complete within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn throughput_phase(
+    net: &Network,
+    opts: &Opts,
+    spec: &JobSpec,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let account = "bench-throughput";
+    mint(&net.client, account, 10 * opts.jobs as u64 + 100)?;
+    let cpu_before = Cpu::read(net)?;
+    let started = Instant::now();
+    let posted = Arc::new(AtomicUsize::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let posting: Vec<_> = (0..opts.clients)
+        .map(|c| {
+            let share = opts.jobs / opts.clients + usize::from(c < opts.jobs % opts.clients);
+            let (client, spec) = (net.client.clone(), spec.clone());
+            let (posted, retries, stop) = (posted.clone(), retries.clone(), stop.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                for _ in 0..share {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    retries.fetch_add(post_retrying(&client, &spec, account)?, Ordering::Relaxed);
+                    posted.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let (completed, all_posted_after, elapsed) = wait_paid(net, opts, account, &posted, started)?;
+    stop.store(true, Ordering::Relaxed);
+    let cpu = Cpu::read(net)?.since(&cpu_before, elapsed);
+    for handle in posting {
+        handle.join().map_err(|_| anyhow::anyhow!("a posting thread panicked"))??;
+    }
+    let rate = completed as f64 / elapsed.as_secs_f64();
+    report.row(
+        &format!("jobs completed per second ({completed} of {} jobs)", opts.jobs),
+        format!("{rate:.1} /s"),
+        format!(">= {JOBS_PER_S_MIN} /s"),
+        Some(rate >= JOBS_PER_S_MIN && completed == opts.jobs),
+        opts.command("throughput"),
+    );
+    report.note(format!(
+        "throughput: {} jobs posted by {} threads in {:.2} s ({:.0} posts/s, {} retries on 503); \
+         {completed} completed (paid) after {:.2} s",
+        posted.load(Ordering::Relaxed),
+        opts.clients,
+        all_posted_after.as_secs_f64(),
+        posted.load(Ordering::Relaxed) as f64 / all_posted_after.as_secs_f64(),
+        retries.load(Ordering::Relaxed),
+        elapsed.as_secs_f64()
+    ));
+    report.note(format!("  {cpu}"));
+    if let Ok(status) = net.client.status() {
+        if !status.reject_counts.is_empty() {
+            report.note(format!("  relay reject counts: {:?}", status.reject_counts));
+        }
+    }
+    Ok(())
+}
+
+/// Polls the requester's ledger balance (answered by the ledger, not the relay's event loop)
+/// until every posted job is paid or released. Returns the jobs paid, when the last post was
+/// answered, and when the last job ended.
+fn wait_paid(
+    net: &Network,
+    opts: &Opts,
+    account: &str,
+    posted: &AtomicUsize,
+    started: Instant,
+) -> anyhow::Result<(usize, Duration, Duration)> {
+    let deadline = started + Duration::from_secs(opts.timeout_s);
+    let mut all_posted_after = None;
+    loop {
+        let balance = net.client.balance(account)?;
+        let paid = usize::try_from(balance.posted_debits).unwrap_or(usize::MAX);
+        if all_posted_after.is_none() && posted.load(Ordering::Relaxed) == opts.jobs {
+            all_posted_after = Some(started.elapsed());
+        }
+        if let Some(posts) = all_posted_after {
+            if balance.pending == 0 {
+                return Ok((paid, posts, started.elapsed()));
+            }
+        }
+        if Instant::now() > deadline {
+            eprintln!("throughput: timed out after {} s with {paid} jobs paid", opts.timeout_s);
+            let elapsed = started.elapsed();
+            return Ok((paid, all_posted_after.unwrap_or(elapsed), elapsed));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Posts one job; returns its id and the client clock when the relay answered.
+fn post(client: &RelayClient, spec: &JobSpec, account: &str) -> anyhow::Result<(String, f64)> {
+    let req = PostJobRequest { spec: spec.clone(), account: account.to_owned() };
+    let id = client.post_job(&req)?.job_id;
+    Ok((id, now_ms_f64()))
+}
+
+/// Posts one job, retrying while the relay answers 503; returns the retries.
+fn post_retrying(client: &RelayClient, spec: &JobSpec, account: &str) -> anyhow::Result<u64> {
+    let req = PostJobRequest { spec: spec.clone(), account: account.to_owned() };
+    let mut retries = 0;
+    loop {
+        match client.post_job(&req) {
+            Ok(_) => return Ok(retries),
+            Err(e @ ClientError::Api { status: 503, .. }) if retries < 10_000 => {
+                if retries == 0 {
+                    eprintln!("throughput: the relay answered 503 ({e}); retrying");
+                }
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn wait_final(client: &RelayClient, id: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let view = client.job(id)?;
+        if view.is_final() {
+            if view.state != "completed" {
+                bail!("job {id} ended {}: {:?}", view.state, view.reason);
+            }
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("job {id} did not complete within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn mint(client: &RelayClient, account: &str, amount: u64) -> anyhow::Result<()> {
+    let memo = "network bench".to_owned();
+    client.mint(&MintRequest { account: account.to_owned(), amount, memo, id: None })?;
+    Ok(())
+}
+
+/// CPU time used by the relay, the nodes and this process, in seconds.
+struct Cpu {
+    relay_s: f64,
+    nodes_s: f64,
+    bench_s: f64,
+}
+
+impl Cpu {
+    fn read(net: &Network) -> anyhow::Result<Self> {
+        let nodes_s =
+            net.node_pids().iter().map(|p| cpu_s(&p.to_string())).sum::<Result<f64, _>>()?;
+        Ok(Self { relay_s: cpu_s(&net.relay.id().to_string())?, nodes_s, bench_s: cpu_s("self")? })
+    }
+
+    /// What was used since `before`, over `wall`, as a sentence.
+    fn since(&self, before: &Self, wall: Duration) -> String {
+        let cores = |now: f64, then: f64| (now - then) / wall.as_secs_f64();
+        let machine = std::thread::available_parallelism().map_or(0, usize::from);
+        format!(
+            "CPU in cores busy over {:.1} s: relay {:.2}, all nodes {:.2}, bench client {:.2} \
+             (machine has {machine})",
+            wall.as_secs_f64(),
+            cores(self.relay_s, before.relay_s),
+            cores(self.nodes_s, before.nodes_s),
+            cores(self.bench_s, before.bench_s),
+        )
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds (at the usual 100 ticks per second).
+fn cpu_s(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // After the command name: state is field 3, utime 14 and stime 15.
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+/// `VmRSS` of `/proc/<pid>/status`, in MB.
+fn vm_rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status (did the process exit?)"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kb / 1024.0)
+}
+
+/// The nearest-rank percentile `q` of `values`.
+fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn now_ms_f64() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// A free port on 127.0.0.1 (bound and released; the child binds it right after).
+fn free_loopback_addr() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// The table and the notes under it.
+#[derive(Default)]
+struct Report {
+    rows: Vec<[String; 5]>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        metric: &str,
+        value: String,
+        target: String,
+        pass: Option<bool>,
+        cmd: String,
+    ) {
+        let verdict = match pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "",
+        };
+        self.rows.push([metric.to_owned(), value, target, verdict.to_owned(), cmd]);
+    }
+
+    fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    fn print(&self, opts: &Opts) {
+        let header = ["metric", "value", "target", "", "reproduce"].map(str::to_owned);
+        let mut widths = [0; 5];
+        for row in std::iter::once(&header).chain(&self.rows) {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        println!();
+        println!(
+            "network bench: 1 relay + {} nodes on loopback (release builds); --nodes {} --jobs {} \
+             --samples {} --clients {}",
+            opts.nodes, opts.nodes, opts.jobs, opts.samples, opts.clients
+        );
+        for row in std::iter::once(&header).chain(&self.rows) {
+            let line: Vec<String> =
+                row.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+            println!("{}", line.join("  ").trim_end());
+        }
+        println!();
+        for note in &self.notes {
+            println!("{note}");
+        }
+    }
+}
