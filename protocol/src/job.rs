@@ -509,16 +509,29 @@ impl JobSpec {
         }
     }
 
+    /// Every content reference the spec holds, with the field that holds it (`workload.module`,
+    /// `inputs[i] (name)`, `training.model`, `training.dataset`, `serving.model`).
+    pub fn content_refs(&self) -> Vec<(String, &ContentRef)> {
+        let mut out = Vec::new();
+        if let Some(module) = &self.workload.module {
+            out.push(("workload.module".to_owned(), module));
+        }
+        for (i, input) in self.inputs.iter().enumerate() {
+            out.push((format!("inputs[{i}] ({})", input.name), &input.source));
+        }
+        if let Some(t) = &self.training {
+            out.push(("training.model".to_owned(), &t.model));
+            out.push(("training.dataset".to_owned(), &t.dataset));
+        }
+        if let Some(s) = &self.serving {
+            out.push(("serving.model".to_owned(), &s.model));
+        }
+        out
+    }
+
     /// Whether every content reference is a digest, as a posted job requires.
     pub fn is_resolved(&self) -> bool {
-        let mut refs = self.workload.module.iter().chain(self.inputs.iter().map(|i| &i.source));
-        let all_inputs = refs.all(|r| r.digest().is_some());
-        let training = self
-            .training
-            .as_ref()
-            .is_none_or(|t| t.model.digest().is_some() && t.dataset.digest().is_some());
-        let serving = self.serving.as_ref().is_none_or(|s| s.model.digest().is_some());
-        all_inputs && training && serving
+        self.content_refs().iter().all(|(_, r)| r.digest().is_some())
     }
 
     /// Checks every semantic rule and reports every problem found.

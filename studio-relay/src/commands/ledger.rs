@@ -141,12 +141,7 @@ pub(crate) fn run(args: LedgerArgs) -> anyhow::Result<ExitCode> {
 
 /// `DIR/ledger`, with DIR from the flag, else the default relay data directory.
 fn ledger_dir(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    let dir = match explicit {
-        Some(dir) => dir.to_owned(),
-        None => aimatrix_cli_support::default_data_dir("aimatrix-relay")
-            .context("cannot find a data directory: set --data-dir, XDG_DATA_HOME or HOME")?,
-    };
-    Ok(dir.join("ledger"))
+    Ok(super::relay_data_dir(explicit)?.join("ledger"))
 }
 
 fn open(dir: &Path) -> anyhow::Result<Ledger> {

@@ -9,7 +9,6 @@ use aimatrix_net::{NetEvent, NetHandle};
 use aimatrix_protocol::capability::{advert_record_key, class_provider_key, requirement_class};
 use aimatrix_protocol::codec;
 use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
-use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::job::JobSpec;
 use aimatrix_protocol::ledger::LedgerOp;
 use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest};
@@ -316,7 +315,9 @@ impl Relay {
                     .into(),
             ));
         }
-        for (what, digest) in content_digests(&spec) {
+        let named =
+            spec.content_refs().into_iter().filter_map(|(what, r)| Some((what, r.digest()?)));
+        for (what, digest) in named {
             match self.blobs.has(&digest) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -617,18 +618,4 @@ impl Relay {
             self.ledger_expired.load(std::sync::atomic::Ordering::Relaxed),
         )
     }
-}
-
-/// Every content digest a job names, with where it names it.
-fn content_digests(spec: &JobSpec) -> Vec<(String, Digest)> {
-    let mut out = Vec::new();
-    if let Some(d) = spec.workload.module.as_ref().and_then(|m| m.digest()) {
-        out.push(("workload.module".to_owned(), d));
-    }
-    for (i, input) in spec.inputs.iter().enumerate() {
-        if let Some(d) = input.source.digest() {
-            out.push((format!("inputs[{i}] ({})", input.name), d));
-        }
-    }
-    out
 }

@@ -53,11 +53,7 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let data_dir = match &args.data_dir {
-        Some(dir) => dir.clone(),
-        None => aimatrix_cli_support::default_data_dir("aimatrix-relay")
-            .context("cannot find a data directory: set --data-dir or HOME")?,
-    };
+    let data_dir = crate::commands::relay_data_dir(args.data_dir.as_deref())?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let key_path = data_dir.join("relay.key");
