@@ -8,7 +8,7 @@ pub(crate) mod status;
 pub(crate) mod workloads;
 
 /// Milliseconds since the Unix epoch, as the node's clock reads it.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

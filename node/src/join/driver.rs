@@ -2,7 +2,7 @@
 //! timer go in; messages, runs and history records come out.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aimatrix_net::NetEvent;
 use aimatrix_protocol::capability::{advert_record_key, capability_classes, class_provider_key};
@@ -19,12 +19,8 @@ use tokio_util::sync::CancellationToken;
 use super::run::{self, RunContext, RunUpdate};
 use crate::api::views::{NetView, OfferView, RelayView, StatusView};
 use crate::api::NodeApiCommand;
+use crate::commands::now_ms;
 use crate::history::{History, ReceiptRecord, RunRecord};
-
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> Millis {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as Millis)
-}
 
 /// A lease being run.
 struct Running {
