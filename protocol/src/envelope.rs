@@ -190,10 +190,121 @@ impl Envelope {
     }
 
     /// Checks only the signature (no time, domain or replay checks).
+    ///
+    /// When a [`SignatureMemo`] is installed on this thread, a verdict already reached for the
+    /// same signed bytes and signature is reused instead of checked again.
     pub fn verify_signature(&self) -> Result<(), VerifyError> {
-        let key = self.signer.verifying_key().map_err(|_| VerifyError::InvalidSigner)?;
-        let sig = DalekSignature::from_bytes(&self.signature.0);
-        key.verify(&self.signing_bytes(), &sig).map_err(|_| VerifyError::BadSignature)
+        let bytes = self.signing_bytes();
+        let check = || {
+            let key = self.signer.verifying_key().map_err(|_| VerifyError::InvalidSigner)?;
+            let sig = DalekSignature::from_bytes(&self.signature.0);
+            key.verify(&bytes, &sig).map_err(|_| VerifyError::BadSignature)
+        };
+        memo::verdict(&self.signature, &bytes, check)
+    }
+}
+
+pub use memo::{SignatureMemo, SignatureMemoStats};
+
+/// Memoised signature verdicts for a driver that runs many receivers in one thread.
+mod memo {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    use sha2::{Digest as _, Sha256};
+
+    use super::{Signature, VerifyError};
+
+    /// Verdicts kept by an installed memo: two generations, each at most half the capacity;
+    /// when the young one fills up, the old one is dropped and the young one becomes old.
+    struct State {
+        young: HashMap<[u8; 32], Result<(), VerifyError>>,
+        old: HashMap<[u8; 32], Result<(), VerifyError>>,
+        generation_max: usize,
+        stats: SignatureMemoStats,
+    }
+
+    thread_local! {
+        static MEMO: RefCell<Option<State>> = const { RefCell::new(None) };
+    }
+
+    /// Counters of an installed memo.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct SignatureMemoStats {
+        /// Verdicts reused.
+        pub hits: u64,
+        /// Signatures actually checked.
+        pub misses: u64,
+    }
+
+    /// Memoises signature verdicts on the current thread while it is alive.
+    ///
+    /// A signature verdict is a pure function of the signed bytes and the signature, so a
+    /// process that hands the same envelope to many receivers (the simulator delivers one
+    /// offer to thousands of simulated nodes, each with its own `Verifier`) need check each
+    /// distinct envelope once. Only the ed25519 check is memoised: every receiver still
+    /// decodes the envelope and applies its own size, domain, lifetime, clock and replay
+    /// checks. The key is the SHA-256 of the signature and the signed bytes, so a forged or
+    /// altered envelope never meets the verdict of the genuine one.
+    ///
+    /// Nothing installs a memo but a driver that asks for one: the node and the relay binaries
+    /// never do, so they check every signature they receive. Dropping the memo uninstalls it
+    /// (and restores one installed before, if any).
+    #[must_use = "the memo is uninstalled when dropped"]
+    pub struct SignatureMemo {
+        previous: Option<State>,
+    }
+
+    impl SignatureMemo {
+        /// Installs a memo of at most `capacity` verdicts (at least 2) on this thread.
+        pub fn install(capacity: usize) -> Self {
+            let state = State {
+                young: HashMap::new(),
+                old: HashMap::new(),
+                generation_max: (capacity / 2).max(1),
+                stats: SignatureMemoStats::default(),
+            };
+            Self { previous: MEMO.with(|m| m.borrow_mut().replace(state)) }
+        }
+
+        /// Hits and misses so far.
+        pub fn stats(&self) -> SignatureMemoStats {
+            MEMO.with(|m| m.borrow().as_ref().map(|s| s.stats).unwrap_or_default())
+        }
+    }
+
+    impl Drop for SignatureMemo {
+        fn drop(&mut self) {
+            let previous = self.previous.take();
+            MEMO.with(|m| *m.borrow_mut() = previous);
+        }
+    }
+
+    /// `check()`'s verdict on `signature` over `signed`, from the memo when one is installed.
+    pub(super) fn verdict(
+        signature: &Signature,
+        signed: &[u8],
+        check: impl FnOnce() -> Result<(), VerifyError>,
+    ) -> Result<(), VerifyError> {
+        MEMO.with(|m| {
+            let mut guard = m.borrow_mut();
+            let Some(state) = guard.as_mut() else { return check() };
+            let mut hasher = Sha256::new();
+            hasher.update(signature.0);
+            hasher.update(signed);
+            let key: [u8; 32] = hasher.finalize().into();
+            if let Some(v) = state.young.get(&key).or_else(|| state.old.get(&key)) {
+                state.stats.hits += 1;
+                return v.clone();
+            }
+            state.stats.misses += 1;
+            let v = check();
+            if state.young.len() >= state.generation_max {
+                state.old = std::mem::take(&mut state.young);
+            }
+            state.young.insert(key, v.clone());
+            v
+        })
     }
 }
 
@@ -544,6 +655,35 @@ mod tests {
             v.verify(15_000, &backwards, &[Domain::Offer]),
             Err(VerifyError::BadLifetime { .. })
         ));
+    }
+
+    #[test]
+    fn a_memo_reuses_verdicts_but_never_for_other_bytes() {
+        let k = key(1);
+        let good = env(&k, 1, 10_000, 20_000);
+        let mut forged = good.clone();
+        forged.payload[0] ^= 1;
+        let memo = SignatureMemo::install(4);
+        for _ in 0..3 {
+            assert_eq!(good.verify_signature(), Ok(()));
+            assert_eq!(forged.verify_signature(), Err(VerifyError::BadSignature));
+        }
+        assert_eq!(memo.stats(), SignatureMemoStats { hits: 4, misses: 2 });
+        // Each receiver keeps its own replay cache: a memoised signature is still a replay.
+        let mut v = verifier();
+        v.verify(10_000, &good, &[Domain::Offer]).unwrap();
+        assert!(matches!(
+            v.verify(10_000, &good, &[Domain::Offer]),
+            Err(VerifyError::Replayed { .. })
+        ));
+        // Past its capacity the memo forgets, and checks again.
+        for n in 2..10 {
+            env(&k, n, 10_000, 20_000).verify_signature().unwrap();
+        }
+        assert_eq!(good.verify_signature(), Ok(()));
+        assert_eq!(memo.stats().misses, 2 + 8 + 1);
+        drop(memo);
+        assert_eq!(SignatureMemo::install(4).stats(), SignatureMemoStats::default());
     }
 
     #[test]
