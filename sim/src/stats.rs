@@ -102,6 +102,9 @@ pub struct Traffic {
     pub signatures: u64,
     /// Envelopes verified (one per delivered copy).
     pub verifications: u64,
+    /// ed25519 checks actually run: verifications of byte-identical envelopes share one
+    /// (see `aimatrix_protocol::envelope::SignatureMemo`).
+    pub signatures_checked: u64,
 }
 
 /// Credits moved by the ledger.
@@ -205,7 +208,10 @@ impl Summary {
             "messages: {} sent ({:.1} per job), {} delivered, {} bytes delivered ({:.0} per job), {} lost, {} duplicated, {} to crashed nodes\n",
             m.sent, m.sent_per_job, m.delivered, m.delivered_bytes, m.bytes_per_job, m.lost, m.duplicated, m.to_down_nodes
         );
-        out += &format!("crypto: {} signatures, {} verifications\n", m.signatures, m.verifications);
+        out += &format!(
+            "crypto: {} signatures, {} verifications ({} signature checks after memoisation)\n",
+            m.signatures, m.verifications, m.signatures_checked
+        );
         out += &format!(
             "credits: {} paid to nodes ({} to byzantine nodes), {} fees, {} refunded\n",
             c.paid_to_nodes, c.paid_to_byzantine, c.fees, c.refunded
