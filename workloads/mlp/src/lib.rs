@@ -18,6 +18,11 @@
 //! - [`forward`], [`predict`], [`loss_and_accuracy`] and [`train`].
 //! - [`delta`] / [`apply_delta`] and [`encode_delta`] / [`decode_delta`]: the model updates
 //!   that participants return to the relay.
+//! - [`aggregate`]: combining a round's updates ([`Rule`]: mean, median, trimmed mean,
+//!   centered clipping), deterministically.
+//! - [`validate`]: per-update verdicts (shape, NaN/Inf, norm far outside the round's).
+//! - [`compress`]: update codecs (none, fp16, int8, top-k), the `AMLC` format, and
+//!   [`Residual`] for error feedback.
 //! - [`FormatError`] for bytes that are not a valid file, [`ShapeError`] for values that do
 //!   not fit together (a dataset with 10 features for a model with 64 inputs).
 //!
@@ -70,6 +75,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod aggregate;
+pub mod compress;
 mod dataset;
 mod delta;
 mod error;
@@ -77,13 +84,17 @@ mod math;
 mod model;
 mod rng;
 mod train;
+pub mod validate;
 mod wire;
 
+pub use aggregate::{AggregateError, ClipRadius, Rule};
+pub use compress::{compress, decompress, Codec, Residual, UpdateFormatError};
 pub use dataset::Dataset;
 pub use delta::{apply_delta, decode_delta, delta, encode_delta};
 pub use error::{FormatError, ShapeError};
 pub use model::Model;
 pub use train::{forward, loss_and_accuracy, predict, train};
+pub use validate::{validate, NormCheck, Rejection, Verdict};
 
 /// Input features of the standard model: one per pixel of an 8×8 digit image.
 pub const INPUTS: usize = 64;
