@@ -80,6 +80,7 @@ fn sample_messages() -> Vec<Message> {
             spec: testkit::batch_spec(10),
             deadline_ms: NOW_MS + 600_000,
             open_slots: 2,
+            preferred: vec![node],
         }),
         Message::Claim(Claim { job_id }),
         Message::Lease(Lease {

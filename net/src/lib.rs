@@ -37,6 +37,7 @@
 
 mod behaviour;
 pub mod codec;
+pub mod outbound;
 mod task;
 
 use std::time::Duration;
@@ -48,6 +49,11 @@ use tokio::sync::{mpsc, oneshot};
 pub use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
 pub use aimatrix_protocol::Topic;
 pub use libp2p::{Multiaddr, PeerId};
+pub use outbound::Outbound;
+
+/// The reason a peer gives when its driver is too busy to take a direct request; the request
+/// may be sent again later ([`NetHandle::request_retrying`] does).
+pub const BUSY: &str = "busy";
 
 use task::Command;
 
@@ -239,8 +245,8 @@ impl NetHandle {
     }
 
     /// [`NetHandle::request`], retried with backoff (200 ms doubling to 5 s) while the peer
-    /// cannot be reached — a relay restarting, a dropped connection — for at most `retry_for`.
-    /// A peer's answer, whatever it says, is returned at once; `make` builds each attempt.
+    /// cannot be reached — a relay restarting, a dropped connection — or answers [`BUSY`], for
+    /// at most `retry_for`. Any other answer is returned at once; `make` builds each attempt.
     pub async fn request_retrying(
         &self,
         peer: PeerId,
@@ -251,6 +257,13 @@ impl NetHandle {
         let mut delay = Duration::from_millis(200);
         loop {
             match self.request(peer, make()).await {
+                Ok(DirectResponse::Refused(why))
+                    if why == BUSY && started.elapsed() + delay <= retry_for =>
+                {
+                    tracing::debug!("{peer} is busy; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
                 Ok(response) => return Ok(response),
                 Err(e @ (NetError::TooLarge(_) | NetError::Shutdown)) => return Err(e),
                 Err(e) if started.elapsed() + delay > retry_for => return Err(e),

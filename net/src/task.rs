@@ -568,7 +568,7 @@ impl SwarmTask {
             }
             NetEvent::Request { peer, reply, .. } => {
                 warn!(%peer, "driver busy: direct request refused");
-                reply.send(DirectResponse::refused("busy"));
+                reply.send(DirectResponse::refused(crate::BUSY));
             }
             other => {
                 if self.overflow.len() >= OVERFLOW_EVENTS_MAX {

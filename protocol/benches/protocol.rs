@@ -85,6 +85,7 @@ impl Fixture {
             spec: testkit::batch_spec(10),
             deadline_ms: NOW_MS + 600_000,
             open_slots: 1,
+            preferred: vec![testkit::keypair(2).public()],
         };
         let message = Message::Offer(offer.clone());
         let offer_bytes = codec::encode(&offer).expect("offer encodes");

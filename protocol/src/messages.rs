@@ -71,6 +71,21 @@ pub struct Offer {
     pub deadline_ms: Millis,
     /// Leases the relay would grant now.
     pub open_slots: u32,
+    /// The nodes the relay asks to claim first (at most [`PREFERRED_CLAIMANTS_MAX`]); empty
+    /// means any node that can serve the job may claim it. Advisory: the relay grants a valid
+    /// claim from any node, so an owner's explicit `compute accept` is never refused for it.
+    pub preferred: Vec<NodeId>,
+}
+
+/// Most nodes an [`Offer`] names as preferred claimants; a node ignores longer lists.
+pub const PREFERRED_CLAIMANTS_MAX: usize = 64;
+
+/// A per-node order over jobs: nodes that see the same offers try them in different orders,
+/// so they rarely race for one job. A bijection of the job for a fixed node.
+pub fn claim_order_key(node: &NodeId, job: &JobId) -> u64 {
+    let node_lo = u64::from_le_bytes(node.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    let job_lo = u64::from_le_bytes(job.0[..8].try_into().unwrap_or([0; 8]));
+    mix64(job_lo ^ mix64(node_lo))
 }
 
 /// A node's claim on an offered job.
@@ -465,4 +480,23 @@ pub const fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit;
+
+    #[test]
+    fn nodes_order_the_same_jobs_differently() {
+        let jobs: Vec<JobId> = (0..64u8).map(|i| JobId::from_digest(&Digest::of(&[i]))).collect();
+        let first_choice = |seed: u64| {
+            let node = testkit::keypair(seed).public();
+            *jobs.iter().min_by_key(|j| claim_order_key(&node, j)).expect("jobs")
+        };
+        let choices: std::collections::BTreeSet<JobId> = (0..8).map(first_choice).collect();
+        // Eight nodes, 64 jobs: a shared order would give one first choice.
+        assert!(choices.len() >= 5, "{} distinct first choices", choices.len());
+        assert_eq!(first_choice(3), first_choice(3), "stable for one node");
+    }
 }

@@ -19,8 +19,8 @@ use crate::identity::{Keypair, NodeId};
 use crate::job::JobSpec;
 use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
-    open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Outcome, Progress,
-    Receipt, RejectReason, Usage, Verdict,
+    claim_order_key, open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer,
+    Outcome, Progress, Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::Millis;
@@ -442,6 +442,13 @@ impl NodeCore {
             let why = format!("offer {job_id} names content by path instead of digest");
             return self.reject(None, RejectReason::Refused(why));
         }
+        if offer.preferred.len() > PREFERRED_CLAIMANTS_MAX {
+            let why = format!(
+                "offer {job_id} names {} preferred claimants (at most {PREFERRED_CLAIMANTS_MAX})",
+                offer.preferred.len()
+            );
+            return self.reject(None, RejectReason::Refused(why));
+        }
         if self.offers.get(&job_id).is_some_and(|o| o.relay != relay) {
             let why = format!("offer {job_id} from a second relay; the first offer stands");
             return self.reject(None, RejectReason::Refused(why));
@@ -466,26 +473,40 @@ impl NodeCore {
         self.claim_more(now);
     }
 
-    /// Auto mode: claims matching offers, highest reward first, while slots are free.
+    /// Auto mode: claims matching offers while slots are free: offers that name this node (or
+    /// nobody) as a preferred claimant, highest reward first, then in this node's own order
+    /// ([`claim_order_key`]) so that nodes hearing the same offers try different jobs first.
     fn claim_more(&mut self, now: Millis) {
         if self.cfg.accept != AcceptMode::Auto || self.draining {
             return;
         }
-        let mut candidates: Vec<(u64, JobId)> = self
+        let me = self.id();
+        let free = self.profile.policy.max_concurrent_jobs.saturating_sub(self.slots_in_use());
+        if free == 0 {
+            return;
+        }
+        let held: BTreeSet<JobId> = self.leases.keys().map(|(j, _)| *j).collect();
+        let mut candidates: Vec<(u64, u64, JobId)> = self
             .offers
             .values()
             .filter(|o| o.claimed_at_ms.is_none() && o.refused.is_none() && o.offer.open_slots > 0)
-            .filter(|o| !self.leases.keys().any(|(j, _)| *j == o.offer.job_id))
+            .filter(|o| o.offer.preferred.is_empty() || o.offer.preferred.contains(&me))
+            .filter(|o| !held.contains(&o.offer.job_id))
             .filter(|o| !self.joined_training.iter().any(|(j, _, _)| *j == o.offer.job_id))
-            .map(|o| (o.offer.spec.reward, o.offer.job_id))
+            .map(|o| (o.offer.spec.reward, claim_order_key(&me, &o.offer.job_id), o.offer.job_id))
             .collect();
-        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, job_id) in candidates {
+        candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let mut free = free;
+        for (_, _, job_id) in candidates {
             let profile = self.profile();
             let Some(o) = self.offers.get_mut(&job_id) else { continue };
             o.matched = matching::evaluate(&o.offer.spec, &profile);
             if o.matched.is_ok() {
                 self.send_claim(now, job_id);
+                free -= 1;
+                if free == 0 {
+                    break;
+                }
             }
         }
     }

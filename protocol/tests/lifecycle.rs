@@ -626,7 +626,9 @@ fn restart_mid_job(result_signed_before_restart: bool) -> (Net, JobId, Vec<Vec<u
         assert!(!held.is_empty(), "the result (sent first) waits for the relay");
     }
     net.restart_relay(RelayConfig::default(), 8);
-    assert_eq!(net.relay.job(&job), Some(&snapshot), "restored exactly");
+    // Compared as stored: everything but the announcement count, which a restart resets.
+    let restored = codec::encode(net.relay.job(&job).unwrap()).unwrap();
+    assert_eq!(restored, codec::encode(&snapshot).unwrap(), "restored exactly");
     assert!(net.relay.poll_event().is_none(), "a running job with no free slot just waits");
     for bytes in &held {
         net.relay.handle_message(net.now, Some(net.nodes[0].id()), bytes);
@@ -759,4 +761,65 @@ fn a_lease_lost_on_the_way_is_sent_again_when_its_holder_claims_again() {
         events.iter().any(|e| matches!(e, NodeEvent::RunJob { lease, .. } if lease.lease == 0)),
         "{events:?}"
     );
+}
+
+/// The nodes that claimed `job` so far, by index.
+fn claimants(net: &Net, job: JobId) -> BTreeSet<usize> {
+    net.node_events
+        .iter()
+        .filter(|(_, e)| matches!(e, NodeEvent::Claimed { job_id } if *job_id == job))
+        .map(|(i, _)| *i)
+        .collect()
+}
+
+/// The preferred claimants of `job` as node `i` heard them in the latest offer.
+fn preferred_heard(net: &Net, i: usize, job: JobId) -> Vec<NodeId> {
+    let offer = net.nodes[i].offers().find(|o| o.offer.job_id == job).expect("offer heard");
+    offer.offer.preferred.clone()
+}
+
+#[test]
+fn an_offer_names_two_claimants_per_slot_and_only_they_claim() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 8]);
+    let job = net.post(testkit::batch_spec(10));
+    let preferred = preferred_heard(&net, 0, job);
+    assert_eq!(preferred.len(), 2, "two per open slot: {preferred:?}");
+    let named: BTreeSet<usize> = preferred.iter().filter_map(|id| net.node_index(id)).collect();
+    assert_eq!(claimants(&net, job), named, "only the named nodes claim; no storm of eight");
+    net.run_until_final(job);
+    assert!(matches!(net.relay.job(&job).unwrap().state, JobState::Completed { .. }));
+}
+
+#[test]
+fn a_busy_node_is_not_named_for_the_next_job() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 60_000 }; 4]);
+    let first = net.post(testkit::batch_spec(10));
+    let (holder, _) = net.leases_of(first)[&0];
+    let second = net.post(testkit::batch_spec(10));
+    let named: BTreeSet<usize> =
+        preferred_heard(&net, 0, second).iter().filter_map(|id| net.node_index(id)).collect();
+    assert_eq!(named.len(), 2);
+    assert!(!named.contains(&holder), "node {holder} holds a lease (1 slot): {named:?}");
+    let (second_holder, _) = net.leases_of(second)[&0];
+    assert_ne!(second_holder, holder);
+}
+
+#[test]
+fn an_offer_nobody_named_takes_is_widened_then_opened_to_every_node() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 6]);
+    // Every node advertised, then went quiet: no claim ever comes.
+    net.down = (0..6).collect();
+    let job = net.post(testkit::batch_spec(10));
+    let mut sizes = Vec::new();
+    for _ in 0..4 {
+        net.now = net.relay.poll_timeout().unwrap();
+        net.relay.handle_timeout(net.now);
+        let offer = std::iter::from_fn(|| net.relay.poll_transmit())
+            .find(|t| matches!(t, Transmit::Broadcast { topic: Topic::Offers, .. }))
+            .expect("re-announced");
+        net.nodes[0].handle_message(net.now, None, offer.bytes());
+        sizes.push(preferred_heard(&net, 0, job).len());
+    }
+    // 2 named at first; then 4, then all 6 indexed nodes, then nobody: open to every node.
+    assert_eq!(sizes, vec![4, 6, 0, 0]);
 }

@@ -126,11 +126,10 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (any::<u64>(), profile())
             .prop_map(|(seq, profile)| Message::Advert(Advert { seq, profile })),
-        (job_id(), spec(), any::<u64>(), any::<u32>()).prop_map(
-            |(job_id, spec, deadline_ms, open_slots)| {
-                Message::Offer(Offer { job_id, spec, deadline_ms, open_slots })
-            }
-        ),
+        (job_id(), spec(), any::<u64>(), any::<u32>(), prop::collection::vec(node_id(), 0..4))
+            .prop_map(|(job_id, spec, deadline_ms, open_slots, preferred)| {
+                Message::Offer(Offer { job_id, spec, deadline_ms, open_slots, preferred })
+            }),
         job_id().prop_map(|job_id| Message::Claim(Claim { job_id })),
         (
             job_id(),

@@ -263,6 +263,7 @@ mod tests {
             spec,
             deadline_ms: NOW + 60_000,
             open_slots: 1,
+            preferred: Vec::new(),
         });
         let bytes = seal(relay, &msg, u64::from(job), NOW, 60_000).unwrap();
         core.handle_message(NOW, None, &bytes);

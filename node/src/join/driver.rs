@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use aimatrix_net::NetEvent;
+use aimatrix_net::{NetEvent, Outbound};
 use aimatrix_protocol::capability::{advert_record_key, capability_classes, class_provider_key};
 use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
 use aimatrix_protocol::messages::{JobId, Lease, Outcome};
@@ -40,7 +40,10 @@ pub(crate) struct Node {
     relay_addr: Multiaddr,
     running: BTreeMap<(JobId, u32), Running>,
     runs: JoinSet<()>,
+    /// DHT updates in flight.
     sends: JoinSet<()>,
+    /// Gossip and direct messages on their way out.
+    out: Outbound,
     updates_tx: mpsc::Sender<RunUpdate>,
     updates_rx: Option<mpsc::Receiver<RunUpdate>>,
     connected: BTreeSet<PeerId>,
@@ -59,6 +62,7 @@ impl Node {
         relay_addr: Multiaddr,
     ) -> Self {
         let (updates_tx, updates_rx) = mpsc::channel(256);
+        let out = Outbound::new(ctx.net.clone(), super::RETRY_FOR);
         Self {
             core,
             ctx,
@@ -67,6 +71,7 @@ impl Node {
             running: BTreeMap::new(),
             runs: JoinSet::new(),
             sends: JoinSet::new(),
+            out,
             updates_tx,
             updates_rx: Some(updates_rx),
             connected: BTreeSet::new(),
@@ -138,8 +143,10 @@ impl Node {
             self.pump();
         }
         // Every result, hand-back and progress report queued so far goes out before exit.
-        let flush = async { while self.sends.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), flush).await.is_err() {
+        let sends = &mut self.sends;
+        let dht = async { while sends.join_next().await.is_some() {} };
+        let dht_done = tokio::time::timeout(Duration::from_secs(10), dht).await.is_ok();
+        if !self.out.flush(Duration::from_secs(10)).await || !dht_done {
             tracing::warn!("some messages to the relay could not be delivered before exit");
         }
     }
@@ -265,7 +272,6 @@ impl Node {
     }
 
     fn send(&mut self, transmit: Transmit) {
-        let net = self.ctx.net.clone();
         match transmit {
             Transmit::Broadcast { topic, bytes } => {
                 if topic == Topic::Adverts {
@@ -275,37 +281,15 @@ impl Node {
                     self.send_to_relay(bytes.clone());
                     self.last_advert = Some(bytes.clone());
                 }
-                self.sends.spawn(async move {
-                    if let Err(e) = net.publish(topic, bytes).await {
-                        tracing::debug!("publish on {} failed: {e}", topic.name());
-                    }
-                });
+                self.out.publish(topic, bytes);
             }
-            Transmit::Direct { to, bytes } => {
-                self.send_direct(aimatrix_net::peer_id_of(&to), bytes)
-            }
+            Transmit::Direct { to, bytes } => self.out.send(aimatrix_net::peer_id_of(&to), bytes),
         }
     }
 
+    /// Sends a sealed message to the relay, retrying while it cannot be reached.
     fn send_to_relay(&mut self, bytes: Vec<u8>) {
-        self.send_direct(self.ctx.relay_peer, bytes);
-    }
-
-    /// Sends a sealed message to `peer`, retrying while it cannot be reached.
-    fn send_direct(&mut self, peer: PeerId, bytes: Vec<u8>) {
-        let net = self.ctx.net.clone();
-        {
-            {
-                self.sends.spawn(async move {
-                    let make = || DirectRequest::Message(bytes.clone());
-                    match net.request_retrying(peer, make, super::RETRY_FOR).await {
-                        Ok(DirectResponse::Accepted) => {}
-                        Ok(other) => tracing::warn!("{peer} did not take a message: {other:?}"),
-                        Err(e) => tracing::warn!("cannot reach {peer}: {e}"),
-                    }
-                });
-            }
-        }
+        self.out.send(self.ctx.relay_peer, bytes);
     }
 
     /// Stores the signed advert under the node's own key and provides its capability classes.

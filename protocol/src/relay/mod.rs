@@ -28,8 +28,8 @@ use crate::job::{JobKind, JobSpec};
 use crate::ledger::{LedgerOp, TransferId};
 use crate::matching::{self, Mismatch};
 use crate::messages::{
-    open, Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Offer, Outcome,
-    Receipt, RejectReason, RoundLease, Verdict,
+    claim_order_key, open, Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied,
+    Message, Offer, Outcome, Receipt, RejectReason, RoundLease, Verdict, PREFERRED_CLAIMANTS_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::{secs, Millis};
@@ -173,6 +173,11 @@ pub struct RelayJob {
     pub training: Option<TrainingState>,
     next_lease: u32,
     announce_at_ms: Millis,
+    /// Announcements since the job was posted or a slot last freed: each names a wider set of
+    /// preferred claimants, and past [`TARGETED_ANNOUNCEMENTS`] the offer is open to every
+    /// node. Not stored: a restored job starts targeting again.
+    #[serde(skip)]
+    announce_round: u32,
     post_seq: u64,
     /// The reservation's ledger timeout, kept so a restored job re-emits the identical
     /// `Reserve` even if `reserve_margin_ms` changed.
@@ -527,6 +532,7 @@ impl RelayCore {
             training,
             next_lease: 0,
             announce_at_ms: now,
+            announce_round: 0,
             post_seq: self.posted,
             reserve_timeout_at_ms: deadline_ms.saturating_add(self.cfg.reserve_margin_ms),
             spec,
@@ -552,9 +558,8 @@ impl RelayCore {
     pub fn reserve_confirmed(&mut self, now: Millis, job_id: JobId) -> Result<(), CommandError> {
         let job = self.job_in_state(job_id, &JobState::Reserving, "confirming the escrow")?;
         job.state = JobState::Open;
-        job.announce_at_ms = now;
         self.events.push_back(RelayEvent::JobOpen { job_id });
-        self.announce_due(now);
+        self.announce_due(now, job_id);
         Ok(())
     }
 
@@ -859,7 +864,7 @@ impl RelayCore {
             };
             return self.fail_job(now, job_id, reason);
         }
-        self.announce_due(now);
+        self.announce_due(now, job_id);
     }
 
     fn complete_job(&mut self, now: Millis, job_id: JobId, hash: Digest, winners: &[u32]) {
@@ -980,34 +985,52 @@ impl RelayCore {
         self.events.push_back(RelayEvent::Receipted(receipt));
     }
 
-    /// Marks every open job with free slots for re-announcement now.
-    fn announce_due(&mut self, now: Millis) {
-        for job in self.jobs.values_mut().filter(|j| j.state == JobState::Open) {
-            if job.open_slots() > 0 && job.announce_at_ms > now {
-                job.announce_at_ms = now;
+    /// A slot of `job_id` opened (posted, a lease failed or expired, a round needs seats):
+    /// announce it now, to a targeted set of nodes again.
+    fn announce_due(&mut self, now: Millis, job_id: JobId) {
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            if job.state == JobState::Open && job.open_slots() > 0 {
+                job.announce_at_ms = job.announce_at_ms.min(now);
+                job.announce_round = 0;
             }
         }
         self.announce(now);
     }
 
+    /// Announces every open job whose announcement is due.
     fn announce(&mut self, now: Millis) {
         let interval = self.cfg.reannounce_interval_ms;
-        let mut offers = Vec::new();
-        for job in self.jobs.values_mut().filter(|j| j.state == JobState::Open) {
+        let due: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Open && j.announce_at_ms <= now)
+            .filter(|j| j.open_slots() > 0)
+            .map(|j| j.id)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut busy = self.active_leases_by_node();
+        let mut offers = Vec::with_capacity(due.len());
+        for job_id in due {
+            let Some(job) = self.jobs.get(&job_id) else { continue };
             let open_slots = job.open_slots();
-            if open_slots > 0 && job.announce_at_ms <= now {
-                job.announce_at_ms = now.saturating_add(interval);
-                let ttl = job.deadline_ms.saturating_sub(now).clamp(1, interval.saturating_mul(3));
-                offers.push((
-                    Offer {
-                        job_id: job.id,
-                        spec: job.spec.clone(),
-                        deadline_ms: job.deadline_ms,
-                        open_slots,
-                    },
-                    ttl,
-                ));
-            }
+            let preferred = match targeted_count(open_slots, job.announce_round) {
+                Some(count) => self.preferred_claimants(job, count, &mut busy),
+                None => Vec::new(),
+            };
+            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            job.announce_at_ms = now.saturating_add(interval);
+            job.announce_round = job.announce_round.saturating_add(1);
+            let ttl = job.deadline_ms.saturating_sub(now).clamp(1, interval.saturating_mul(3));
+            let offer = Offer {
+                job_id,
+                spec: job.spec.clone(),
+                deadline_ms: job.deadline_ms,
+                open_slots,
+                preferred,
+            };
+            offers.push((offer, ttl));
         }
         for (offer, ttl) in offers {
             let msg = Message::Offer(offer);
@@ -1015,6 +1038,59 @@ impl RelayCore {
                 self.reject(None, RejectReason::Refused(format!("cannot announce offer: {e}")));
             }
         }
+    }
+
+    /// Active leases per node, across all jobs.
+    fn active_leases_by_node(&self) -> HashMap<NodeId, u32> {
+        let mut busy: HashMap<NodeId, u32> = HashMap::new();
+        for job in self.jobs.values().filter(|j| j.state == JobState::Open) {
+            for l in job.leases.values().filter(|l| l.status == LeaseStatus::Active) {
+                *busy.entry(l.node).or_default() += 1;
+            }
+        }
+        busy
+    }
+
+    /// Up to `count` indexed nodes that can serve `job` and have a free slot as far as this
+    /// relay knows (its own active leases, and the claims it just asked for in `busy`), most
+    /// free slots first, ties spread by [`claim_order_key`]. Each one chosen takes a slot in
+    /// `busy`, so one announcement of many jobs spreads them over the nodes. Empty when no
+    /// indexed node fits: the offer is then open to every node.
+    fn preferred_claimants(
+        &self,
+        job: &RelayJob,
+        count: usize,
+        busy: &mut HashMap<NodeId, u32>,
+    ) -> Vec<NodeId> {
+        let mut candidates: Vec<(u32, u64, NodeId)> = self
+            .adverts
+            .iter()
+            .filter(|(node, _)| !job.excluded.contains(node))
+            .filter(|(node, _)| !job.leases.values().any(|l| l.node == **node))
+            .filter_map(|(node, (_, profile))| {
+                let max = profile.policy.max_concurrent_jobs;
+                let free = max.saturating_sub(busy.get(node).copied().unwrap_or(0));
+                (free > 0 && serves_ignoring_load(&job.spec, profile))
+                    .then(|| (free, claim_order_key(node, &job.id), *node))
+            })
+            .collect();
+        let count = count.min(candidates.len());
+        if count == 0 {
+            return Vec::new();
+        }
+        let by_preference = |a: &(u32, u64, NodeId), b: &(u32, u64, NodeId)| {
+            b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        };
+        if count < candidates.len() {
+            candidates.select_nth_unstable_by(count - 1, by_preference);
+            candidates.truncate(count);
+        }
+        candidates.sort_unstable_by(by_preference);
+        let chosen: Vec<NodeId> = candidates.into_iter().map(|(_, _, node)| node).collect();
+        for node in &chosen {
+            *busy.entry(*node).or_default() += 1;
+        }
+        chosen
     }
 
     /// Time passed: expires leases and jobs, closes training rounds, re-announces offers.
@@ -1064,6 +1140,31 @@ impl RelayCore {
             self.send(now, node, &Message::Cancel(Cancel { job_id, lease, reason }));
         }
         self.after_slot_change(now, job_id);
+    }
+}
+
+/// Preferred claimants an announcement names per open slot, first time round.
+const PREFERRED_PER_SLOT: usize = 2;
+/// Announcements of a job that name preferred claimants (each twice as many as the one
+/// before) before its offer is open to every node.
+pub const TARGETED_ANNOUNCEMENTS: u32 = 3;
+
+/// How many preferred claimants the `round`-th announcement of a job with `open_slots` names;
+/// `None` when the offer is open to every node.
+fn targeted_count(open_slots: u32, round: u32) -> Option<usize> {
+    if round >= TARGETED_ANNOUNCEMENTS {
+        return None;
+    }
+    let count = (open_slots as usize).saturating_mul(PREFERRED_PER_SLOT) << round;
+    (count <= PREFERRED_CLAIMANTS_MAX).then_some(count)
+}
+
+/// Whether `profile` can serve `spec` apart from its advertised load (which is stale by the
+/// time the relay reads it; the relay counts its own leases instead).
+fn serves_ignoring_load(spec: &JobSpec, profile: &CapabilityProfile) -> bool {
+    match matching::evaluate(spec, profile) {
+        Ok(_) => true,
+        Err(why) => why.iter().all(|m| matches!(m, Mismatch::AtCapacity { .. })),
     }
 }
 

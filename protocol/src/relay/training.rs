@@ -148,12 +148,12 @@ impl RelayCore {
         }
         if t.participants.len() < t.params.quorum as usize {
             t.quorum_since_ms = None;
-            return self.announce_due(now);
+            return self.announce_due(now, job_id);
         }
         if t.participants.len() < t.params.participants as usize {
             let since = *t.quorum_since_ms.get_or_insert(now);
             if now < since.saturating_add(start_wait_ms) {
-                return self.announce_due(now);
+                return self.announce_due(now, job_id);
             }
         }
         t.quorum_since_ms = None;

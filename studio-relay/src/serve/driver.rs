@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aimatrix_net::{NetEvent, NetHandle};
+use aimatrix_net::{NetEvent, NetHandle, Outbound};
 use aimatrix_protocol::capability::{advert_record_key, class_provider_key, requirement_class};
 use aimatrix_protocol::codec;
 use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
@@ -62,6 +62,8 @@ pub(crate) struct Relay {
     /// Reservations the ledger voided on its own.
     ledger_expired: Arc<std::sync::atomic::AtomicU64>,
     connected: BTreeSet<PeerId>,
+    /// Gossip and direct messages on their way out.
+    out: Outbound,
     /// Ledger instructions of the current step, applied as one group commit.
     ledger_ops: Vec<LedgerOp>,
     /// Posts waiting for their reservation to be applied before they are answered.
@@ -80,6 +82,7 @@ impl Relay {
         address: Multiaddr,
     ) -> Self {
         let (internal_tx, internal_rx) = mpsc::channel(1024);
+        let out = Outbound::new(net.clone(), DIRECT_RETRY_FOR);
         Self {
             core,
             net,
@@ -92,6 +95,7 @@ impl Relay {
             ledger_refused: 0,
             ledger_expired: Arc::default(),
             connected: BTreeSet::new(),
+            out,
             ledger_ops: Vec::new(),
             posts: Vec::new(),
             internal_tx,
@@ -176,6 +180,9 @@ impl Relay {
             self.pump(now);
         }
         self.persist();
+        if !self.out.flush(Duration::from_secs(5)).await {
+            tracing::warn!("some messages to nodes could not be delivered before exit");
+        }
     }
 
     fn spawn_ledger_expiry(&self, shutdown: CancellationToken) {
@@ -392,30 +399,12 @@ impl Relay {
         self.answer_posts();
     }
 
-    fn send(&self, transmit: Transmit) {
-        let net = self.net.clone();
+    fn send(&mut self, transmit: Transmit) {
         match transmit {
-            Transmit::Broadcast { topic, bytes } => {
-                tokio::spawn(async move {
-                    if let Err(e) = net.publish(topic, bytes).await {
-                        tracing::debug!("publish on {} failed: {e}", topic.name());
-                    }
-                });
-            }
-            Transmit::Direct { to, bytes } => {
-                let peer = aimatrix_net::peer_id_of(&to);
-                tokio::spawn(async move {
-                    // A node reconnecting (or the relay just restarted) gets a few seconds;
-                    // a message it never gets is recovered by the protocol (claims again,
-                    // lease deadlines).
-                    let make = || DirectRequest::Message(bytes.clone());
-                    match net.request_retrying(peer, make, DIRECT_RETRY_FOR).await {
-                        Ok(DirectResponse::Accepted) => {}
-                        Ok(other) => tracing::debug!("{peer} answered {other:?}"),
-                        Err(e) => tracing::warn!("cannot reach node {peer}: {e}"),
-                    }
-                });
-            }
+            Transmit::Broadcast { topic, bytes } => self.out.publish(topic, bytes),
+            // A node reconnecting (or the relay just restarted) gets a few seconds; a message
+            // it never gets is recovered by the protocol (claims again, lease deadlines).
+            Transmit::Direct { to, bytes } => self.out.send(aimatrix_net::peer_id_of(&to), bytes),
         }
     }
 
