@@ -26,6 +26,8 @@ pub enum Invariant {
     NoJobLost,
     /// The driver's own calls into the cores succeeded.
     DriverConsistent,
+    /// Every forged or replayed envelope delivered to a core was rejected by it.
+    ForgeriesRejected,
 }
 
 impl Invariant {
@@ -38,6 +40,7 @@ impl Invariant {
             Self::LeasesWithinReplication => "leases_within_replication",
             Self::NoJobLost => "no_job_lost",
             Self::DriverConsistent => "driver_consistent",
+            Self::ForgeriesRejected => "forgeries_rejected",
         }
     }
 }

@@ -5,7 +5,8 @@
 //! seed that replays any run exactly. The simulation itself lives in this package's library
 //! (`aimatrix_sim`); this binary is its CLI.
 //!
-//! Subcommands live one per file under `src/commands/`: `run` simulates a scenario.
+//! Subcommands live one per file under `src/commands/`: `run` simulates a scenario, `bench`
+//! times runs at several sizes.
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.
@@ -29,6 +30,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(commands::run::RunArgs),
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,5 +44,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     match command {
         Command::Run(args) => commands::run::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     }
 }

@@ -53,8 +53,10 @@ impl Default for Scenario {
     }
 }
 
-/// Link model: latency = `base_ms` + both ends' access delays + jitter; each copy of a message
-/// is lost with `loss` and duplicated with `duplicate`.
+/// Link model: latency = `base_ms` + both ends' access delays + jitter, after the sender's
+/// uplink has serialized the message; each copy of a message is lost with `loss` and duplicated
+/// with `duplicate`. Announcements travel over the `gossip` overlay, adverts also go into the
+/// Kademlia DHT.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkModel {
@@ -68,11 +70,103 @@ pub struct NetworkModel {
     pub loss: f64,
     /// Probability that one delivery arrives twice, in [0, 1).
     pub duplicate: f64,
+    /// A node's uplink, Mbit/s (serialization delay of every copy it sends); 0 = unlimited.
+    pub node_upload_mbit: f64,
+    /// A relay's uplink, Mbit/s; 0 = unlimited.
+    pub relay_upload_mbit: f64,
+    /// How announcements (offers, adverts) spread.
+    pub gossip: GossipMode,
+    /// Gossipsub parameters (rust-libp2p's defaults).
+    pub gossipsub: GossipsubParams,
+    /// Kademlia parameters (rust-libp2p's defaults).
+    pub kademlia: KademliaParams,
 }
 
 impl Default for NetworkModel {
     fn default() -> Self {
-        Self { base_ms: 10, access_ms_max: 60, jitter_ms: 20, loss: 0.001, duplicate: 0.001 }
+        Self {
+            base_ms: 10,
+            access_ms_max: 60,
+            jitter_ms: 20,
+            loss: 0.001,
+            duplicate: 0.001,
+            node_upload_mbit: 100.0,
+            relay_upload_mbit: 1_000.0,
+            gossip: GossipMode::Gossipsub,
+            gossipsub: GossipsubParams::default(),
+            kademlia: KademliaParams::default(),
+        }
+    }
+}
+
+/// The announcement overlay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GossipMode {
+    /// A gossipsub mesh: flood publish, mesh forwarding, lazy IHAVE/IWANT gossip.
+    Gossipsub,
+    /// Every subscriber gets one copy straight from the publisher (no overlay cost).
+    Direct,
+}
+
+/// Gossipsub's knobs; the defaults are rust-libp2p's `gossipsub::Config::default()`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GossipsubParams {
+    /// Target mesh degree (`mesh_n`).
+    pub d: u32,
+    /// Below this a peer grafts at its heartbeat (`mesh_n_low`).
+    pub d_lo: u32,
+    /// Above this a peer prunes at its heartbeat (`mesh_n_high`).
+    pub d_hi: u32,
+    /// Peers that get IHAVE gossip at each heartbeat (`gossip_lazy`).
+    pub d_lazy: u32,
+    /// Heartbeat interval, ms.
+    pub heartbeat_ms: u64,
+    /// Heartbeats a message id is gossiped in IHAVE (`history_gossip`).
+    pub history_gossip: u32,
+    /// The publisher sends to every connected subscriber, not only its mesh (`flood_publish`).
+    /// A relay is connected to every node; a node to its mesh peers and the relays.
+    pub flood_publish: bool,
+    /// Bytes of gossipsub framing per message (its own signature, key, topic, sequence number).
+    pub frame_bytes: u64,
+    /// Bytes of a message id (our ids are SHA-256 digests of the data).
+    pub message_id_bytes: u64,
+}
+
+impl Default for GossipsubParams {
+    fn default() -> Self {
+        Self {
+            d: 6,
+            d_lo: 5,
+            d_hi: 12,
+            d_lazy: 6,
+            heartbeat_ms: 1_000,
+            history_gossip: 3,
+            flood_publish: true,
+            frame_bytes: 140,
+            message_id_bytes: 32,
+        }
+    }
+}
+
+/// Kademlia's knobs; the defaults are rust-libp2p's `kad::Config`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KademliaParams {
+    /// Whether nodes store their adverts in the DHT (as the node driver does).
+    pub enabled: bool,
+    /// Bucket size and replication factor (`K_VALUE`).
+    pub k: u32,
+    /// Parallel requests of a lookup (`ALPHA_VALUE`).
+    pub alpha: u32,
+    /// Bytes of one peer entry in a FIND_NODE answer (id and one address).
+    pub peer_entry_bytes: u64,
+}
+
+impl Default for KademliaParams {
+    fn default() -> Self {
+        Self { enabled: true, k: 20, alpha: 3, peer_entry_bytes: 80 }
     }
 }
 
@@ -135,6 +229,30 @@ pub struct Faults {
     pub crashes_per_node_hour: f64,
     /// A crashed node restarts after this many seconds; 0 = never.
     pub restart_after_s: u64,
+    /// Scheduled partitions.
+    pub partitions: Vec<Partition>,
+    /// Random partitions per simulated hour (Poisson); each lasts `random_partition_s` and
+    /// cuts off `random_partition_share` of the nodes.
+    pub random_partitions_per_hour: f64,
+    /// Length of a random partition, seconds.
+    pub random_partition_s: u64,
+    /// Share of nodes a random partition cuts off.
+    pub random_partition_share: f64,
+    /// Forged or replayed envelopes each Byzantine node sends per hour (altered payloads,
+    /// altered signers, third-party replays); every one must be rejected by its receiver.
+    pub forgeries_per_byzantine_hour: f64,
+}
+
+/// A scheduled partition: a share of the nodes loses every link to the rest (and to every relay).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Start, seconds after the run starts.
+    pub at_s: u64,
+    /// Length, seconds.
+    pub duration_s: u64,
+    /// Share of nodes on the far side, in (0, 1).
+    pub share: f64,
 }
 
 /// Job arrivals.
@@ -257,7 +375,29 @@ impl Scenario {
     /// Checks the numbers make sense together.
     pub fn validate(&self) -> Result<(), String> {
         let p = |x: f64| (0.0..1.0).contains(&x);
-        let checks: [(bool, &str); 10] = [
+        let g = &self.network.gossipsub;
+        let f = &self.faults;
+        let checks: [(bool, &str); 14] = [
+            (
+                g.d_lo <= g.d && g.d <= g.d_hi && g.d >= 1 && g.heartbeat_ms >= 1,
+                "network.gossipsub needs 1 <= d, d_lo <= d <= d_hi and heartbeat_ms >= 1",
+            ),
+            (
+                self.network.kademlia.k >= 1 && self.network.kademlia.alpha >= 1,
+                "network.kademlia.k and alpha must be at least 1",
+            ),
+            (
+                f.partitions.iter().all(|p| p.share > 0.0 && p.share < 1.0)
+                    && (0.0..1.0).contains(&f.random_partition_share),
+                "faults: partition shares must be in (0, 1)",
+            ),
+            (
+                f.random_partitions_per_hour >= 0.0
+                    && f.forgeries_per_byzantine_hour >= 0.0
+                    && self.network.node_upload_mbit >= 0.0
+                    && self.network.relay_upload_mbit >= 0.0,
+                "faults and bandwidths must not be negative",
+            ),
             (self.relays >= 1, "relays must be at least 1"),
             (self.duration_s >= 1, "duration_s must be at least 1"),
             (!self.hardware.is_empty(), "hardware needs at least one class"),

@@ -94,6 +94,17 @@ pub struct Traffic {
     pub duplicated: u64,
     /// Copies addressed to a crashed node.
     pub to_down_nodes: u64,
+    /// Copies dropped by a partition.
+    pub partitioned: u64,
+    /// Everything on the wire: point-to-point copies, gossip copies (flooded, forwarded,
+    /// duplicates), gossip control (IHAVE, IWANT, GRAFT, PRUNE) and DHT requests and answers.
+    pub wire_messages: u64,
+    /// Bytes of everything on the wire.
+    pub wire_bytes: u64,
+    /// Wire messages per posted job.
+    pub wire_messages_per_job: f64,
+    /// Wire bytes per posted job.
+    pub wire_bytes_per_job: f64,
     /// Messages sent per posted job.
     pub sent_per_job: f64,
     /// Delivered bytes per posted job.
@@ -105,6 +116,109 @@ pub struct Traffic {
     /// ed25519 checks actually run: verifications of byte-identical envelopes share one
     /// (see `aimatrix_protocol::envelope::SignatureMemo`).
     pub signatures_checked: u64,
+}
+
+/// What the announcement and discovery overlays cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct OverlayStats {
+    /// `gossipsub` or `direct`.
+    pub mode: String,
+    /// Messages published on a topic (offers and adverts).
+    pub publishes: u64,
+    /// Full copies of published messages sent by the gossip layer (flood publish, mesh
+    /// forwarding, IWANT answers).
+    pub gossip_copies: u64,
+    /// Bytes of those copies, framing included.
+    pub gossip_bytes: u64,
+    /// Copies that reached a peer which had already seen the message (dropped by its
+    /// message-id cache).
+    pub gossip_duplicates: u64,
+    /// IHAVE control messages.
+    pub ihave: u64,
+    /// Their bytes.
+    pub ihave_bytes: u64,
+    /// IWANT requests (each answered by a copy): a node the mesh did not reach.
+    pub iwant: u64,
+    /// GRAFT control messages (mesh repair after churn).
+    pub graft: u64,
+    /// PRUNE control messages.
+    pub prune: u64,
+    /// Mean mesh degree of the nodes up at the end.
+    pub mesh_degree_mean: f64,
+    /// DHT lookups (a node's advert put and its provider records).
+    pub kad_lookups: u64,
+    /// DHT requests (FIND_NODE, PUT_VALUE, ADD_PROVIDER), each with its answer.
+    pub kad_requests: u64,
+    /// Bytes of DHT requests and answers.
+    pub kad_bytes: u64,
+    /// Hops of one lookup at the final network size.
+    pub kad_hops: u32,
+}
+
+/// Bytes of one gossip control message or DHT header without its ids or records.
+pub const CONTROL_BYTES: u64 = 64;
+
+impl OverlayStats {
+    /// Wire messages the overlays added.
+    pub fn wire_messages(&self) -> u64 {
+        self.gossip_copies
+            + self.ihave
+            + self.iwant
+            + self.graft
+            + self.prune
+            + 2 * self.kad_requests
+    }
+
+    /// Wire bytes the overlays added.
+    pub fn wire_bytes(&self) -> u64 {
+        self.gossip_bytes
+            + self.ihave_bytes
+            + self.kad_bytes
+            + CONTROL_BYTES * (self.iwant + self.graft + self.prune)
+    }
+}
+
+/// Forged and replayed envelopes sent by Byzantine nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Forgeries {
+    /// Sent.
+    pub sent: u64,
+    /// Delivered to a running core.
+    pub delivered: u64,
+    /// Rejected by that core (the `forgeries_rejected` invariant wants all of them).
+    pub rejected: u64,
+}
+
+/// One point of the time series, taken every simulated 10 s.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sample {
+    /// Simulated seconds since the start.
+    pub t_s: u64,
+    /// Jobs posted and not ended (the queue).
+    pub open_jobs: u64,
+    /// Jobs posted so far.
+    pub posted: u64,
+    /// Jobs completed so far.
+    pub completed: u64,
+    /// Jobs failed so far.
+    pub failed: u64,
+    /// Nodes running.
+    pub nodes_up: u32,
+    /// Nodes cut off by a partition.
+    pub nodes_cut: u32,
+    /// Bytes on the wire so far.
+    pub wire_bytes: u64,
+}
+
+/// The time series of a run, beside its summary.
+#[derive(Clone, Debug, Default)]
+pub struct Series {
+    /// Samples every simulated 10 s, and one at the end.
+    pub samples: Vec<Sample>,
+    /// Offer arrivals by ms after publishing (the last bucket holds later ones).
+    pub propagation_ms: Vec<u64>,
+    /// Post-to-completion time of every completed job, ms.
+    pub complete_ms: Vec<u64>,
 }
 
 /// Credits moved by the ledger.
@@ -172,6 +286,12 @@ pub struct Summary {
     pub credits: Credits,
     /// Activity.
     pub activity: Activity,
+    /// Announcement and discovery overlays.
+    pub overlay: OverlayStats,
+    /// Forged and replayed envelopes.
+    pub forgeries: Forgeries,
+    /// Partitions started.
+    pub partitions: u64,
     /// Messages the cores rejected, by reason.
     pub rejected: BTreeMap<String, u64>,
     /// Whether every invariant held.
@@ -208,6 +328,26 @@ impl Summary {
             "messages: {} sent ({:.1} per job), {} delivered, {} bytes delivered ({:.0} per job), {} lost, {} duplicated, {} to crashed nodes\n",
             m.sent, m.sent_per_job, m.delivered, m.delivered_bytes, m.bytes_per_job, m.lost, m.duplicated, m.to_down_nodes
         );
+        let o = &self.overlay;
+        out += &format!(
+            "wire: {} messages ({:.1} per job), {} bytes ({:.0} per job), {} dropped by partitions\n",
+            m.wire_messages, m.wire_messages_per_job, m.wire_bytes, m.wire_bytes_per_job, m.partitioned
+        );
+        out += &format!(
+            "overlay {}: {} publishes, {} gossip copies ({} bytes, {} duplicates), {} IHAVE ({} bytes), {} IWANT, {} GRAFT, {} PRUNE, mesh degree {:.2}\n",
+            o.mode, o.publishes, o.gossip_copies, o.gossip_bytes, o.gossip_duplicates, o.ihave, o.ihave_bytes, o.iwant, o.graft, o.prune, o.mesh_degree_mean
+        );
+        out += &format!(
+            "dht: {} lookups of {} hops, {} requests, {} bytes\n",
+            o.kad_lookups, o.kad_hops, o.kad_requests, o.kad_bytes
+        );
+        if self.forgeries.sent > 0 || self.partitions > 0 {
+            let f = &self.forgeries;
+            out += &format!(
+                "faults: {} partitions; forgeries: {} sent, {} delivered, {} rejected\n",
+                self.partitions, f.sent, f.delivered, f.rejected
+            );
+        }
         out += &format!(
             "crypto: {} signatures, {} verifications ({} signature checks after memoisation)\n",
             m.signatures, m.verifications, m.signatures_checked

@@ -23,8 +23,13 @@ use rand::{RngExt, SeedableRng};
 
 use crate::invariants::{self, Invariant, Violation};
 use crate::queue::EventQueue;
-use crate::scenario::{JobClass, Scenario};
-use crate::stats::{Percentiles, Summary};
+use crate::scenario::{GossipMode, JobClass, Scenario};
+use crate::stats::{Percentiles, Sample, Series, Summary};
+
+mod faults;
+mod gossip;
+
+use gossip::Overlay;
 
 /// The simulated epoch: 2025-01-01T00:00:00Z, so envelope timestamps look real.
 const EPOCH_MS: Millis = 1_735_689_600_000;
@@ -36,6 +41,9 @@ const DEADLINE_SLACK_MS: u64 = 2_000;
 const PROPAGATION_BUCKETS: usize = 60_001;
 /// Signature verdicts remembered across simulated receivers.
 const SIGNATURE_MEMO_CAPACITY: usize = 1 << 16;
+
+/// How often the run samples its time series (and reports progress).
+const SAMPLE_INTERVAL_MS: u64 = 10_000;
 
 /// A core that receives messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,20 +62,59 @@ enum Behaviour {
     Withholding,
 }
 
+/// What a delivered copy is, for the statistics and checks it feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carried {
+    /// Any message.
+    Plain,
+    /// An offer (its arrival feeds the propagation histogram).
+    Offer,
+    /// A forged or replayed envelope a Byzantine node sent: the receiver must reject it.
+    Forged,
+}
+
 enum Event {
-    Deliver { to: Endpoint, from: Option<Endpoint>, sent_at: Millis, offer: bool, bytes: Rc<[u8]> },
-    Timer { to: Endpoint },
-    Finish { node: u32, incarnation: u32, job: JobId, lease: u32, outcome: Outcome },
+    Deliver {
+        to: Endpoint,
+        from: Option<Endpoint>,
+        sent_at: Millis,
+        carried: Carried,
+        bytes: Rc<[u8]>,
+    },
+    Timer {
+        to: Endpoint,
+    },
+    Finish {
+        node: u32,
+        incarnation: u32,
+        job: JobId,
+        lease: u32,
+        outcome: Box<Outcome>,
+    },
     Post,
     Crash,
-    Restart { node: u32 },
+    Restart {
+        node: u32,
+    },
     Sweep,
+    Sample,
+    /// The gossipsub heartbeat (mesh repair, IHAVE accounting), one for the whole network.
+    Heartbeat,
+    PartitionStart {
+        share: f64,
+        duration_ms: u64,
+    },
+    PartitionEnd,
+    RandomPartition,
+    Forge,
 }
 
 struct RelaySlot {
     core: RelayCore,
     timer_at: Option<Millis>,
     access_ms: u64,
+    /// When its uplink has sent everything queued so far, µs.
+    uplink_free_us: u64,
 }
 
 struct NodeSlot {
@@ -78,6 +125,10 @@ struct NodeSlot {
     class: usize,
     timer_at: Option<Millis>,
     access_ms: u64,
+    /// When its uplink has sent everything queued so far, µs.
+    uplink_free_us: u64,
+    /// On the far side of the current partition.
+    cut: bool,
 }
 
 /// What the driver remembers of a job it posted.
@@ -114,6 +165,25 @@ pub struct Sim {
     assign_ms: Vec<u64>,
     complete_ms: Vec<u64>,
     propagation: Vec<u64>,
+    overlay: Overlay,
+    /// A partition is in force (nodes with `cut` are unreachable from the rest).
+    partitioned: bool,
+    nodes_up: u32,
+    /// Rejections reported by cores so far (forged deliveries must add one).
+    rejections: u64,
+    /// The latest offer published and the latest direct message a node sent a relay: the
+    /// material Byzantine nodes forge and replay.
+    last_offer: Option<Rc<[u8]>>,
+    last_to_relay: Option<(u32, u32, Rc<[u8]>)>,
+    series: Series,
+}
+
+/// A run's summary and its time series.
+pub struct Report {
+    /// The summary (byte-identical for a seed and scenario).
+    pub summary: Summary,
+    /// Samples, latencies and the propagation histogram, for CSV files and plots.
+    pub series: Series,
 }
 
 impl Sim {
@@ -131,7 +201,7 @@ impl Sim {
                 RelayCore::new(testkit::keypair(1 << 40 | u64::from(r)), relay_cfg, rng.random());
             ids.insert(core.id(), Endpoint::Relay(r));
             let access_ms = rng.random_range(0..=sc.network.access_ms_max);
-            relays.push(RelaySlot { core, timer_at: None, access_ms });
+            relays.push(RelaySlot { core, timer_at: None, access_ms, uplink_free_us: 0 });
         }
         let node_cfg = NodeConfig {
             trusted_relays: relays.iter().map(|r| r.core.id()).collect(),
@@ -165,6 +235,8 @@ impl Sim {
                 class,
                 timer_at: None,
                 access_ms,
+                uplink_free_us: 0,
+                cut: false,
             });
         }
         let mut book = EscrowBook::new();
@@ -187,7 +259,15 @@ impl Sim {
             duration_s: sc.duration_s,
             ..Summary::default()
         };
+        let overlay = Overlay::new(&sc, &mut rng);
         let mut sim = Self {
+            overlay,
+            partitioned: false,
+            nodes_up: sc.nodes,
+            rejections: 0,
+            last_offer: None,
+            last_to_relay: None,
+            series: Series::default(),
             now: EPOCH_MS,
             end: EPOCH_MS + sc.duration_s * 1000,
             sc,
@@ -219,17 +299,32 @@ impl Sim {
         sim.schedule_next_post();
         sim.schedule_next_crash();
         sim.queue.push(EPOCH_MS + SWEEP_INTERVAL_MS, Event::Sweep);
+        sim.queue.push(EPOCH_MS, Event::Sample);
+        if sim.sc.network.gossip == GossipMode::Gossipsub {
+            sim.queue.push(EPOCH_MS + sim.sc.network.gossipsub.heartbeat_ms, Event::Heartbeat);
+        }
+        sim.schedule_faults();
         sim
     }
 
     /// Runs to the scenario's end (or the first violated invariant) and reports.
-    pub fn run(mut self) -> Summary {
+    pub fn run(self) -> Summary {
+        self.run_with_progress(&mut |_, _| {}).summary
+    }
+
+    /// Runs like [`Sim::run`], calling `progress(simulated_ms, total_ms)` every simulated
+    /// 10 s, and returns the time series too.
+    pub fn run_with_progress(mut self, progress: &mut dyn FnMut(u64, u64)) -> Report {
         // Every simulated receiver of an offer gets the same bytes; each still decodes and
         // verifies them with its own verifier, but the ed25519 check runs once per envelope.
         let memo = SignatureMemo::install(SIGNATURE_MEMO_CAPACITY);
+        let total_ms = self.end - EPOCH_MS;
         while let Some((at, event)) = self.queue.pop_until(self.end) {
             self.now = at;
             self.step += 1;
+            if matches!(event, Event::Sample) {
+                progress(at - EPOCH_MS, total_ms);
+            }
             self.handle(event);
             if self.violation.is_some() {
                 break;
@@ -239,6 +334,7 @@ impl Sim {
             self.now = self.now.max(self.end.min(self.now));
             self.sweep();
         }
+        progress(total_ms, total_ms);
         self.summary.messages.signatures_checked = memo.stats().misses;
         self.finish_summary()
     }
@@ -257,15 +353,15 @@ impl Sim {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Deliver { to, from, sent_at, offer, bytes } => {
-                self.deliver(to, from, sent_at, offer, &bytes)
+            Event::Deliver { to, from, sent_at, carried, bytes } => {
+                self.deliver(to, from, sent_at, carried, &bytes)
             }
             Event::Timer { to } => self.fire_timer(to),
             Event::Finish { node, incarnation, job, lease, outcome } => {
                 let slot = &mut self.nodes[node as usize];
                 if slot.up && slot.incarnation == incarnation {
                     // A cancelled lease is gone from the core: that error is the expected answer.
-                    let _ = slot.core.finish(self.now, job, lease, outcome, Usage::default());
+                    let _ = slot.core.finish(self.now, job, lease, *outcome, Usage::default());
                     self.drain(Endpoint::Node(node));
                 }
             }
@@ -282,7 +378,41 @@ impl Sim {
                 self.sweep();
                 self.queue.push(self.now + SWEEP_INTERVAL_MS, Event::Sweep);
             }
+            Event::Sample => {
+                self.sample();
+                self.queue.push(self.now + SAMPLE_INTERVAL_MS, Event::Sample);
+            }
+            Event::Heartbeat => {
+                self.heartbeat();
+                self.queue
+                    .push(self.now + self.sc.network.gossipsub.heartbeat_ms, Event::Heartbeat);
+            }
+            Event::PartitionStart { share, duration_ms } => {
+                self.partition_start(share, duration_ms)
+            }
+            Event::PartitionEnd => self.partition_end(),
+            Event::RandomPartition => self.random_partition(),
+            Event::Forge => self.forge(),
         }
+    }
+
+    fn sample(&mut self) {
+        let j = &self.summary.jobs;
+        let ended = j.completed + j.failed + j.refused;
+        self.series.samples.push(Sample {
+            t_s: (self.now - EPOCH_MS) / 1000,
+            open_jobs: j.posted - ended,
+            posted: j.posted,
+            completed: j.completed,
+            failed: j.failed,
+            nodes_up: self.nodes_up,
+            nodes_cut: if self.partitioned {
+                self.nodes.iter().filter(|n| n.cut).count() as u32
+            } else {
+                0
+            },
+            wire_bytes: self.summary.messages.wire_bytes + self.overlay.stats.wire_bytes(),
+        });
     }
 
     fn deliver(
@@ -290,10 +420,11 @@ impl Sim {
         to: Endpoint,
         from: Option<Endpoint>,
         sent_at: Millis,
-        offer: bool,
+        carried: Carried,
         bytes: &[u8],
     ) {
         let from_id = from.map(|e| self.id_of(e));
+        let rejections_before = self.rejections;
         match to {
             Endpoint::Relay(r) => {
                 self.relays[r as usize].core.handle_message(self.now, from_id, bytes)
@@ -305,7 +436,7 @@ impl Sim {
                     return;
                 }
                 slot.core.handle_message(self.now, from_id, bytes);
-                if offer {
+                if carried == Carried::Offer {
                     let ms = (self.now - sent_at).min(PROPAGATION_BUCKETS as u64 - 1);
                     self.propagation[ms as usize] += 1;
                 }
@@ -315,6 +446,17 @@ impl Sim {
         self.summary.messages.verifications += 1;
         self.summary.messages.delivered_bytes += bytes.len() as u64;
         self.drain(to);
+        if carried == Carried::Forged {
+            self.summary.forgeries.delivered += 1;
+            if self.rejections == rejections_before {
+                self.fail(
+                    Invariant::ForgeriesRejected,
+                    format!("a forged envelope delivered to {to:?} was accepted"),
+                );
+            } else {
+                self.summary.forgeries.rejected += 1;
+            }
+        }
     }
 
     fn id_of(&self, e: Endpoint) -> NodeId {
@@ -420,54 +562,116 @@ impl Sim {
         match t {
             Transmit::Broadcast { topic, bytes } => {
                 let bytes: Rc<[u8]> = bytes.into();
-                let offer = topic == Topic::Offers;
-                // Offers reach every node, adverts every relay (the subscribers of each topic).
-                let targets: Vec<Endpoint> = match (topic, from) {
+                match (topic, from) {
                     (Topic::Offers, Endpoint::Relay(_)) => {
-                        (0..self.nodes.len() as u32).map(Endpoint::Node).collect()
+                        self.last_offer = Some(bytes.clone());
+                        match self.sc.network.gossip {
+                            GossipMode::Direct => {
+                                for i in 0..self.nodes.len() as u32 {
+                                    let to = Endpoint::Node(i);
+                                    self.send_copy(from, to, None, Carried::Offer, &bytes);
+                                }
+                            }
+                            GossipMode::Gossipsub => self.spread_offer(from, &bytes),
+                        }
                     }
                     (Topic::Adverts, Endpoint::Node(_)) => {
-                        (0..self.relays.len() as u32).map(Endpoint::Relay).collect()
+                        // Relays hear adverts on a direct link in both modes: flood publishing
+                        // sends to every connected subscriber, and every node is connected to
+                        // the relays. The mesh flood and the DHT put are costs only.
+                        for r in 0..self.relays.len() as u32 {
+                            self.send_copy(from, Endpoint::Relay(r), None, Carried::Plain, &bytes);
+                        }
+                        if self.sc.network.gossip == GossipMode::Gossipsub {
+                            self.spread_advert_cost(bytes.len() as u64);
+                        }
+                        if let Endpoint::Node(i) = from {
+                            self.put_advert_in_dht(i, bytes.len() as u64);
+                        }
                     }
-                    _ => Vec::new(),
-                };
-                for to in targets {
-                    self.send_copy(from, to, None, offer, &bytes);
+                    _ => {}
                 }
             }
             Transmit::Direct { to, bytes } => {
                 let Some(&target) = self.ids.get(&to) else { return };
-                self.send_copy(from, target, Some(from), false, &bytes.into());
+                let bytes: Rc<[u8]> = bytes.into();
+                if let (Endpoint::Node(i), Endpoint::Relay(r)) = (from, target) {
+                    self.last_to_relay = Some((i, r, bytes.clone()));
+                }
+                self.send_copy(from, target, Some(from), Carried::Plain, &bytes);
             }
         }
     }
 
+    /// One message from `from` to `to` on a point-to-point link: lost, duplicated, delayed.
     fn send_copy(
         &mut self,
         from: Endpoint,
         to: Endpoint,
         sender: Option<Endpoint>,
-        offer: bool,
+        carried: Carried,
         bytes: &Rc<[u8]>,
     ) {
-        let net = &self.sc.network;
-        let (loss, dup, jitter, base) = (net.loss, net.duplicate, net.jitter_ms, net.base_ms);
-        if loss > 0.0 && self.rng.random_bool(loss) {
-            self.summary.messages.lost += 1;
-            return;
-        }
+        self.summary.messages.wire_messages += 1;
+        self.summary.messages.wire_bytes += bytes.len() as u64;
+        let Some(at) = self.transit(from, to, bytes.len() as u64, self.now) else { return };
+        let dup = self.sc.network.duplicate;
         let copies = if dup > 0.0 && self.rng.random_bool(dup) {
             self.summary.messages.duplicated += 1;
             2
         } else {
             1
         };
+        for copy in 0..copies {
+            let jitter =
+                if copy == 0 { 0 } else { self.rng.random_range(0..=self.sc.network.jitter_ms) };
+            let event = Event::Deliver {
+                to,
+                from: sender,
+                sent_at: self.now,
+                carried,
+                bytes: bytes.clone(),
+            };
+            self.queue.push(at + jitter, event);
+        }
+    }
+
+    /// When `len` bytes that `from` sends at `at` reach `to`, or `None` when the network drops
+    /// them (a partition between the two, or loss). The sender's uplink sends its copies one
+    /// after the other; latency is the fixed part, both access delays and jitter.
+    fn transit(&mut self, from: Endpoint, to: Endpoint, len: u64, at: Millis) -> Option<Millis> {
+        if self.partitioned && self.cut_off(from) != self.cut_off(to) {
+            self.summary.messages.partitioned += 1;
+            return None;
+        }
+        let net = &self.sc.network;
+        let (loss, jitter, base) = (net.loss, net.jitter_ms, net.base_ms);
+        if loss > 0.0 && self.rng.random_bool(loss) {
+            self.summary.messages.lost += 1;
+            return None;
+        }
+        let (mbit, uplink) = match from {
+            Endpoint::Relay(r) => {
+                (net.relay_upload_mbit, &mut self.relays[r as usize].uplink_free_us)
+            }
+            Endpoint::Node(i) => (net.node_upload_mbit, &mut self.nodes[i as usize].uplink_free_us),
+        };
+        let mut depart_ms = at;
+        if mbit > 0.0 {
+            // bits / (Mbit/s) = µs
+            let serialize_us = ((len * 8) as f64 / mbit).ceil() as u64;
+            let done_us = (*uplink).max(at * 1000) + serialize_us;
+            *uplink = done_us;
+            depart_ms = done_us.div_ceil(1000);
+        }
         let path = base + self.access_ms(from) + self.access_ms(to);
-        for _ in 0..copies {
-            let at = self.now + path + self.rng.random_range(0..=jitter);
-            let event =
-                Event::Deliver { to, from: sender, sent_at: self.now, offer, bytes: bytes.clone() };
-            self.queue.push(at, event);
+        Some(depart_ms + path + self.rng.random_range(0..=jitter))
+    }
+
+    fn cut_off(&self, e: Endpoint) -> bool {
+        match e {
+            Endpoint::Relay(_) => false,
+            Endpoint::Node(i) => self.nodes[i as usize].cut,
         }
     }
 
@@ -477,6 +681,7 @@ impl Sim {
             NodeEvent::ClaimDenied { .. } => self.summary.activity.claims_denied += 1,
             NodeEvent::RunJob { lease, .. } => self.start_run(i, &lease),
             NodeEvent::Rejected { reason, .. } => {
+                self.rejections += 1;
                 *self.summary.rejected.entry(format!("node/{}", reason.label())).or_default() += 1;
             }
             NodeEvent::OfferSeen { .. }
@@ -515,8 +720,13 @@ impl Sim {
         } else {
             honest
         };
-        let event =
-            Event::Finish { node: i, incarnation, job: lease.job_id, lease: lease.lease, outcome };
+        let event = Event::Finish {
+            node: i,
+            incarnation,
+            job: lease.job_id,
+            lease: lease.lease,
+            outcome: Box::new(outcome),
+        };
         self.queue.push(self.now + ms.max(1), event);
     }
 
@@ -548,6 +758,7 @@ impl Sim {
             RelayEvent::JobFailed { job_id, .. } => self.job_ended(job_id, End::Failed),
             RelayEvent::JobRefused { job_id, .. } => self.job_ended(job_id, End::Refused),
             RelayEvent::Rejected { reason, .. } => {
+                self.rejections += 1;
                 *self.summary.rejected.entry(format!("relay/{}", reason.label())).or_default() += 1;
             }
             RelayEvent::JobOpen { .. }
@@ -717,6 +928,8 @@ impl Sim {
         slot.up = false;
         slot.incarnation += 1;
         slot.timer_at = None;
+        self.nodes_up -= 1;
+        self.overlay.node_down(i);
         self.summary.activity.crashes += 1;
         if self.sc.faults.restart_after_s > 0 {
             self.queue
@@ -735,6 +948,8 @@ impl Sim {
         let slot = &mut self.nodes[i as usize];
         slot.core = core;
         slot.up = true;
+        self.nodes_up += 1;
+        self.overlay.node_up(i);
         self.summary.activity.restarts += 1;
         let now = self.now;
         self.nodes[i as usize].core.handle_timeout(now);
@@ -765,7 +980,11 @@ impl Sim {
         }
     }
 
-    fn finish_summary(mut self) -> Summary {
+    fn finish_summary(mut self) -> Report {
+        self.sample();
+        self.summary.overlay = self.overlay.finish(&self.sc);
+        self.series.propagation_ms = self.propagation.clone();
+        self.series.complete_ms = self.complete_ms.clone();
         let s = &mut self.summary;
         s.steps = self.step;
         s.jobs.pending = s.jobs.posted - s.jobs.completed - s.jobs.failed - s.jobs.refused;
@@ -775,9 +994,13 @@ impl Sim {
         let posted = s.jobs.posted.max(1) as f64;
         s.messages.sent_per_job = round1(s.messages.sent as f64 / posted);
         s.messages.bytes_per_job = round1(s.messages.delivered_bytes as f64 / posted);
+        s.messages.wire_messages += s.overlay.wire_messages();
+        s.messages.wire_bytes += s.overlay.wire_bytes();
+        s.messages.wire_messages_per_job = round1(s.messages.wire_messages as f64 / posted);
+        s.messages.wire_bytes_per_job = round1(s.messages.wire_bytes as f64 / posted);
         s.invariants_ok = self.violation.is_none();
         s.violation = self.violation;
-        self.summary
+        Report { summary: self.summary, series: self.series }
     }
 }
 

@@ -1,3 +1,5 @@
 //! One module per subcommand.
 
+pub(crate) mod bench;
+pub(crate) mod out;
 pub(crate) mod run;

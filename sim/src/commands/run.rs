@@ -1,11 +1,13 @@
 //! `aimatrix-sim run`: one deterministic run of a scenario, and its summary.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use aimatrix_sim::{Scenario, Sim};
 use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Runs a scenario and prints its summary (jobs, latencies, traffic, credits, invariants)
 #[derive(Debug, clap::Args)]
@@ -28,6 +30,14 @@ pub(crate) struct RunArgs {
     /// Print one JSON object instead of text
     #[arg(long)]
     json: bool,
+    /// Write CSV time series and SVG plots (queue length, propagation CDF, completion
+    /// latency) into this directory
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Add wall time and peak RSS to the output (`wall_s`, `peak_rss_mib`); they vary from run
+    /// to run, so the output is no longer byte-identical for a seed
+    #[arg(long)]
+    timing: bool,
 }
 
 /// Parses `90`, `90s`, `30m`, `2h` into seconds.
@@ -73,16 +83,66 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("{e}");
     }
     let started = Instant::now();
-    let summary = Sim::new(scenario).run();
-    // Wall time goes to stderr: stdout stays byte-identical for a seed and scenario.
-    tracing::info!(wall_ms = started.elapsed().as_millis() as u64, "run finished");
-    eprintln!("wall time: {:.2} s", started.elapsed().as_secs_f64());
+    let bar = progress_bar(scenario.duration_s);
+    let report = Sim::new(scenario).run_with_progress(&mut |done_ms, _| {
+        if let Some(bar) = &bar {
+            bar.set_position(done_ms / 1000);
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    let peak_rss_mib = peak_rss_mib();
+    // Wall time and memory go to stderr: stdout stays byte-identical for a seed and scenario
+    // (unless --timing asks for them there).
+    tracing::info!(wall_ms = (wall_s * 1000.0) as u64, "run finished");
+    let rss = peak_rss_mib.map_or("unknown".to_owned(), |m| format!("{m:.0} MiB"));
+    eprintln!("wall time: {wall_s:.2} s, peak RSS: {rss}");
+    let summary = &report.summary;
     if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        let mut value = serde_json::to_value(summary)?;
+        if args.timing {
+            value["wall_s"] = serde_json::json!((wall_s * 100.0).round() / 100.0);
+            value["peak_rss_mib"] = serde_json::json!(peak_rss_mib.map(f64::round));
+        }
+        println!("{value}");
     } else {
         print!("{}", summary.to_text());
+        if args.timing {
+            println!("timing: wall {wall_s:.2} s, peak RSS {rss}");
+        }
+    }
+    if let Some(dir) = &args.out {
+        for path in super::out::write(dir, &report.series)? {
+            tracing::info!(path = %path.display(), "wrote");
+        }
     }
     Ok(if summary.invariants_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// A bar over simulated seconds, only when stderr is a terminal.
+fn progress_bar(duration_s: u64) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(duration_s);
+    let style = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} simulated s (eta {eta})",
+    )
+    .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+/// The process's peak resident set (VmHWM), MiB; `None` where /proc is not there.
+pub(crate) fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 #[cfg(test)]

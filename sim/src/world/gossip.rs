@@ -1,0 +1,382 @@
+//! The announcement and discovery overlays: a gossipsub mesh and a Kademlia DHT.
+//!
+//! Gossipsub: every node keeps a mesh of `d` peers (grafting below `d_lo`, refusing grafts
+//! above `d_hi`). An offer is flooded by its relay to every node (`flood_publish`, the relay
+//! being connected to every node) or sent to `d` of them, and every node forwards it to its
+//! mesh peers on first receipt (before its core validates it, as our gossipsub config does);
+//! later copies are duplicates its message-id cache drops. One publish is computed at once as
+//! a shortest-path search over the mesh whose edge weights are the sampled link latencies, so
+//! a message costs O(nodes × d) work and no queue events besides one delivery per node. A
+//! node the mesh did not reach learns the id from a peer's IHAVE at that peer's next heartbeat
+//! and fetches it with IWANT. IHAVE traffic is counted per heartbeat: every node running sends
+//! IHAVE to `d_lazy` peers while its gossip window (`history_gossip` heartbeats) holds ids.
+//!
+//! Adverts are costed, not routed: their relays hear them on a direct link (flood publish),
+//! the mesh flood to every node adds its copies and duplicates, and the DHT put of the advert
+//! record (and, once per start, the provider records of the node's capability classes) adds
+//! the lookups and stores of Kademlia with `k` and `alpha`.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, VecDeque};
+use std::rc::Rc;
+
+use aimatrix_protocol::capability::capability_classes;
+use aimatrix_protocol::time::Millis;
+use rand::rngs::ChaCha8Rng;
+use rand::RngExt;
+
+use super::{profile_of, Carried, Endpoint, Event, Sim};
+use crate::scenario::{GossipMode, Scenario};
+use crate::stats::{OverlayStats, CONTROL_BYTES};
+
+/// Not reached (yet).
+const NEVER: Millis = Millis::MAX;
+/// No peer: the publisher's own copies.
+const NO_PEER: u32 = u32::MAX;
+/// Random draws tried when looking for a peer on the same side of a partition.
+const PEER_TRIES: usize = 8;
+
+/// Overlay state: the mesh, scratch space for one propagation, counters.
+pub(super) struct Overlay {
+    mesh: Vec<Vec<u32>>,
+    up: Vec<bool>,
+    up_count: u64,
+    /// Mesh edges between running nodes.
+    edges: u64,
+    /// Nodes below `d_lo`, grafting at the next heartbeat.
+    needy: BTreeSet<u32>,
+    /// Nodes that have put their provider records since they started.
+    providing: Vec<bool>,
+    /// Capability classes per hardware class (provider records per node).
+    classes_by_hardware: Vec<u64>,
+    /// Publishes in each of the last `history_gossip` heartbeats, and since the last one.
+    window: VecDeque<u64>,
+    published_since_heartbeat: u64,
+    dist: Vec<Millis>,
+    heap: BinaryHeap<Reverse<(Millis, u32, u32)>>,
+    reached: Vec<u32>,
+    pub(super) stats: OverlayStats,
+}
+
+impl Overlay {
+    /// The mesh of `sc.nodes` nodes, built as peers graft each other at start.
+    pub(super) fn new(sc: &Scenario, rng: &mut ChaCha8Rng) -> Self {
+        let n = sc.nodes as usize;
+        let mut overlay = Self {
+            mesh: vec![Vec::new(); n],
+            up: vec![true; n],
+            up_count: n as u64,
+            edges: 0,
+            needy: BTreeSet::new(),
+            providing: vec![false; n],
+            classes_by_hardware: (0..sc.hardware.len())
+                .map(|c| capability_classes(&profile_of(sc, c)).len() as u64)
+                .collect(),
+            window: VecDeque::new(),
+            published_since_heartbeat: 0,
+            dist: Vec::new(),
+            heap: BinaryHeap::new(),
+            reached: Vec::new(),
+            stats: OverlayStats {
+                mode: match sc.network.gossip {
+                    GossipMode::Gossipsub => "gossipsub",
+                    GossipMode::Direct => "direct",
+                }
+                .into(),
+                ..OverlayStats::default()
+            },
+        };
+        if sc.network.gossip == GossipMode::Gossipsub {
+            let p = &sc.network.gossipsub;
+            for i in 0..n as u32 {
+                overlay.graft(i, p.d, p.d_hi, rng, |_| true);
+            }
+            // Building the mesh is not traffic of the run.
+            overlay.stats.graft = 0;
+            overlay.stats.prune = 0;
+        }
+        overlay
+    }
+
+    /// Grafts random running peers onto `i` until it has `d` (a peer at `d_hi` answers PRUNE).
+    fn graft(
+        &mut self,
+        i: u32,
+        d: u32,
+        d_hi: u32,
+        rng: &mut ChaCha8Rng,
+        reachable: impl Fn(u32) -> bool,
+    ) {
+        let n = self.mesh.len() as u32;
+        let mut tries = 0;
+        while (self.mesh[i as usize].len() as u32) < d.min(n.saturating_sub(1)) && tries < 8 * d {
+            tries += 1;
+            let j = rng.random_range(0..n);
+            if j == i || !self.up[j as usize] || !reachable(j) || self.mesh[i as usize].contains(&j)
+            {
+                continue;
+            }
+            self.stats.graft += 1;
+            if self.mesh[j as usize].len() as u32 >= d_hi {
+                self.stats.prune += 1;
+                continue;
+            }
+            self.mesh[i as usize].push(j);
+            self.mesh[j as usize].push(i);
+            self.edges += 1;
+        }
+    }
+
+    /// Node `i` crashed: its peers drop it, and those left below `d_lo` graft again.
+    pub(super) fn node_down(&mut self, i: u32) {
+        if !self.up[i as usize] {
+            return;
+        }
+        self.up[i as usize] = false;
+        self.up_count -= 1;
+        self.providing[i as usize] = false;
+        let peers = std::mem::take(&mut self.mesh[i as usize]);
+        self.edges -= peers.len() as u64;
+        for p in peers {
+            self.mesh[p as usize].retain(|&q| q != i);
+            self.needy.insert(p);
+        }
+        self.needy.remove(&i);
+    }
+
+    /// Node `i` restarted: it grafts a mesh at the next heartbeat.
+    pub(super) fn node_up(&mut self, i: u32) {
+        if !self.up[i as usize] {
+            self.up[i as usize] = true;
+            self.up_count += 1;
+            self.needy.insert(i);
+        }
+    }
+
+    /// Final numbers.
+    pub(super) fn finish(&mut self, sc: &Scenario) -> OverlayStats {
+        let mut s = self.stats.clone();
+        if sc.network.gossip == GossipMode::Gossipsub && self.up_count > 0 {
+            s.mesh_degree_mean =
+                ((2 * self.edges) as f64 / self.up_count as f64 * 100.0).round() / 100.0;
+        }
+        s.kad_hops = kad_hops(self.up_count, sc.network.kademlia.k);
+        s
+    }
+}
+
+/// Hops of an iterative Kademlia lookup among `n` peers: each answer brings `k` contacts, so
+/// each hop gains about log2(k) bits of the log2(n) that separate a peer from the target.
+fn kad_hops(n: u64, k: u32) -> u32 {
+    let bits = (n.max(2) as f64).log2();
+    let per_hop = f64::from(k.max(2)).log2();
+    ((bits / per_hop).ceil() as u32).max(1)
+}
+
+/// The first heartbeat of node `v` after `t` (each node's heartbeat has its own phase).
+fn next_heartbeat(v: u32, t: Millis, heartbeat_ms: u64) -> Millis {
+    let phase = (u64::from(v).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) % heartbeat_ms;
+    let k = (t.saturating_sub(phase)) / heartbeat_ms + 1;
+    k * heartbeat_ms + phase
+}
+
+impl Sim {
+    /// Gossipsub heartbeat: IHAVE accounting and mesh repair.
+    pub(super) fn heartbeat(&mut self) {
+        let p = self.sc.network.gossipsub.clone();
+        let o = &mut self.overlay;
+        o.window.push_back(std::mem::take(&mut o.published_since_heartbeat));
+        while o.window.len() > p.history_gossip as usize {
+            o.window.pop_front();
+        }
+        let ids: u64 = o.window.iter().sum();
+        if ids > 0 {
+            let messages = o.up_count * u64::from(p.d_lazy);
+            o.stats.ihave += messages;
+            o.stats.ihave_bytes += messages * (CONTROL_BYTES + ids * p.message_id_bytes);
+        }
+        let needy = std::mem::take(&mut self.overlay.needy);
+        for i in needy {
+            let below = (self.overlay.mesh[i as usize].len() as u32) < p.d_lo;
+            if self.overlay.up[i as usize] && below {
+                let (partitioned, cut) = (self.partitioned, self.nodes[i as usize].cut);
+                let nodes = &self.nodes;
+                let reachable = |j: u32| !partitioned || nodes[j as usize].cut == cut;
+                self.overlay.graft(i, p.d, p.d_hi, &mut self.rng, reachable);
+            }
+        }
+    }
+
+    /// Publishes an offer from relay `from` over the mesh and schedules one delivery per node
+    /// reached, at its first arrival.
+    pub(super) fn spread_offer(&mut self, from: Endpoint, bytes: &Rc<[u8]>) {
+        let p = self.sc.network.gossipsub.clone();
+        let len = bytes.len() as u64 + p.frame_bytes;
+        let n = self.nodes.len();
+        let mut heap = std::mem::take(&mut self.overlay.heap);
+        let mut dist = std::mem::take(&mut self.overlay.dist);
+        let mut reached = std::mem::take(&mut self.overlay.reached);
+        heap.clear();
+        dist.clear();
+        dist.resize(n, NEVER);
+        reached.clear();
+        let (mut copies, mut duplicates, mut iwant) = (0u64, 0u64, 0u64);
+        self.overlay.stats.publishes += 1;
+        self.overlay.published_since_heartbeat += 1;
+        let now = self.now;
+        let first: Vec<u32> = if p.flood_publish {
+            (0..n as u32).filter(|&i| self.nodes[i as usize].up).collect()
+        } else {
+            let mut picked = BTreeSet::new();
+            for _ in 0..PEER_TRIES * p.d as usize {
+                if picked.len() >= p.d as usize || self.nodes_up == 0 {
+                    break;
+                }
+                let i = self.rng.random_range(0..n as u32);
+                if self.nodes[i as usize].up {
+                    picked.insert(i);
+                }
+            }
+            picked.into_iter().collect()
+        };
+        for i in first {
+            copies += 1;
+            if let Some(at) = self.transit(from, Endpoint::Node(i), len, now) {
+                heap.push(Reverse((at, i, NO_PEER)));
+            }
+        }
+        let mut peers = Vec::new();
+        while let Some(Reverse((t, u, src))) = heap.pop() {
+            if dist[u as usize] != NEVER {
+                duplicates += 1;
+                continue;
+            }
+            if !self.nodes[u as usize].up {
+                continue;
+            }
+            dist[u as usize] = t;
+            reached.push(u);
+            peers.clear();
+            peers.extend(self.overlay.mesh[u as usize].iter().copied().filter(|&v| v != src));
+            for &v in &peers {
+                copies += 1;
+                let Some(at) = self.transit(Endpoint::Node(u), Endpoint::Node(v), len, t) else {
+                    continue;
+                };
+                if dist[v as usize] == NEVER {
+                    heap.push(Reverse((at, v, u)));
+                } else {
+                    duplicates += 1;
+                }
+            }
+        }
+        // Lazy gossip: a node the mesh missed hears the id in a peer's IHAVE at that peer's
+        // next heartbeat, asks with IWANT and gets the message.
+        if !reached.is_empty() {
+            for u in 0..n as u32 {
+                if !self.nodes[u as usize].up || dist[u as usize] != NEVER {
+                    continue;
+                }
+                let cut = self.nodes[u as usize].cut;
+                let mut holder = None;
+                for _ in 0..PEER_TRIES {
+                    let v = reached[self.rng.random_range(0..reached.len())];
+                    if !self.partitioned || self.nodes[v as usize].cut == cut {
+                        holder = Some(v);
+                        break;
+                    }
+                }
+                let Some(v) = holder else { continue };
+                let hb = next_heartbeat(v, dist[v as usize], p.heartbeat_ms);
+                let (a, b) = (Endpoint::Node(v), Endpoint::Node(u));
+                let Some(ihave) = self.transit(a, b, CONTROL_BYTES, hb) else { continue };
+                iwant += 1;
+                let Some(asked) = self.transit(b, a, CONTROL_BYTES, ihave) else { continue };
+                copies += 1;
+                let Some(at) = self.transit(a, b, len, asked) else { continue };
+                dist[u as usize] = at;
+                reached.push(u);
+            }
+        }
+        for &u in &reached {
+            let event = Event::Deliver {
+                to: Endpoint::Node(u),
+                from: None,
+                sent_at: now,
+                carried: Carried::Offer,
+                bytes: bytes.clone(),
+            };
+            self.queue.push(dist[u as usize], event);
+        }
+        let s = &mut self.overlay.stats;
+        s.gossip_copies += copies;
+        s.gossip_bytes += copies * len;
+        s.gossip_duplicates += duplicates;
+        s.iwant += iwant;
+        self.overlay.heap = heap;
+        self.overlay.dist = dist;
+        self.overlay.reached = reached;
+    }
+
+    /// The cost of an advert's mesh flood: every running node forwards it once to each mesh
+    /// peer but the one it came from; all but the first copy a node gets are duplicates.
+    pub(super) fn spread_advert_cost(&mut self, len: u64) {
+        let len = len + self.sc.network.gossipsub.frame_bytes;
+        let o = &mut self.overlay;
+        o.stats.publishes += 1;
+        o.published_since_heartbeat += 1;
+        let copies = (2 * o.edges + 1).saturating_sub(o.up_count);
+        o.stats.gossip_copies += copies;
+        o.stats.gossip_bytes += copies * len;
+        o.stats.gossip_duplicates += copies.saturating_sub(o.up_count.saturating_sub(1));
+    }
+
+    /// The cost of node `i` storing its advert in the DHT: a lookup of the `k` peers closest
+    /// to its record key, then a PUT_VALUE to each (the answer echoes the record); once per
+    /// start, the same for the provider record of each of its capability classes.
+    pub(super) fn put_advert_in_dht(&mut self, i: u32, len: u64) {
+        let kad = self.sc.network.kademlia.clone();
+        if !kad.enabled {
+            return;
+        }
+        let o = &mut self.overlay;
+        let k = u64::from(kad.k);
+        let hops = u64::from(kad_hops(o.up_count, kad.k));
+        let lookup_requests = u64::from(kad.alpha) * hops + k;
+        let lookup_bytes = lookup_requests * (2 * CONTROL_BYTES + 32 + k * kad.peer_entry_bytes);
+        let mut lookups = 1;
+        let mut requests = lookup_requests + k;
+        let mut bytes = lookup_bytes + k * 2 * (CONTROL_BYTES + 32 + len);
+        if !o.providing[i as usize] {
+            o.providing[i as usize] = true;
+            let classes = o.classes_by_hardware[self.nodes[i as usize].class];
+            lookups += classes;
+            requests += classes * (lookup_requests + k);
+            bytes += classes * (lookup_bytes + k * (2 * CONTROL_BYTES + 32 + kad.peer_entry_bytes));
+        }
+        o.stats.kad_lookups += lookups;
+        o.stats.kad_requests += requests;
+        o.stats.kad_bytes += bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_take_a_few_hops() {
+        assert_eq!(kad_hops(1_000, 20), 3);
+        assert_eq!(kad_hops(10_000, 20), 4);
+        assert_eq!(kad_hops(100_000, 20), 4);
+        assert_eq!(kad_hops(1, 20), 1);
+    }
+
+    #[test]
+    fn heartbeats_come_after_the_instant() {
+        for v in 0..50 {
+            let hb = next_heartbeat(v, 12_345, 1_000);
+            assert!(hb > 12_345 && hb <= 13_345, "{hb}");
+        }
+    }
+}
