@@ -131,6 +131,14 @@ fn the_mesh_reaches_every_node_and_costs_more_than_direct_fan_out() {
     assert!(o.gossip_duplicates > 0 && o.ihave > 0 && o.kad_requests > 0, "{}", gossip.to_text());
     assert!(gossip.messages.wire_bytes > direct.messages.wire_bytes, "{}", direct.to_text());
     assert_eq!(direct.overlay.gossip_copies, 0, "{}", direct.to_text());
+    // Without flood publishing, on a lossy network, lazy gossip fetches what the mesh lost.
+    let mut sc = small(200, 300, 5);
+    sc.network.loss = 0.3;
+    sc.network.gossipsub.flood_publish = false;
+    let lossy = Sim::new(sc).run();
+    assert!(lossy.invariants_ok, "{}", lossy.to_text());
+    assert!(lossy.overlay.iwant > 0, "{}", lossy.to_text());
+    assert!(lossy.offer_propagation_ms.p50 > gossip.offer_propagation_ms.p50, "multi-hop");
 }
 
 #[test]

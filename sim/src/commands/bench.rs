@@ -77,9 +77,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 duration,
                 v["wall_s"].as_f64().unwrap_or(f64::NAN),
                 v["peak_rss_mib"].as_f64().map_or("?".to_owned(), |m| format!("{m:.0}")),
-                v["steps"],
-                v["jobs"]["posted"],
-                v["jobs"]["completed"],
+                v["steps"].as_u64().unwrap_or(0),
+                v["jobs"]["posted"].as_u64().unwrap_or(0),
+                v["jobs"]["completed"].as_u64().unwrap_or(0),
                 if ok { "ok" } else { "FAILED" }
             );
         }
