@@ -68,12 +68,20 @@ fn plain_mean_collapses_under_the_scaling_attack() {
 fn robust_rules_stay_within_two_points_of_the_clean_run_under_every_attack() {
     let attacks =
         [Attack::Scale(-10.0), Attack::Noise { std: DEFAULT_NOISE_STD }, Attack::LabelFlip];
-    for rule in [Rule::trimmed_mean(), Rule::centered_clip()] {
-        let clean = run(&Config { rule, ..Config::default() }).final_accuracy();
+    // Centered clipping on its own (no norm check); the trimmed mean as the relay runs it,
+    // behind the default norm check. (The trimmed mean on its own loses 1.6 to 3.3 points
+    // under the scaling attack, depending on the seed: see docs/training.md.)
+    let setups = [
+        (Rule::centered_clip(), NormCheck::OFF, "no norm check"),
+        (Rule::trimmed_mean(), NormCheck::default(), "norm check k = 4"),
+    ];
+    for (rule, norm_check, how) in setups {
+        let clean = run(&Config { rule, norm_check, ..Config::default() }).final_accuracy();
         for attack in attacks {
-            let attacked = run(&byzantine(rule, attack)).final_accuracy();
+            let config = Config { norm_check, ..byzantine(rule, attack) };
+            let attacked = run(&config).final_accuracy();
             println!(
-                "{} under {}: {:.2} % (clean {:.2} %)",
+                "{} ({how}) under {}: {:.2} % (clean {:.2} %)",
                 rule.name(),
                 attack.name(),
                 percent(attacked),
@@ -81,7 +89,7 @@ fn robust_rules_stay_within_two_points_of_the_clean_run_under_every_attack() {
             );
             assert!(
                 clean - attacked <= 0.02,
-                "{} under {}: {:.2} % vs {:.2} % clean",
+                "{} ({how}) under {}: {:.2} % vs {:.2} % clean",
                 rule.name(),
                 attack.name(),
                 percent(attacked),

@@ -87,7 +87,7 @@ mod train;
 pub mod validate;
 mod wire;
 
-pub use aggregate::{AggregateError, ClipRadius, Rule};
+pub use aggregate::{AggregateError, ClipRadius, ClipStart, Rule};
 pub use compress::{compress, decompress, Codec, Residual, UpdateFormatError};
 pub use dataset::Dataset;
 pub use delta::{apply_delta, decode_delta, delta, encode_delta};
