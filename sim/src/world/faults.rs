@@ -107,3 +107,35 @@ impl Sim {
         self.send_copy(from, to, Some(from), Carried::Forged, &bytes);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invariants::Invariant;
+    use crate::Scenario;
+
+    #[test]
+    fn a_forgery_a_core_accepts_fails_the_run() {
+        let sc = Scenario { nodes: 20, duration_s: 600, ..Scenario::default() };
+        let mut sim = Sim::new(sc);
+        while sim.last_offer.is_none() {
+            let (at, event) = sim.queue.pop_until(sim.end).expect("an offer within 10 minutes");
+            sim.now = at;
+            sim.step += 1;
+            sim.handle(event);
+        }
+        let offer = sim.last_offer.clone().expect("an offer");
+        let mut altered = codec::decode::<Envelope>(&offer).expect("an envelope");
+        altered.payload[0] ^= 1;
+        let altered: Rc<[u8]> = codec::encode(&altered).expect("encodes").into();
+        let liar = Some(Endpoint::Node(1));
+        sim.deliver(Endpoint::Node(0), liar, sim.now, Carried::Forged, &altered);
+        assert!(sim.violation.is_none(), "an altered offer is rejected");
+        assert_eq!(sim.summary.forgeries.rejected, 1);
+        // A deliberately broken forger: the "forgery" is the genuine offer, not yet delivered,
+        // so the node accepts it and the check must fire.
+        sim.deliver(Endpoint::Node(0), liar, sim.now, Carried::Forged, &offer);
+        let v = sim.violation.expect("the accepted forgery is caught");
+        assert_eq!(v.invariant, Invariant::ForgeriesRejected);
+    }
+}
