@@ -69,7 +69,7 @@ fn robust_rules_stay_within_two_points_of_the_clean_run_under_every_attack() {
     let attacks =
         [Attack::Scale(-10.0), Attack::Noise { std: DEFAULT_NOISE_STD }, Attack::LabelFlip];
     // Centered clipping on its own (no norm check); the trimmed mean as the relay runs it,
-    // behind the default norm check. (The trimmed mean on its own loses 1.6 to 3.3 points
+    // behind the default norm check. (The trimmed mean on its own loses 0.2 to 3.3 points
     // under the scaling attack, depending on the seed: see docs/training.md.)
     let setups = [
         (Rule::centered_clip(), NormCheck::OFF, "no norm check"),
