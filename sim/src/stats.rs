@@ -151,8 +151,11 @@ pub struct OverlayStats {
     pub kad_requests: u64,
     /// Bytes of DHT requests and answers.
     pub kad_bytes: u64,
-    /// Hops of one lookup at the final network size.
-    pub kad_hops: u32,
+    /// Mean path length of a lookup: the round of `alpha` parallel requests whose answers
+    /// first named the closest peer.
+    pub kad_hops_mean: f64,
+    /// Mean rounds of a lookup, until the `k` closest peers have all answered.
+    pub kad_rounds_mean: f64,
 }
 
 /// Bytes of one gossip control message or DHT header without its ids or records.
@@ -338,8 +341,8 @@ impl Summary {
             o.mode, o.publishes, o.gossip_copies, o.gossip_bytes, o.gossip_duplicates, o.ihave, o.ihave_bytes, o.iwant, o.graft, o.prune, o.mesh_degree_mean
         );
         out += &format!(
-            "dht: {} lookups of {} hops, {} requests, {} bytes\n",
-            o.kad_lookups, o.kad_hops, o.kad_requests, o.kad_bytes
+            "dht: {} lookups ({:.2} hops, {:.2} rounds of requests on average), {} requests, {} bytes\n",
+            o.kad_lookups, o.kad_hops_mean, o.kad_rounds_mean, o.kad_requests, o.kad_bytes
         );
         if self.forgeries.sent > 0 || self.partitions > 0 {
             let f = &self.forgeries;

@@ -25,6 +25,7 @@ use crate::stats::{Percentiles, Sample, Series, Summary};
 mod faults;
 mod gossip;
 mod jobs;
+mod kad;
 
 use gossip::Overlay;
 
@@ -256,7 +257,8 @@ impl Sim {
             duration_s: sc.duration_s,
             ..Summary::default()
         };
-        let overlay = Overlay::new(&sc, &mut rng);
+        let dht_keys = nodes.iter().map(|n| kad::key_of(n.core.id().as_bytes())).collect();
+        let overlay = Overlay::new(&sc, dht_keys, &mut rng);
         let mut sim = Self {
             overlay,
             partitioned: false,

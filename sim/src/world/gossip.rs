@@ -13,18 +13,20 @@
 //!
 //! Adverts are costed, not routed: their relays hear them on a direct link (flood publish),
 //! the mesh flood to every node adds its copies and duplicates, and the DHT put of the advert
-//! record (and, once per start, the provider records of the node's capability classes) adds
-//! the lookups and stores of Kademlia with `k` and `alpha`.
+//! record (and, once per start, the provider records of the node's capability classes) runs
+//! an iterative Kademlia lookup over the nodes' routing tables ([`super::kad`]) and stores at
+//! the `k` closest peers found.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
 use std::rc::Rc;
 
-use aimatrix_protocol::capability::capability_classes;
+use aimatrix_protocol::capability::{advert_record_key, capability_classes, class_provider_key};
 use aimatrix_protocol::time::Millis;
 use rand::rngs::ChaCha8Rng;
 use rand::RngExt;
 
+use super::kad::{key_of, Dht};
 use super::{profile_of, Carried, Endpoint, Event, Sim};
 use crate::scenario::{GossipMode, Scenario};
 use crate::stats::{OverlayStats, CONTROL_BYTES};
@@ -47,8 +49,12 @@ pub(super) struct Overlay {
     needy: BTreeSet<u32>,
     /// Nodes that have put their provider records since they started.
     providing: Vec<bool>,
-    /// Capability classes per hardware class (provider records per node).
-    classes_by_hardware: Vec<u64>,
+    /// Provider keys of the capability classes of each hardware class.
+    class_keys_by_hardware: Vec<Vec<u64>>,
+    /// The DHT, when nodes store adverts in it.
+    dht: Option<Dht>,
+    kad_hops_total: u64,
+    kad_rounds_total: u64,
     /// Publishes in each of the last `history_gossip` heartbeats, and since the last one.
     window: VecDeque<u64>,
     published_since_heartbeat: u64,
@@ -59,9 +65,12 @@ pub(super) struct Overlay {
 }
 
 impl Overlay {
-    /// The mesh of `sc.nodes` nodes, built as peers graft each other at start.
-    pub(super) fn new(sc: &Scenario, rng: &mut ChaCha8Rng) -> Self {
+    /// The mesh of the nodes with these DHT `keys`, built as peers graft each other at
+    /// start, and their DHT routing tables.
+    pub(super) fn new(sc: &Scenario, keys: Vec<u64>, rng: &mut ChaCha8Rng) -> Self {
         let n = sc.nodes as usize;
+        let kad = &sc.network.kademlia;
+        let dht = kad.enabled.then(|| Dht::new(keys, kad.k, kad.alpha, rng));
         let mut overlay = Self {
             mesh: vec![Vec::new(); n],
             up: vec![true; n],
@@ -69,9 +78,15 @@ impl Overlay {
             edges: 0,
             needy: BTreeSet::new(),
             providing: vec![false; n],
-            classes_by_hardware: (0..sc.hardware.len())
-                .map(|c| capability_classes(&profile_of(sc, c)).len() as u64)
+            class_keys_by_hardware: (0..sc.hardware.len())
+                .map(|c| {
+                    let classes = capability_classes(&profile_of(sc, c));
+                    classes.iter().map(|class| key_of(&class_provider_key(class))).collect()
+                })
                 .collect(),
+            dht,
+            kad_hops_total: 0,
+            kad_rounds_total: 0,
             window: VecDeque::new(),
             published_since_heartbeat: 0,
             dist: Vec::new(),
@@ -160,17 +175,13 @@ impl Overlay {
             s.mesh_degree_mean =
                 ((2 * self.edges) as f64 / self.up_count as f64 * 100.0).round() / 100.0;
         }
-        s.kad_hops = kad_hops(self.up_count, sc.network.kademlia.k);
+        if s.kad_lookups > 0 {
+            let mean = |total: u64| (total as f64 / s.kad_lookups as f64 * 100.0).round() / 100.0;
+            s.kad_hops_mean = mean(self.kad_hops_total);
+            s.kad_rounds_mean = mean(self.kad_rounds_total);
+        }
         s
     }
-}
-
-/// Hops of an iterative Kademlia lookup among `n` peers: each answer brings `k` contacts, so
-/// each hop gains about log2(k) bits of the log2(n) that separate a peer from the target.
-fn kad_hops(n: u64, k: u32) -> u32 {
-    let bits = (n.max(2) as f64).log2();
-    let per_hop = f64::from(k.max(2)).log2();
-    ((bits / per_hop).ceil() as u32).max(1)
 }
 
 /// The first heartbeat of node `v` after `t` (each node's heartbeat has its own phase).
@@ -331,29 +342,39 @@ impl Sim {
         o.stats.gossip_duplicates += copies.saturating_sub(o.up_count.saturating_sub(1));
     }
 
-    /// The cost of node `i` storing its advert in the DHT: a lookup of the `k` peers closest
-    /// to its record key, then a PUT_VALUE to each (the answer echoes the record); once per
-    /// start, the same for the provider record of each of its capability classes.
+    /// Node `i` stores its advert in the DHT, as the node driver does at every advert: a lookup
+    /// of the `k` peers closest to the record key, then a PUT_VALUE to each (whose answer
+    /// echoes the record); once per start, the same with ADD_PROVIDER for the provider record
+    /// of each of its capability classes.
     pub(super) fn put_advert_in_dht(&mut self, i: u32, len: u64) {
         let kad = self.sc.network.kademlia.clone();
-        if !kad.enabled {
-            return;
+        let Some(dht) = &self.overlay.dht else { return };
+        let up = |p: u32| self.nodes[p as usize].up && !self.cut_off(Endpoint::Node(p));
+        let record = key_of(&advert_record_key(&self.nodes[i as usize].core.id()));
+        let mut stores = vec![(record, CONTROL_BYTES + 32 + len, CONTROL_BYTES + 32 + len)];
+        if !self.overlay.providing[i as usize] {
+            let entry = CONTROL_BYTES + 32 + kad.peer_entry_bytes;
+            for &key in &self.overlay.class_keys_by_hardware[self.nodes[i as usize].class] {
+                stores.push((key, entry, CONTROL_BYTES));
+            }
+        }
+        let (mut lookups, mut hops, mut rounds, mut requests, mut bytes) = (0u64, 0, 0, 0, 0);
+        for (key, store_bytes, answer_bytes) in stores {
+            let found = dht.lookup(i, key, up);
+            lookups += 1;
+            hops += u64::from(found.hops);
+            rounds += u64::from(found.rounds);
+            let answered = found.requests - found.unanswered;
+            requests += found.requests + found.closest.len() as u64;
+            bytes += found.requests * (CONTROL_BYTES + 32)
+                + answered * CONTROL_BYTES
+                + found.peers_returned * kad.peer_entry_bytes
+                + found.closest.len() as u64 * (store_bytes + answer_bytes);
         }
         let o = &mut self.overlay;
-        let k = u64::from(kad.k);
-        let hops = u64::from(kad_hops(o.up_count, kad.k));
-        let lookup_requests = u64::from(kad.alpha) * hops + k;
-        let lookup_bytes = lookup_requests * (2 * CONTROL_BYTES + 32 + k * kad.peer_entry_bytes);
-        let mut lookups = 1;
-        let mut requests = lookup_requests + k;
-        let mut bytes = lookup_bytes + k * 2 * (CONTROL_BYTES + 32 + len);
-        if !o.providing[i as usize] {
-            o.providing[i as usize] = true;
-            let classes = o.classes_by_hardware[self.nodes[i as usize].class];
-            lookups += classes;
-            requests += classes * (lookup_requests + k);
-            bytes += classes * (lookup_bytes + k * (2 * CONTROL_BYTES + 32 + kad.peer_entry_bytes));
-        }
+        o.providing[i as usize] = true;
+        o.kad_hops_total += hops;
+        o.kad_rounds_total += rounds;
         o.stats.kad_lookups += lookups;
         o.stats.kad_requests += requests;
         o.stats.kad_bytes += bytes;
@@ -363,14 +384,6 @@ impl Sim {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lookups_take_a_few_hops() {
-        assert_eq!(kad_hops(1_000, 20), 3);
-        assert_eq!(kad_hops(10_000, 20), 4);
-        assert_eq!(kad_hops(100_000, 20), 4);
-        assert_eq!(kad_hops(1, 20), 1);
-    }
 
     #[test]
     fn heartbeats_come_after_the_instant() {

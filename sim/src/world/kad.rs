@@ -1,0 +1,172 @@
+//! A Kademlia DHT over the simulated nodes: XOR distance on 64-bit keys, k-bucket routing
+//! tables, and iterative lookups with `alpha` requests in flight, as rust-libp2p's
+//! `ClosestPeersIter` runs them.
+//!
+//! Keys are the first 8 bytes of the SHA-256 of a peer id or record key (libp2p hashes with
+//! SHA-256 and compares 256 bits; 64 bits separate 100,000 peers as well). A node's bucket `i`
+//! holds up to `k` peers whose distance from it lies in `[2^i, 2^(i+1))`, drawn at random among
+//! them when the table is built: the tables of a network that has run long enough to fill its
+//! buckets. Every node serves the DHT (the simulator does not model NAT). Crashed peers stay in
+//! tables; asking one costs a request and gets no answer.
+
+use std::collections::BTreeSet;
+
+use aimatrix_protocol::hash::Digest;
+use rand::rngs::ChaCha8Rng;
+use rand::RngExt;
+
+/// The 64-bit Kademlia key of some bytes.
+pub(super) fn key_of(bytes: &[u8]) -> u64 {
+    let d = Digest::of(bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d.0[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// What one lookup cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Lookup {
+    /// Rounds of up to `alpha` parallel requests, until the `k` closest have all answered.
+    pub(super) rounds: u32,
+    /// The round whose answers first named the closest peer found (0: the initiator knew it):
+    /// the lookup's path length.
+    pub(super) hops: u32,
+    /// Requests sent (answered or not).
+    pub(super) requests: u64,
+    /// Requests that went to a crashed peer.
+    pub(super) unanswered: u64,
+    /// Peers in answers (each costs a peer entry on the wire).
+    pub(super) peers_returned: u64,
+    /// The `k` closest running peers found, closest first.
+    pub(super) closest: Vec<u32>,
+}
+
+/// Routing tables of every node.
+pub(super) struct Dht {
+    k: usize,
+    alpha: usize,
+    keys: Vec<u64>,
+    /// Every node's contacts, bucket by bucket.
+    tables: Vec<Vec<u32>>,
+}
+
+impl Dht {
+    /// Tables for nodes with `keys`, each bucket filled with up to `k` random peers of its range.
+    pub(super) fn new(keys: Vec<u64>, k: u32, alpha: u32, rng: &mut ChaCha8Rng) -> Self {
+        let k = k.max(1) as usize;
+        let mut sorted: Vec<(u64, u32)> =
+            keys.iter().enumerate().map(|(i, key)| (*key, i as u32)).collect();
+        sorted.sort_unstable();
+        let mut tables = Vec::with_capacity(keys.len());
+        for &x in &keys {
+            let mut table = Vec::new();
+            for bit in 0..64u32 {
+                // Keys at distance [2^bit, 2^(bit+1)) from x: x's prefix above `bit`, the
+                // opposite of x at `bit`, anything below.
+                let low_mask = if bit == 0 { 0 } else { (1u64 << bit) - 1 };
+                let lo = (x ^ (1u64 << bit)) & !low_mask;
+                let hi = lo | low_mask;
+                let from = sorted.partition_point(|(key, _)| *key < lo);
+                let to = sorted.partition_point(|(key, _)| *key <= hi);
+                let range = &sorted[from..to];
+                if range.len() <= k {
+                    table.extend(range.iter().map(|(_, i)| *i));
+                } else {
+                    let mut picked = BTreeSet::new();
+                    while picked.len() < k {
+                        picked.insert(range[rng.random_range(0..range.len())].1);
+                    }
+                    table.extend(picked);
+                }
+            }
+            tables.push(table);
+        }
+        Self { k, alpha: alpha.max(1) as usize, keys, tables }
+    }
+
+    /// The `k` contacts of `node` closest to `target`.
+    fn closest_known(&self, node: u32, target: u64, out: &mut Vec<(u64, u32)>) {
+        out.clear();
+        out.extend(self.tables[node as usize].iter().map(|&p| (self.keys[p as usize] ^ target, p)));
+        if out.len() > self.k {
+            out.select_nth_unstable(self.k - 1);
+            out.truncate(self.k);
+        }
+        out.sort_unstable();
+    }
+
+    /// An iterative lookup of `target` started by `from`: query the `alpha` closest peers not
+    /// yet asked, merge their answers, until the `k` closest peers heard of have all been asked.
+    pub(super) fn lookup(&self, from: u32, target: u64, up: impl Fn(u32) -> bool) -> Lookup {
+        let mut result = Lookup::default();
+        let mut answer = Vec::new();
+        self.closest_known(from, target, &mut answer);
+        // (distance, peer, asked, answered, round it was first heard of)
+        let mut candidates: Vec<(u64, u32, bool, bool, u32)> =
+            answer.iter().map(|&(d, p)| (d, p, false, false, 0)).collect();
+        loop {
+            let round: Vec<u32> = candidates
+                .iter()
+                .take(self.k)
+                .filter(|c| !c.2)
+                .take(self.alpha)
+                .map(|c| c.1)
+                .collect();
+            if round.is_empty() {
+                break;
+            }
+            result.rounds += 1;
+            for peer in round {
+                result.requests += 1;
+                let alive = up(peer);
+                if let Some(c) = candidates.iter_mut().find(|c| c.1 == peer) {
+                    c.2 = true;
+                    c.3 = alive;
+                }
+                if !alive {
+                    result.unanswered += 1;
+                    continue;
+                }
+                self.closest_known(peer, target, &mut answer);
+                result.peers_returned += answer.len() as u64;
+                for &(d, p) in &answer {
+                    if p != from && !candidates.iter().any(|c| c.1 == p) {
+                        candidates.push((d, p, false, false, result.rounds));
+                    }
+                }
+            }
+            // Unanswered peers drop out of the closest set.
+            candidates.retain(|c| !c.2 || c.3);
+            candidates.sort_unstable();
+        }
+        result.hops = candidates.first().map_or(0, |c| c.4);
+        result.closest = candidates.iter().take(self.k).map(|c| c.1).collect();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn lookups_find_the_true_closest_peers_in_a_few_hops() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let n = 5_000u32;
+        let keys: Vec<u64> = (0..n).map(|i| key_of(&i.to_le_bytes())).collect();
+        let dht = Dht::new(keys.clone(), 20, 3, &mut rng);
+        let target = key_of(b"some record");
+        let mut truth: Vec<(u64, u32)> = (0..n).map(|i| (keys[i as usize] ^ target, i)).collect();
+        truth.sort_unstable();
+        let found = dht.lookup(7, target, |_| true);
+        let best: Vec<u32> = truth.iter().filter(|t| t.1 != 7).take(20).map(|t| t.1).collect();
+        assert_eq!(found.closest, best, "{found:?}");
+        assert!((1..=4).contains(&found.hops), "{found:?}");
+        assert!(found.rounds >= found.hops && found.rounds <= 12, "{found:?}");
+        assert!(found.requests >= 20, "the k closest are all asked: {found:?}");
+        // With a third of the peers down, the lookup still ends and skips them.
+        let partial = dht.lookup(7, target, |p| p % 3 != 0);
+        assert!(partial.unanswered > 0 && partial.closest.iter().all(|p| p % 3 != 0));
+    }
+}
