@@ -406,7 +406,10 @@ impl NodeCore {
                     .push_back(NodeEvent::ClaimDenied { job_id: d.job_id, reason: d.reason });
                 self.claim_more(now);
             }
-            Message::Receipt(r) => self.on_receipt(signer, r),
+            Message::Receipt(r) => {
+                self.on_receipt(signer, r);
+                self.claim_more(now);
+            }
             Message::Cancel(c) => {
                 let key = (c.job_id, c.lease);
                 if self.leases.get(&key).is_some_and(|h| h.relay != signer) {
@@ -668,6 +671,11 @@ impl NodeCore {
             .remove(&(job_id, lease))
             .ok_or(NodeCommandError::UnknownLease { job_id, lease })?;
         self.send_result(now, held.relay, &held.lease, outcome, usage);
+        // The job is over for this node (one lease per node and job; a training job's later
+        // rounds come without a claim): forget its offer, or the freed slot would claim it again.
+        if !self.leases.keys().any(|(j, _)| *j == job_id) {
+            self.offers.remove(&job_id);
+        }
         self.claim_more(now);
         Ok(())
     }

@@ -823,3 +823,47 @@ fn an_offer_nobody_named_takes_is_widened_then_opened_to_every_node() {
     // 2 named at first; then 4, then all 6 indexed nodes, then nobody: open to every node.
     assert_eq!(sizes, vec![4, 6, 0, 0]);
 }
+
+#[test]
+fn nodes_named_in_a_recent_offer_are_not_named_for_the_next_one() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 4]);
+    // Every node advertised one slot, then went quiet; a listener that never advertised (so is
+    // never named) hears the offers.
+    net.down = (0..4).collect();
+    let cfg = NodeConfig { trusted_relays: vec![net.relay.id()], ..NodeConfig::default() };
+    let mut listener = NodeCore::new(testkit::keypair(99), cfg, testkit::profile(), 9);
+    let mut named = Vec::new();
+    for _ in 0..3 {
+        let job = net.relay.post_job(net.now, REQUESTER, testkit::batch_spec(10)).unwrap();
+        while let Some(e) = net.relay.poll_event() {
+            if let RelayEvent::Ledger(op) = e {
+                net.book.apply(&op).unwrap();
+                net.relay.reserve_confirmed(net.now, job).unwrap();
+            }
+        }
+        while let Some(t) = net.relay.poll_transmit() {
+            if matches!(t, Transmit::Broadcast { topic: Topic::Offers, .. }) {
+                listener.handle_message(net.now, None, t.bytes());
+            }
+        }
+        let offer = listener.offers().find(|o| o.offer.job_id == job).expect("offer heard");
+        named.push(offer.offer.preferred.iter().copied().collect::<BTreeSet<NodeId>>());
+    }
+    assert_eq!((named[0].len(), named[1].len()), (2, 2));
+    assert!(named[0].is_disjoint(&named[1]), "the second offer names the other two: {named:?}");
+    assert!(named[2].is_empty(), "every slot is promised: the third offer is open to all");
+}
+
+#[test]
+fn a_node_does_not_claim_again_the_job_it_just_finished() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let job = net.post(testkit::batch_spec(10));
+    net.run_until_final(job);
+    let claims = net
+        .node_events
+        .iter()
+        .filter(|(_, e)| matches!(e, NodeEvent::Claimed { job_id } if *job_id == job))
+        .count();
+    assert_eq!(claims, 1, "finishing freed the slot; the finished job's offer must not take it");
+    assert!(net.nodes[0].offers().all(|o| o.offer.job_id != job), "its offer is forgotten");
+}

@@ -54,6 +54,10 @@ pub struct RelayConfig {
     pub round_start_wait_ms: u64,
     /// Most node profiles remembered from adverts.
     pub max_adverts: usize,
+    /// How long an offer's preferred claimants have to claim it: until then each named node
+    /// counts as busy for other offers, and after it the offer is announced again, to a wider
+    /// set (at most every `reannounce_interval_ms`).
+    pub targeted_wait_ms: u64,
     /// Envelope verification limits.
     pub verify: VerifyConfig,
 }
@@ -68,6 +72,7 @@ impl Default for RelayConfig {
             fee_bps: 0,
             round_start_wait_ms: 10_000,
             max_adverts: 100_000,
+            targeted_wait_ms: 1_000,
             verify: VerifyConfig::default(),
         }
     }
@@ -178,6 +183,9 @@ pub struct RelayJob {
     /// node. Not stored: a restored job starts targeting again.
     #[serde(skip)]
     announce_round: u32,
+    /// The preferred claimants of the latest announcement, and when it went out.
+    #[serde(skip)]
+    nominated: (Millis, Vec<NodeId>),
     post_seq: u64,
     /// The reservation's ledger timeout, kept so a restored job re-emits the identical
     /// `Reserve` even if `reserve_margin_ms` changed.
@@ -533,6 +541,7 @@ impl RelayCore {
             next_lease: 0,
             announce_at_ms: now,
             announce_round: 0,
+            nominated: (0, Vec::new()),
             post_seq: self.posted,
             reserve_timeout_at_ms: deadline_ms.saturating_add(self.cfg.reserve_margin_ms),
             spec,
@@ -1010,7 +1019,7 @@ impl RelayCore {
         if due.is_empty() {
             return;
         }
-        let mut busy = self.active_leases_by_node();
+        let mut busy = self.busy_by_node(now);
         let mut offers = Vec::with_capacity(due.len());
         for job_id in due {
             let Some(job) = self.jobs.get(&job_id) else { continue };
@@ -1019,9 +1028,15 @@ impl RelayCore {
                 Some(count) => self.preferred_claimants(job, count, &mut busy),
                 None => Vec::new(),
             };
+            let wait = if preferred.is_empty() {
+                interval
+            } else {
+                interval.min(self.cfg.targeted_wait_ms.max(1))
+            };
             let Some(job) = self.jobs.get_mut(&job_id) else { continue };
-            job.announce_at_ms = now.saturating_add(interval);
+            job.announce_at_ms = now.saturating_add(wait);
             job.announce_round = job.announce_round.saturating_add(1);
+            job.nominated = (now, preferred.clone());
             let ttl = job.deadline_ms.saturating_sub(now).clamp(1, interval.saturating_mul(3));
             let offer = Offer {
                 job_id,
@@ -1040,12 +1055,22 @@ impl RelayCore {
         }
     }
 
-    /// Active leases per node, across all jobs.
-    fn active_leases_by_node(&self) -> HashMap<NodeId, u32> {
+    /// Slots each node is using or promised, as far as this relay knows: its active leases,
+    /// plus the offers that named it within `targeted_wait_ms` and that it has not claimed yet
+    /// (while they still have open slots).
+    fn busy_by_node(&self, now: Millis) -> HashMap<NodeId, u32> {
+        let hold = self.cfg.targeted_wait_ms;
         let mut busy: HashMap<NodeId, u32> = HashMap::new();
         for job in self.jobs.values().filter(|j| j.state == JobState::Open) {
             for l in job.leases.values().filter(|l| l.status == LeaseStatus::Active) {
                 *busy.entry(l.node).or_default() += 1;
+            }
+            let (named_at, named) = &job.nominated;
+            if named.is_empty() || now >= named_at.saturating_add(hold) || job.open_slots() == 0 {
+                continue;
+            }
+            for node in named.iter().filter(|n| !job.leases.values().any(|l| l.node == **n)) {
+                *busy.entry(*node).or_default() += 1;
             }
         }
         busy

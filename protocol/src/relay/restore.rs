@@ -167,6 +167,7 @@ mod tests {
         // The one field not stored: a restored job's next announcement is targeted again.
         assert!(job.announce_round > 0);
         job.announce_round = 0;
+        job.nominated = Default::default();
         let t = job.training.as_ref().unwrap();
         assert!(matches!(t.phase, RoundPhase::Running { .. }), "{:?}", t.phase);
         assert_eq!((t.participants.len(), t.round_leases.len()), (2, 3));
@@ -181,6 +182,7 @@ mod tests {
         let mut restored = after.job(&job_id).unwrap().clone();
         assert_eq!(restored.announce_round, 1, "announced again, targeted, on restore");
         restored.announce_round = 0;
+        restored.nominated = Default::default();
         assert_eq!(restored, job);
         assert_eq!(after.poll_timeout(), before.poll_timeout());
         // The same update again, to a relay whose replay cache is empty: refused by state.
