@@ -6,7 +6,10 @@
 //! one seeded ChaCha RNG decide everything, so a seed and a [`Scenario`] replay a run exactly.
 //! Execution is simulated (duration and success by hardware class and node behaviour), the
 //! relays' ledger instructions are applied to an [`aimatrix_protocol::ledger::EscrowBook`], and
-//! invariants ([`invariants`]) are checked after every step.
+//! invariants ([`invariants`]) are checked after every step. Announcements travel over a
+//! modelled gossipsub mesh and adverts are stored in a modelled Kademlia DHT (or, for
+//! comparison, go straight to every subscriber: [`scenario::GossipMode`]); links have latency,
+//! uplink bandwidth, loss, duplication and partitions; Byzantine nodes lie, withhold and forge.
 //!
 //! ```
 //! use aimatrix_sim::{Scenario, Sim};
