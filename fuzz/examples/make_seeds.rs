@@ -94,6 +94,7 @@ fn sample_messages() -> Vec<Message> {
         Message::LeaseDenied(LeaseDenied {
             job_id,
             reason: DenyReason::Mismatch(vec![aimatrix_protocol::matching::Mismatch::NoGpuRuntime]),
+            taken: vec![job_id],
         }),
         Message::Progress(Progress { job_id, lease: 1, percent: 50 }),
         Message::Result(JobResult {

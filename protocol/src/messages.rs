@@ -165,7 +165,14 @@ pub struct LeaseDenied {
     pub job_id: JobId,
     /// Why.
     pub reason: DenyReason,
+    /// Other jobs of this relay that recently stopped taking claims (fully leased or ended),
+    /// at most [`TAKEN_HINT_MAX`]: a node that claimed a stale offer stops claiming these too,
+    /// instead of learning about each one from its own denial.
+    pub taken: Vec<JobId>,
 }
+
+/// Most job ids a [`LeaseDenied`] lists as taken; a node ignores longer lists.
+pub const TAKEN_HINT_MAX: usize = 64;
 
 /// A node's progress report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,6 +21,7 @@ use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
     claim_order_key, open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer,
     Outcome, Progress, Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
+    TAKEN_HINT_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::Millis;
@@ -381,6 +382,16 @@ impl NodeCore {
             Message::Offer(offer) => self.on_offer(now, signer, offer),
             Message::Lease(lease) => self.on_lease(now, signer, lease),
             Message::LeaseDenied(d) => {
+                if d.taken.len() > TAKEN_HINT_MAX {
+                    let why = format!("denial listing {} taken jobs", d.taken.len());
+                    return self.reject(from, RejectReason::Refused(why));
+                }
+                // Hints apply only to offers from the same relay, like the denial itself.
+                for job_id in &d.taken {
+                    if let Some(o) = self.offers.get_mut(job_id).filter(|o| o.relay == signer) {
+                        o.offer.open_slots = 0;
+                    }
+                }
                 if self.offers.get(&d.job_id).is_none_or(|o| o.relay != signer) {
                     let why =
                         format!("denial for job {} from a relay that did not offer it", d.job_id);

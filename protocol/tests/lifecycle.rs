@@ -11,7 +11,7 @@ use aimatrix_protocol::job::{
     Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
 };
 use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
-use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest, Usage, Verdict};
+use aimatrix_protocol::messages::{DenyReason, JobId, Outcome, OutputDigest, Usage, Verdict};
 use aimatrix_protocol::node::{AcceptMode, NodeConfig, NodeCore, NodeEvent};
 use aimatrix_protocol::relay::training::RoundVerdict;
 use aimatrix_protocol::relay::{
@@ -866,4 +866,34 @@ fn a_node_does_not_claim_again_the_job_it_just_finished() {
         .count();
     assert_eq!(claims, 1, "finishing freed the slot; the finished job's offer must not take it");
     assert!(net.nodes[0].offers().all(|o| o.offer.job_id != job), "its offer is forgotten");
+}
+
+#[test]
+fn a_denial_for_a_stale_offer_lists_the_other_taken_jobs() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 2]);
+    // Node 1 only lists offers (manual mode): it hears three jobs that node 0 then runs.
+    let cfg = NodeConfig {
+        accept: AcceptMode::Manual,
+        trusted_relays: vec![net.relay.id()],
+        ..NodeConfig::default()
+    };
+    net.nodes[1] = NodeCore::new(testkit::keypair(1), cfg, testkit::profile(), 555);
+    let jobs: Vec<JobId> = (0..3).map(|_| net.post(testkit::batch_spec(10))).collect();
+    for job in &jobs {
+        net.run_until_final(*job);
+    }
+    let open_slots = |net: &Net, job: JobId| {
+        net.nodes[1].offers().find(|o| o.offer.job_id == job).map(|o| o.offer.open_slots)
+    };
+    assert_eq!(open_slots(&net, jobs[1]), Some(1), "a stale offer");
+    // Its owner accepts the first; the denial says the other two are taken as well.
+    net.nodes[1].accept(net.now, jobs[0]).unwrap();
+    net.settle();
+    assert!(net
+        .node_events
+        .iter()
+        .any(|(i, e)| *i == 1
+            && matches!(e, NodeEvent::ClaimDenied { reason: DenyReason::NotOpen, .. })));
+    assert_eq!(open_slots(&net, jobs[1]), Some(0));
+    assert_eq!(open_slots(&net, jobs[2]), Some(0));
 }

@@ -160,7 +160,11 @@ fn message() -> impl Strategy<Value = Message> {
                 ])),
             ]
         )
-            .prop_map(|(job_id, reason)| Message::LeaseDenied(LeaseDenied { job_id, reason })),
+            .prop_map(|(job_id, reason)| Message::LeaseDenied(LeaseDenied {
+                job_id,
+                taken: vec![job_id],
+                reason
+            })),
         (job_id(), any::<u32>(), 0u8..=100).prop_map(|(job_id, lease, percent)| Message::Progress(
             Progress { job_id, lease, percent }
         )),

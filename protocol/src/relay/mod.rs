@@ -30,6 +30,7 @@ use crate::matching::{self, Mismatch};
 use crate::messages::{
     claim_order_key, open, Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied,
     Message, Offer, Outcome, Receipt, RejectReason, RoundLease, Verdict, PREFERRED_CLAIMANTS_MAX,
+    TAKEN_HINT_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::{secs, Millis};
@@ -403,6 +404,8 @@ pub struct RelayCore {
     events: VecDeque<RelayEvent>,
     rejects: RejectCounts,
     posted: u64,
+    /// Jobs that most recently stopped taking claims, newest last (hints in denials).
+    taken: VecDeque<JobId>,
 }
 
 const RELAY_ACCEPTS: [Domain; 4] =
@@ -422,6 +425,7 @@ impl RelayCore {
             events: VecDeque::new(),
             rejects: RejectCounts::new(),
             posted: 0,
+            taken: VecDeque::with_capacity(TAKEN_HINT_MAX),
         }
     }
 
@@ -667,7 +671,28 @@ impl RelayCore {
     }
 
     fn deny(&mut self, now: Millis, to: NodeId, job_id: JobId, reason: DenyReason) {
-        self.send(now, to, &Message::LeaseDenied(LeaseDenied { job_id, reason }));
+        // A claim for a job that is no longer open means the node holds stale offers: say
+        // which other jobs were taken lately, so it does not claim each of them in turn.
+        let taken = match reason {
+            DenyReason::NotOpen | DenyReason::NoOpenSlot | DenyReason::UnknownJob => {
+                let jobs = &self.jobs;
+                let still_taken = |j: &JobId| jobs.get(j).is_none_or(|job| job.open_slots() == 0);
+                self.taken.iter().copied().filter(|j| *j != job_id && still_taken(j)).collect()
+            }
+            _ => Vec::new(),
+        };
+        self.send(now, to, &Message::LeaseDenied(LeaseDenied { job_id, reason, taken }));
+    }
+
+    /// Remembers that `job_id` stopped taking claims, for the hints in denials.
+    fn note_taken(&mut self, job_id: JobId) {
+        if self.taken.contains(&job_id) {
+            return;
+        }
+        if self.taken.len() >= TAKEN_HINT_MAX {
+            self.taken.pop_front();
+        }
+        self.taken.push_back(job_id);
     }
 
     fn on_claim(&mut self, now: Millis, node: NodeId, claim: Claim) {
@@ -746,6 +771,7 @@ impl RelayCore {
             job.training.is_some() || job.active_leases() <= job.spec.replication as usize,
             "more active leases than the replication factor"
         );
+        let full = job.training.is_none() && job.open_slots() == 0;
         let msg = Message::Lease(Lease {
             job_id,
             lease,
@@ -756,6 +782,9 @@ impl RelayCore {
         });
         self.events.push_back(RelayEvent::LeaseGranted { job_id, lease, node });
         self.send(now, node, &msg);
+        if full {
+            self.note_taken(job_id);
+        }
     }
 
     fn on_progress(&mut self, node: NodeId, p: crate::messages::Progress) {
@@ -877,6 +906,7 @@ impl RelayCore {
     }
 
     fn complete_job(&mut self, now: Millis, job_id: JobId, hash: Digest, winners: &[u32]) {
+        self.note_taken(job_id);
         let fee_bps = self.cfg.fee_bps;
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let mut receipts = Vec::new();
@@ -928,6 +958,7 @@ impl RelayCore {
     /// Ends an open job without a result: cancels active leases, rejects unpaid results,
     /// releases what was not paid.
     fn fail_job(&mut self, now: Millis, job_id: JobId, reason: String) {
+        self.note_taken(job_id);
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         assert_eq!(job.state, JobState::Open);
         let current_round = job.training.as_ref().map(|t| t.round);
