@@ -472,10 +472,16 @@ impl NodeCore {
         let claimed_at_ms = previous.and_then(|o| o.claimed_at_ms);
         let refused = previous.and_then(|o| o.refused.clone());
         if !self.offers.contains_key(&job_id) && self.offers.len() >= self.cfg.max_known_offers {
-            // Forget the offer closest to its deadline.
-            if let Some(victim) =
-                self.offers.iter().min_by_key(|(_, o)| o.offer.deadline_ms).map(|(id, _)| *id)
-            {
+            // Never an offer with a claim in flight (its lease would then be refused as
+            // unknown and left to expire); stale offers (no open slot) before live ones, then
+            // the one closest to its deadline.
+            let victim = self
+                .offers
+                .iter()
+                .filter(|(_, o)| o.claimed_at_ms.is_none())
+                .min_by_key(|(_, o)| (o.offer.open_slots > 0, o.offer.deadline_ms, o.seen_at_ms))
+                .map(|(id, _)| *id);
+            if let Some(victim) = victim {
                 self.offers.remove(&victim);
             }
         }

@@ -897,3 +897,35 @@ fn a_denial_for_a_stale_offer_lists_the_other_taken_jobs() {
     assert_eq!(open_slots(&net, jobs[1]), Some(0));
     assert_eq!(open_slots(&net, jobs[2]), Some(0));
 }
+
+#[test]
+fn a_full_offer_table_never_forgets_an_offer_with_a_claim_in_flight() {
+    let relay = testkit::keypair(1_000);
+    let now: Millis = 1_000_000;
+    let cfg = NodeConfig {
+        trusted_relays: vec![relay.public()],
+        max_known_offers: 2,
+        ..NodeConfig::default()
+    };
+    let mut node = NodeCore::new(testkit::keypair(0), cfg, testkit::profile(), 1);
+    let offer = |job: u8| {
+        let msg = aimatrix_protocol::messages::Message::Offer(aimatrix_protocol::messages::Offer {
+            job_id: JobId([job; 16]),
+            spec: testkit::batch_spec(10),
+            // The claimed job has the nearest deadline: the old rule evicted it first.
+            deadline_ms: now + 60_000 + u64::from(job) * 1_000,
+            open_slots: 1,
+            preferred: Vec::new(),
+        });
+        aimatrix_protocol::messages::seal(&relay, &msg, u64::from(job), now, 60_000).unwrap()
+    };
+    node.handle_message(now, None, &offer(1));
+    assert!(std::iter::from_fn(|| node.poll_event())
+        .any(|e| matches!(e, NodeEvent::Claimed { job_id } if job_id == JobId([1; 16]))));
+    for job in 2..5 {
+        node.handle_message(now, None, &offer(job));
+    }
+    let known: Vec<JobId> = node.offers().map(|o| o.offer.job_id).collect();
+    assert_eq!(known.len(), 2);
+    assert!(known.contains(&JobId([1; 16])), "the claimed offer stays: {known:?}");
+}
