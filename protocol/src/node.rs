@@ -84,6 +84,8 @@ pub struct KnownOffer {
     pub claimed_at_ms: Option<Millis>,
     /// The relay refused this node for good (excluded, already leased, profile mismatch).
     pub refused: Option<DenyReason>,
+    /// The offer names this node as a preferred claimant, or names nobody.
+    pub open_to_me: bool,
 }
 
 /// A lease the node holds.
@@ -488,7 +490,15 @@ impl NodeCore {
         self.events.push_back(NodeEvent::OfferSeen { job_id, matched: matched.clone() });
         self.offers.insert(
             job_id,
-            KnownOffer { relay, offer, seen_at_ms: now, matched, claimed_at_ms, refused },
+            KnownOffer {
+                relay,
+                open_to_me: offer.preferred.is_empty() || offer.preferred.contains(&self.id()),
+                offer,
+                seen_at_ms: now,
+                matched,
+                claimed_at_ms,
+                refused,
+            },
         );
         self.claim_more(now);
     }
@@ -510,15 +520,17 @@ impl NodeCore {
             .offers
             .values()
             .filter(|o| o.claimed_at_ms.is_none() && o.refused.is_none() && o.offer.open_slots > 0)
-            .filter(|o| o.offer.preferred.is_empty() || o.offer.preferred.contains(&me))
+            .filter(|o| o.open_to_me)
             .filter(|o| !held.contains(&o.offer.job_id))
             .filter(|o| !self.joined_training.iter().any(|(j, _, _)| *j == o.offer.job_id))
             .map(|o| (o.offer.spec.reward, claim_order_key(&me, &o.offer.job_id), o.offer.job_id))
             .collect();
         candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        // One snapshot serves every candidate: the load only matters once no slot is free,
+        // and the loop stops there.
+        let profile = self.profile();
         let mut free = free;
         for (_, _, job_id) in candidates {
-            let profile = self.profile();
             let Some(o) = self.offers.get_mut(&job_id) else { continue };
             o.matched = matching::evaluate(&o.offer.spec, &profile);
             if o.matched.is_ok() {
