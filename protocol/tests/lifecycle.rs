@@ -929,3 +929,24 @@ fn a_full_offer_table_never_forgets_an_offer_with_a_claim_in_flight() {
     assert_eq!(known.len(), 2);
     assert!(known.contains(&JobId([1; 16])), "the claimed offer stays: {known:?}");
 }
+
+#[test]
+fn a_training_offer_waiting_for_participants_widens_like_any_other() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 4]);
+    // Every node advertised, then went quiet: the round waits for participants.
+    net.down = (0..4).collect();
+    let job = net.post(training_spec(2, 2, 1));
+    let mut sizes = Vec::new();
+    for _ in 0..4 {
+        net.now = net.relay.poll_timeout().unwrap();
+        net.relay.handle_timeout(net.now);
+        if let Some(offer) = std::iter::from_fn(|| net.relay.poll_transmit())
+            .find(|t| matches!(t, Transmit::Broadcast { topic: Topic::Offers, .. }))
+        {
+            net.nodes[0].handle_message(net.now, None, offer.bytes());
+            sizes.push(preferred_heard(&net, 0, job).len());
+        }
+    }
+    // 4 named at first (2 per seat), then all 4 indexed nodes twice, then nobody.
+    assert_eq!(sizes.last(), Some(&0), "opened to every node in the end: {sizes:?}");
+}

@@ -129,13 +129,17 @@ impl RelayCore {
         }
         t.joiners.insert(node);
         if t.phase == RoundPhase::Waiting {
-            self.try_start_round(now, job_id);
+            self.try_start_round(now, job_id, false);
         }
     }
 
     /// Admits joiners and leases the round's chunks once every wanted participant is present,
     /// or once a quorum has waited `round_start_wait_ms` for the rest.
-    fn try_start_round(&mut self, now: Millis, job_id: JobId) {
+    ///
+    /// `seats_opened` says that a round boundary just freed seats: the offer is then announced
+    /// at once and targeted afresh; otherwise it keeps its announcement schedule (so its list
+    /// of preferred claimants widens as usual while the round waits).
+    fn try_start_round(&mut self, now: Millis, job_id: JobId, seats_opened: bool) {
         let start_wait_ms = self.cfg.round_start_wait_ms;
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let Some(t) = job.training.as_mut() else { return };
@@ -148,12 +152,12 @@ impl RelayCore {
         }
         if t.participants.len() < t.params.quorum as usize {
             t.quorum_since_ms = None;
-            return self.announce_due(now, job_id);
+            return self.announce_waiting(now, job_id, seats_opened);
         }
         if t.participants.len() < t.params.participants as usize {
             let since = *t.quorum_since_ms.get_or_insert(now);
             if now < since.saturating_add(start_wait_ms) {
-                return self.announce_due(now, job_id);
+                return self.announce_waiting(now, job_id, seats_opened);
             }
         }
         t.quorum_since_ms = None;
@@ -198,11 +202,21 @@ impl RelayCore {
         }
     }
 
+    /// A round waits for participants: announce now with fresh targeting when seats just
+    /// opened, or else only when the offer's own schedule says so.
+    fn announce_waiting(&mut self, now: Millis, job_id: JobId, seats_opened: bool) {
+        if seats_opened {
+            self.announce_due(now, job_id);
+        } else {
+            self.announce(now);
+        }
+    }
+
     pub(super) fn training_timeout(&mut self, now: Millis, job_id: JobId) {
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let Some(t) = job.training.as_mut() else { return };
         if t.phase == RoundPhase::Waiting {
-            return self.try_start_round(now, job_id);
+            return self.try_start_round(now, job_id, false);
         }
         let Some(deadline) = t.round_deadline() else { return };
         if now < deadline {
@@ -288,7 +302,7 @@ impl RelayCore {
                 format!("{max_attempts} rounds in a row closed without quorum; last: {reason}");
             return self.fail_job(now, job_id, why);
         }
-        self.try_start_round(now, job_id);
+        self.try_start_round(now, job_id, true);
     }
 
     /// The driver aggregated a closed round: pay the accepted updates, reject the others, and
@@ -375,7 +389,7 @@ impl RelayCore {
             self.events
                 .push_back(RelayEvent::JobCompleted { job_id, result_hash: verdict.new_model });
         } else {
-            self.try_start_round(now, job_id);
+            self.try_start_round(now, job_id, true);
         }
         Ok(())
     }
