@@ -160,6 +160,18 @@ impl Responder {
         // The receiver is gone only when the request already timed out or the task stopped.
         let _ = self.tx.send(resp);
     }
+
+    /// Answers a [`DirectRequest::Message`] from `peer`: hands the sender's node id to
+    /// `handle` (which gives the bytes to the core), then answers `Accepted`. A peer whose id
+    /// is not an ed25519 key cannot have signed a protocol message: refused, `handle` not
+    /// called.
+    pub fn take_message(self, peer: &PeerId, handle: impl FnOnce(NodeId)) {
+        let Some(from) = node_id_of(peer) else {
+            return self.send(DirectResponse::refused("peer id is not an ed25519 key"));
+        };
+        handle(from);
+        self.send(DirectResponse::Accepted);
+    }
 }
 
 /// Why a network operation failed.

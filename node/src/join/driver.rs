@@ -156,14 +156,8 @@ impl Node {
         match event {
             NetEvent::Gossip { bytes, .. } => self.core.handle_message(now, None, &bytes),
             NetEvent::Request { peer, request, reply } => match request {
-                DirectRequest::Message(bytes) => {
-                    let Some(from) = aimatrix_net::node_id_of(&peer) else {
-                        reply.send(DirectResponse::Refused("peer id is not an ed25519 key".into()));
-                        return;
-                    };
-                    self.core.handle_message(now, Some(from), &bytes);
-                    reply.send(DirectResponse::Accepted);
-                }
+                DirectRequest::Message(bytes) => reply
+                    .take_message(&peer, |from| self.core.handle_message(now, Some(from), &bytes)),
                 DirectRequest::GetBlob(_) => reply.send(DirectResponse::NotFound),
                 DirectRequest::PutBlob { .. } => {
                     reply.send(DirectResponse::Refused("nodes do not store uploads".into()));
