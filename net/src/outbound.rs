@@ -12,13 +12,12 @@
 //!   drained in order by its own task, which retries while the peer cannot be reached or
 //!   answers busy, for at most the configured time. A peer that stays unreachable therefore
 //!   only delays its own messages. A full peer queue drops the message and counts it (the
-//!   protocol recovers: a node claims again, a lease runs to its deadline).
+//!   protocol recovers: a node claims again, a lease runs to its deadline). Drops are counted
+//!   and logged (at 1, 2, 4, ... of them); failed sends are logged one by one.
 //!
 //! [`Outbound::flush`] waits (bounded) until everything queued has been sent, for a clean exit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -33,19 +32,6 @@ pub const PEER_QUEUE_MAX: usize = 1024;
 /// A peer's sender task stops after this long without messages (a new one starts on demand).
 const PEER_IDLE: Duration = Duration::from_secs(30);
 
-/// Counters of what could not be sent.
-#[derive(Debug, Default)]
-pub struct OutboundStats {
-    /// Gossip messages dropped because the queue was full.
-    pub gossip_dropped: AtomicU64,
-    /// Gossip messages the swarm refused (no subscribed peer yet, say).
-    pub gossip_failed: AtomicU64,
-    /// Direct messages dropped because their peer's queue was full.
-    pub direct_dropped: AtomicU64,
-    /// Direct messages given up after retrying, or refused by the peer.
-    pub direct_failed: AtomicU64,
-}
-
 /// The sending side of a driver (see the module docs).
 #[derive(Debug)]
 pub struct Outbound {
@@ -54,7 +40,10 @@ pub struct Outbound {
     gossip: Option<mpsc::Sender<(Topic, Vec<u8>)>>,
     peers: HashMap<PeerId, mpsc::Sender<Vec<u8>>>,
     retry_for: Duration,
-    stats: Arc<OutboundStats>,
+    /// Gossip messages dropped because the queue was full (logged at powers of two).
+    gossip_dropped: u64,
+    /// Direct messages dropped because their peer's queue was full (logged likewise).
+    direct_dropped: u64,
     tasks: JoinSet<()>,
 }
 
@@ -63,24 +52,26 @@ impl Outbound {
     /// called inside a tokio runtime (it starts the publisher task).
     pub fn new(net: NetHandle, retry_for: Duration) -> Self {
         let (gossip, rx) = mpsc::channel(GOSSIP_QUEUE_MAX);
-        let stats = Arc::new(OutboundStats::default());
         let mut tasks = JoinSet::new();
-        tasks.spawn(publish_all(net.clone(), rx, stats.clone()));
-        Self { net, gossip: Some(gossip), peers: HashMap::new(), retry_for, stats, tasks }
-    }
-
-    /// What could not be sent so far.
-    pub fn stats(&self) -> &Arc<OutboundStats> {
-        &self.stats
+        tasks.spawn(publish_all(net.clone(), rx));
+        Self {
+            net,
+            gossip: Some(gossip),
+            peers: HashMap::new(),
+            retry_for,
+            gossip_dropped: 0,
+            direct_dropped: 0,
+            tasks,
+        }
     }
 
     /// Queues `bytes` for gossip on `topic`; never waits.
     pub fn publish(&mut self, topic: Topic, bytes: Vec<u8>) {
         let Some(gossip) = &self.gossip else { return };
         if let Err(TrySendError::Full(_)) = gossip.try_send((topic, bytes)) {
-            let dropped = self.stats.gossip_dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if dropped.is_power_of_two() {
-                tracing::warn!(dropped, "gossip queue full: message dropped");
+            self.gossip_dropped += 1;
+            if self.gossip_dropped.is_power_of_two() {
+                tracing::warn!(dropped = self.gossip_dropped, "gossip queue full: message dropped");
             }
         }
     }
@@ -99,7 +90,8 @@ impl Outbound {
             match queue.try_send(bytes) {
                 Ok(()) => return,
                 Err(TrySendError::Full(_)) => {
-                    let dropped = self.stats.direct_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.direct_dropped += 1;
+                    let dropped = self.direct_dropped;
                     if dropped.is_power_of_two() {
                         tracing::warn!(%peer, dropped, "queue to peer full: message dropped");
                     }
@@ -126,7 +118,7 @@ impl Outbound {
 
     fn start_peer(&mut self, peer: PeerId) -> mpsc::Sender<Vec<u8>> {
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-        self.tasks.spawn(send_all(self.net.clone(), peer, rx, self.retry_for, self.stats.clone()));
+        self.tasks.spawn(send_all(self.net.clone(), peer, rx, self.retry_for));
         self.peers.insert(peer, tx.clone());
         tx
     }
@@ -138,14 +130,9 @@ impl Outbound {
     }
 }
 
-async fn publish_all(
-    net: NetHandle,
-    mut queue: mpsc::Receiver<(Topic, Vec<u8>)>,
-    stats: Arc<OutboundStats>,
-) {
+async fn publish_all(net: NetHandle, mut queue: mpsc::Receiver<(Topic, Vec<u8>)>) {
     while let Some((topic, bytes)) = queue.recv().await {
         if let Err(e) = net.publish(topic, bytes).await {
-            stats.gossip_failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("publish on {} failed: {e}", topic.name());
         }
     }
@@ -156,7 +143,6 @@ async fn send_all(
     peer: PeerId,
     mut queue: mpsc::Receiver<Vec<u8>>,
     retry_for: Duration,
-    stats: Arc<OutboundStats>,
 ) {
     loop {
         let bytes = match tokio::time::timeout(PEER_IDLE, queue.recv()).await {
@@ -166,32 +152,20 @@ async fn send_all(
                 // Idle: stop taking messages, but send what slipped in before the close.
                 queue.close();
                 while let Some(bytes) = queue.recv().await {
-                    send_one(&net, peer, bytes, retry_for, &stats).await;
+                    send_one(&net, peer, bytes, retry_for).await;
                 }
                 return;
             }
         };
-        send_one(&net, peer, bytes, retry_for, &stats).await;
+        send_one(&net, peer, bytes, retry_for).await;
     }
 }
 
-async fn send_one(
-    net: &NetHandle,
-    peer: PeerId,
-    bytes: Vec<u8>,
-    retry_for: Duration,
-    stats: &OutboundStats,
-) {
+async fn send_one(net: &NetHandle, peer: PeerId, bytes: Vec<u8>, retry_for: Duration) {
     let make = || DirectRequest::Message(bytes.clone());
     match net.request_retrying(peer, make, retry_for).await {
         Ok(DirectResponse::Accepted) => {}
-        Ok(other) => {
-            stats.direct_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("{peer} did not take a message: {other:?}");
-        }
-        Err(e) => {
-            stats.direct_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("cannot reach {peer}: {e}");
-        }
+        Ok(other) => tracing::warn!("{peer} did not take a message: {other:?}"),
+        Err(e) => tracing::warn!("cannot reach {peer}: {e}"),
     }
 }
