@@ -654,11 +654,9 @@ impl NodeCore {
             return self.reject(Some(relay), RejectReason::Refused(why));
         };
         self.awaiting_receipt.remove(pos);
-        // A node holds one lease per job: with its receipt, the job is over for this node, so
-        // its offer is forgotten instead of kept until the job's deadline.
-        if !self.leases.keys().any(|(j, _)| *j == receipt.job_id) {
-            self.offers.remove(&receipt.job_id);
-        }
+        // An offer heard again after the result went out (the job re-announced for another
+        // replica) is over for this node too.
+        self.forget_offer_when_done(receipt.job_id);
         if let Verdict::Paid { amount } = receipt.verdict {
             self.earned = self.earned.saturating_add(amount);
         }
@@ -700,13 +698,18 @@ impl NodeCore {
             .remove(&(job_id, lease))
             .ok_or(NodeCommandError::UnknownLease { job_id, lease })?;
         self.send_result(now, held.relay, &held.lease, outcome, usage);
-        // The job is over for this node (one lease per node and job; a training job's later
-        // rounds come without a claim): forget its offer, or the freed slot would claim it again.
+        // Or the freed slot would claim the finished job again.
+        self.forget_offer_when_done(job_id);
+        self.claim_more(now);
+        Ok(())
+    }
+
+    /// Forgets the offer of `job_id` once this node holds no lease of it: a node gets one lease
+    /// per job (a training job's later rounds come without a claim), so the job is over here.
+    fn forget_offer_when_done(&mut self, job_id: JobId) {
         if !self.leases.keys().any(|(j, _)| *j == job_id) {
             self.offers.remove(&job_id);
         }
-        self.claim_more(now);
-        Ok(())
     }
 
     /// Gives a lease back unfinished (shutdown, local cancel) so the relay re-offers it now.
