@@ -3,10 +3,9 @@
 //! [`run`] plays the relay and every participant with the functions the real ones use:
 //! participants train with [`aimatrix_mlp::train`] (the code inside the `train-step` guest,
 //! bitwise the same natively and in wasm), compress with [`aimatrix_mlp::compress`] (keeping
-//! a [`Residual`] each for error feedback); the relay decodes with
-//! [`aimatrix_mlp::decompress`], judges with [`aimatrix_mlp::validate`], combines with an
-//! aggregation [`Rule`] and applies the result with [`aimatrix_mlp::apply_delta`]. Only the
-//! network, the sandbox and the ledger are missing.
+//! a [`Residual`] each for error feedback); the relay's side is [`judge_round`], the function
+//! the relay's round driver calls (decompress, validate, aggregate with a [`Rule`], apply).
+//! Only the network, the sandbox and the ledger are missing.
 //!
 //! A round, for each participant in id order: drop out with probability
 //! [`Config::drop_rate`]; otherwise train [`Config::local_epochs`] epochs on its chunk from
@@ -19,8 +18,8 @@
 //! replays exactly.
 
 use aimatrix_mlp::{
-    apply_delta, compress, decompress, delta, loss_and_accuracy, train, validate, Codec, Dataset,
-    Model, NormCheck, Residual, Rule, Verdict,
+    compress, delta, judge_round, loss_and_accuracy, train, Codec, Dataset, Model, NormCheck,
+    Residual, Rule,
 };
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
@@ -278,44 +277,33 @@ pub fn run_on(config: &Config, train_set: &Dataset, test: &Dataset) -> Report {
             wires.push(bytes);
         }
 
-        // The relay's side: decode, validate, aggregate, apply.
-        let bytes_received = wires.iter().map(Vec::len).sum();
-        let mut decoded = Vec::with_capacity(wires.len());
-        let mut rejected = Vec::new();
-        let mut decoded_ids = Vec::with_capacity(wires.len());
-        for (&id, bytes) in senders.iter().zip(&wires) {
-            match decompress(bytes, param_count) {
-                Ok(update) => {
-                    decoded.push(update);
-                    decoded_ids.push(id);
-                }
-                Err(err) => rejected.push((id, err.to_string())),
-            }
-        }
-        let verdicts = validate(&decoded, param_count, &config.norm_check);
-        let mut accepted = Vec::with_capacity(decoded.len());
-        for ((id, update), verdict) in decoded_ids.iter().zip(decoded).zip(verdicts) {
-            match verdict {
-                Verdict::Accepted { .. } => accepted.push(update),
-                Verdict::Rejected(reason) => rejected.push((*id, reason.to_string())),
-            }
-        }
-        if !accepted.is_empty() {
-            let aggregate = match config.rule.aggregate(&accepted, previous.as_deref()) {
-                Ok(aggregate) => aggregate,
-                Err(err) => panic!("federated: aggregation failed: {err}"),
-            };
-            model = match apply_delta(&model, &aggregate) {
-                Ok(model) => model,
-                Err(err) => panic!("federated: the aggregate does not fit the model: {err}"),
-            };
+        // The relay's side: decode, validate, aggregate, apply (the relay's own function).
+        let outcome = match judge_round(
+            &model,
+            &wires,
+            &config.rule,
+            &config.norm_check,
+            previous.as_deref(),
+        ) {
+            Ok(outcome) => outcome,
+            Err(err) => panic!("federated: aggregation failed: {err}"),
+        };
+        let accepted = outcome.accepted();
+        let rejected: Vec<(usize, String)> = senders
+            .iter()
+            .zip(&outcome.verdicts)
+            .filter_map(|(id, verdict)| verdict.as_ref().err().map(|why| (*id, why.clone())))
+            .collect();
+        let bytes_received = outcome.bytes_received;
+        model = outcome.model;
+        if let Some(aggregate) = outcome.aggregate {
             previous = Some(aggregate);
         }
         let (test_loss, test_accuracy) = loss_and_accuracy(&model, test);
         rounds.push(RoundReport {
             round,
             received: wires.len(),
-            accepted: accepted.len(),
+            accepted,
             rejected,
             bytes_received,
             test_loss,

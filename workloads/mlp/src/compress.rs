@@ -400,6 +400,11 @@ impl Residual {
         Self { values: vec![0.0; len] }
     }
 
+    /// A residual holding `values` (as read back from a participant's saved state).
+    pub fn from_values(values: Vec<f32>) -> Self {
+        Self { values }
+    }
+
     /// The values not sent yet.
     pub fn values(&self) -> &[f32] {
         &self.values

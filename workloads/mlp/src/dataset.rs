@@ -62,6 +62,66 @@ impl Dataset {
         Ok(())
     }
 
+    /// The samples at `indices`, in that order.
+    ///
+    /// # Panics
+    ///
+    /// If an index is out of range.
+    pub fn subset(&self, indices: &[usize]) -> Self {
+        let mut samples = Vec::with_capacity(indices.len() * self.features);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &index in indices {
+            samples.extend_from_slice(self.sample(index));
+            labels.push(self.labels[index]);
+        }
+        Self { features: self.features, samples, labels }
+    }
+
+    /// Splits the samples, in order, into `n` consecutive chunks whose sizes differ by at most
+    /// one (the first `len % n` chunks hold the extra sample). Shuffle a dataset before
+    /// chunking it if its order is not random: chunk `i` is a plain slice.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    pub fn chunks(&self, n: usize) -> Vec<Self> {
+        assert!(n > 0, "Dataset::chunks: n must be at least 1");
+        let (base, extra) = (self.len() / n, self.len() % n);
+        let mut start = 0;
+        (0..n)
+            .map(|i| {
+                let size = base + usize::from(i < extra);
+                let indices: Vec<usize> = (start..start + size).collect();
+                start += size;
+                self.subset(&indices)
+            })
+            .collect()
+    }
+
+    /// Holds out a stratified share of the samples, without randomness: within each label,
+    /// in dataset order, sample `j` (counting from 0) is held out when `floor((j + 1) · share)`
+    /// exceeds `floor(j · share)`, so every label gives up `floor(count · share)` samples,
+    /// spread evenly through the file. Returns `(rest, held_out)`, each in dataset order.
+    ///
+    /// # Panics
+    ///
+    /// If `share` is not in `[0, 1]`.
+    pub fn hold_out(&self, share: f64) -> (Self, Self) {
+        assert!((0.0..=1.0).contains(&share), "Dataset::hold_out: share must be in [0, 1]");
+        let mut seen = [0_u64; 256];
+        let (mut rest, mut held) = (Vec::new(), Vec::new());
+        for (index, &label) in self.labels.iter().enumerate() {
+            let j = seen[usize::from(label)] as f64;
+            seen[usize::from(label)] += 1;
+            if ((j + 1.0) * share).floor() > (j * share).floor() {
+                held.push(index);
+            } else {
+                rest.push(index);
+            }
+        }
+        (self.subset(&rest), self.subset(&held))
+    }
+
     /// The `ADSC` bytes of this dataset (layout in the [crate docs](crate#file-formats)).
     ///
     /// # Panics
@@ -182,6 +242,35 @@ mod tests {
             }
             let _ = Dataset::decode(&bytes);
         }
+    }
+
+    #[test]
+    fn chunks_cover_every_sample_once_in_order() {
+        let data = Dataset {
+            features: 1,
+            samples: (0..11).map(|i| i as f32).collect(),
+            labels: (0..11).map(|i| (i % 10) as u8).collect(),
+        };
+        let chunks = data.chunks(3);
+        let sizes: Vec<usize> = chunks.iter().map(Dataset::len).collect();
+        assert_eq!(sizes, [4, 4, 3]);
+        let joined: Vec<f32> = chunks.iter().flat_map(|c| c.samples.clone()).collect();
+        assert_eq!(joined, data.samples);
+        assert_eq!(data.chunks(20).iter().filter(|c| c.is_empty()).count(), 9);
+    }
+
+    #[test]
+    fn hold_out_takes_the_share_of_every_label() {
+        let labels: Vec<u8> = (0..100).map(|i| if i < 60 { 1 } else { 2 }).collect();
+        let data = Dataset { features: 1, samples: (0..100).map(|i| i as f32).collect(), labels };
+        let (rest, held) = data.hold_out(0.25);
+        assert_eq!(held.labels.iter().filter(|&&l| l == 1).count(), 15);
+        assert_eq!(held.labels.iter().filter(|&&l| l == 2).count(), 10);
+        assert_eq!(rest.len() + held.len(), 100);
+        // Every 4th sample of each label, so the held-out samples are spread out.
+        assert_eq!(&held.samples[..3], &[3.0, 7.0, 11.0]);
+        let (all, none) = data.hold_out(0.0);
+        assert_eq!((all.len(), none.len()), (100, 0));
     }
 
     #[test]

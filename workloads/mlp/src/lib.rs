@@ -21,6 +21,8 @@
 //! - [`aggregate`]: combining a round's updates ([`Rule`]: mean, median, trimmed mean,
 //!   centered clipping), deterministically.
 //! - [`validate`]: per-update verdicts (shape, NaN/Inf, norm far outside the round's).
+//! - [`round`]: [`judge_round`], one round at the aggregator (decode, validate, aggregate,
+//!   apply), shared by the relay, the simulator and the native harness.
 //! - [`compress`]: update codecs (none, fp16, int8, top-k), the `AMLC` format, and
 //!   [`Residual`] for error feedback.
 //! - [`FormatError`] for bytes that are not a valid file, [`ShapeError`] for values that do
@@ -83,6 +85,7 @@ mod error;
 mod math;
 mod model;
 mod rng;
+pub mod round;
 mod train;
 pub mod validate;
 mod wire;
@@ -93,6 +96,7 @@ pub use dataset::Dataset;
 pub use delta::{apply_delta, decode_delta, delta, encode_delta};
 pub use error::{FormatError, ShapeError};
 pub use model::Model;
+pub use round::{judge_round, RoundOutcome};
 pub use train::{forward, loss_and_accuracy, predict, train};
 pub use validate::{validate, NormCheck, Rejection, Verdict};
 
