@@ -326,6 +326,24 @@ pub struct TrainingParams {
     /// Share of updates re-run on another node to check them, in [0, 1].
     #[serde(default)]
     pub verify_share: f64,
+    /// For `compression = "topk"`: the share of values sent, in (0, 1] (default 0.01).
+    #[serde(default = "default_topk_fraction")]
+    pub topk_fraction: f64,
+    /// An update whose L2 norm is above this times the round's median norm is rejected
+    /// (default 4; 0 turns the check off).
+    #[serde(default = "default_max_norm_ratio")]
+    pub max_norm_ratio: f64,
+    /// The evaluation set, by path or digest. Without one the relay holds out a stratified
+    /// quarter of the dataset (see docs/training.md).
+    #[serde(default)]
+    pub holdout: Option<ContentRef>,
+}
+
+const fn default_topk_fraction() -> f64 {
+    0.01
+}
+const fn default_max_norm_ratio() -> f64 {
+    4.0
 }
 
 const fn one() -> u32 {
@@ -510,7 +528,8 @@ impl JobSpec {
     }
 
     /// Every content reference the spec holds, with the field that holds it (`workload.module`,
-    /// `inputs[i] (name)`, `training.model`, `training.dataset`, `serving.model`).
+    /// `inputs[i] (name)`, `training.model`, `training.dataset`, `training.holdout`,
+    /// `serving.model`).
     pub fn content_refs(&self) -> Vec<(String, &ContentRef)> {
         let mut out = Vec::new();
         if let Some(module) = &self.workload.module {
@@ -522,6 +541,9 @@ impl JobSpec {
         if let Some(t) = &self.training {
             out.push(("training.model".to_owned(), &t.model));
             out.push(("training.dataset".to_owned(), &t.dataset));
+            if let Some(holdout) = &t.holdout {
+                out.push(("training.holdout".to_owned(), holdout));
+            }
         }
         if let Some(s) = &self.serving {
             out.push(("serving.model".to_owned(), &s.model));
@@ -763,6 +785,17 @@ impl TrainingParams {
             (0.0..=1.0).contains(&self.verify_share),
             "training.verify_share",
             "must be between 0 and 1",
+        );
+        v.check(
+            self.topk_fraction > 0.0 && self.topk_fraction <= 1.0,
+            "training.topk_fraction",
+            "must be above 0 and at most 1 (0.01 sends the largest 1% of the values)",
+        );
+        v.check(
+            self.max_norm_ratio == 0.0
+                || (self.max_norm_ratio.is_finite() && self.max_norm_ratio >= 1.0),
+            "training.max_norm_ratio",
+            "must be 0 (no norm check) or a number of at least 1",
         );
     }
 }

@@ -4,9 +4,10 @@
 //! envelopes ([`envelope`]), the wire codec ([`codec`]), capability profiles
 //! ([`capability`]), job specs ([`job`]), matching ([`matching`]), the messages
 //! ([`messages`]), ledger instructions ([`ledger`]), and the job lifecycle as sans-IO state
-//! machines: [`relay::RelayCore`] and [`node::NodeCore`]. The libp2p node, the Studio relay
-//! and the simulator drive the same cores: inputs go in through `handle_*(now, ...)`, outputs
-//! come out of `poll_*()`. Time and randomness are inputs; no clock, socket or database here.
+//! machines: [`relay::RelayCore`] and [`node::NodeCore`]; [`training`] judges training rounds.
+//! The libp2p node, the Studio relay and the simulator drive the same cores: inputs go in
+//! through `handle_*(now, ...)`, outputs come out of `poll_*()`. Time and randomness are
+//! inputs; no clock, socket or database here.
 //!
 //! ```
 //! use aimatrix_protocol::{job::JobSpec, matching, testkit};
@@ -37,5 +38,6 @@ mod outbox;
 pub mod relay;
 pub mod testkit;
 pub mod time;
+pub mod training;
 
 pub use outbox::{Topic, Transmit};

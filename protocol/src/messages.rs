@@ -106,6 +106,8 @@ pub struct RoundLease {
     pub chunk: u32,
     /// How many chunks the dataset is split into.
     pub chunks: u32,
+    /// Digest of the chunk's data (an `ADSC` dataset the relay serves).
+    pub data: Digest,
 }
 
 /// A relay's grant of a lease: run the job until `deadline_ms` and return a result.

@@ -81,3 +81,32 @@ pub fn docker_gpu_spec(reward: u64) -> JobSpec {
     spec.requirements.disk_mb = 1;
     spec
 }
+
+/// Stand-in training data for `spec`'s participant seats (digests of nothing a test fetches):
+/// what [`crate::relay::RelayCore::post_training_job`] needs when the bytes do not matter.
+pub fn training_data(spec: &JobSpec) -> crate::relay::training::TrainingData {
+    let seats = spec.training.as_ref().map_or(0, |t| t.participants);
+    crate::relay::training::TrainingData {
+        chunks: (0..seats).map(|i| Digest::of(format!("chunk {i}").as_bytes())).collect(),
+        holdout: Digest::of(b"holdout"),
+    }
+}
+
+/// Posts `spec` at `relay`: as a training job with [`training_data`] when it is one.
+///
+/// # Errors
+///
+/// As [`crate::relay::RelayCore::post_job`].
+pub fn post(
+    relay: &mut crate::relay::RelayCore,
+    now: crate::time::Millis,
+    requester: &str,
+    spec: JobSpec,
+) -> Result<crate::messages::JobId, crate::relay::PostError> {
+    if spec.kind == JobKind::Training {
+        let data = training_data(&spec);
+        relay.post_training_job(now, requester, spec, data)
+    } else {
+        relay.post_job(now, requester, spec)
+    }
+}

@@ -105,7 +105,7 @@ impl Net {
     }
 
     fn post(&mut self, spec: JobSpec) -> JobId {
-        let id = self.relay.post_job(self.now, REQUESTER, spec).unwrap();
+        let id = testkit::post(&mut self.relay, self.now, REQUESTER, spec).unwrap();
         self.settle();
         id
     }
@@ -471,6 +471,9 @@ fn training_spec(participants: u32, quorum: u32, rounds: u32) -> JobSpec {
         round_deadline_s: 60,
         quorum,
         verify_share: 0.0,
+        topk_fraction: 0.01,
+        max_norm_ratio: 4.0,
+        holdout: None,
     });
     spec
 }
@@ -504,6 +507,7 @@ fn training_rounds_admit_joiners_at_the_boundary_and_pay_accepted_updates() {
     }
     net.down.remove(&2);
     run_training(&mut net, job, |round, updates| RoundVerdict {
+        metrics: Default::default(),
         accepted: updates.to_vec(),
         rejected: vec![],
         new_model: Digest::of(&round.to_le_bytes()),
@@ -536,6 +540,7 @@ fn training_drops_a_silent_participant_and_does_not_pay_rejected_updates() {
     let job = net.post(training_spec(3, 2, 1));
     let liar = net.nodes[2].id();
     run_training(&mut net, job, |round, updates| RoundVerdict {
+        metrics: Default::default(),
         accepted: updates.iter().copied().filter(|n| *n != liar).collect(),
         rejected: vec![(liar, "update norm far outside the round".into())],
         new_model: Digest::of(&round.to_le_bytes()),

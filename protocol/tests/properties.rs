@@ -145,6 +145,7 @@ fn message() -> impl Strategy<Value = Message> {
                     model,
                     chunk,
                     chunks: chunk.saturating_add(1),
+                    data: model,
                 });
                 Message::Lease(Lease { job_id, lease, node, deadline_ms, spec, round })
             }),

@@ -35,7 +35,7 @@ use crate::messages::{
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::{secs, Millis};
 
-use self::training::TrainingState;
+use self::training::{TrainingData, TrainingState};
 
 /// Relay tunables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,6 +364,9 @@ pub enum PostError {
     /// The spec is too large to offer.
     #[error("job spec is too large to send: {0}")]
     TooLarge(String),
+    /// A training job's data does not match its spec (or a job that is not training has some).
+    #[error("training data: {0}")]
+    TrainingData(String),
 }
 
 /// Why a command was refused.
@@ -507,14 +510,59 @@ impl RelayCore {
     }
 
     /// Accepts a job from `requester` and emits the escrow reservation. The job is offered
-    /// once the driver confirms the reservation.
+    /// once the driver confirms the reservation. A training job is posted with
+    /// [`RelayCore::post_training_job`].
     pub fn post_job(
         &mut self,
         now: Millis,
         requester: &str,
         spec: JobSpec,
     ) -> Result<JobId, PostError> {
+        self.post(now, requester, spec, None)
+    }
+
+    /// Accepts a training job with its data: the digests of its chunks (one per participant
+    /// seat, stored where participants can fetch them) and of its evaluation set (see
+    /// [`crate::training::prepare_data`]).
+    pub fn post_training_job(
+        &mut self,
+        now: Millis,
+        requester: &str,
+        spec: JobSpec,
+        data: TrainingData,
+    ) -> Result<JobId, PostError> {
+        self.post(now, requester, spec, Some(data))
+    }
+
+    fn post(
+        &mut self,
+        now: Millis,
+        requester: &str,
+        spec: JobSpec,
+        data: Option<TrainingData>,
+    ) -> Result<JobId, PostError> {
         spec.validate()?;
+        let training = match (spec.kind == JobKind::Training, spec.training.clone(), data) {
+            (true, Some(params), Some(data)) => {
+                if data.chunks.len() != params.participants as usize {
+                    return Err(PostError::TrainingData(format!(
+                        "{} chunks for {} participant seats",
+                        data.chunks.len(),
+                        params.participants
+                    )));
+                }
+                Some(TrainingState::new(params, data))
+            }
+            (true, _, None) => {
+                return Err(PostError::TrainingData(
+                    "a training job is posted with its chunks (post_training_job)".into(),
+                ))
+            }
+            (false, _, Some(_)) => {
+                return Err(PostError::TrainingData("only a training job has training data".into()))
+            }
+            _ => None,
+        };
         if !spec.is_resolved() {
             return Err(PostError::Unresolved);
         }
@@ -527,9 +575,6 @@ impl RelayCore {
         let id = self.job_id_for(requester, now, self.posted);
         let escrow = spec.escrow().ok_or_else(|| PostError::TooLarge("escrow overflows".into()))?;
         let deadline_ms = now.saturating_add(secs(spec.deadline_s));
-        let training = (spec.kind == JobKind::Training)
-            .then(|| spec.training.clone().map(TrainingState::new))
-            .flatten();
         let job = RelayJob {
             id,
             requester: requester.to_owned(),

@@ -80,6 +80,9 @@ impl RelayCore {
             Some(t) if t.round_leases.iter().any(|n| !job.leases.contains_key(n)) => {
                 Err("its training round names a lease it does not hold".into())
             }
+            Some(t) if t.data.chunks.len() != t.params.participants as usize => {
+                Err("its training data does not have one chunk per participant seat".into())
+            }
             _ => Ok(()),
         }
     }
@@ -120,6 +123,9 @@ mod tests {
             round_deadline_s: 60,
             quorum: 2,
             verify_share: 0.0,
+            topk_fraction: 0.01,
+            max_norm_ratio: 4.0,
+            holdout: None,
         });
         spec
     }
@@ -150,7 +156,7 @@ mod tests {
     #[test]
     fn a_training_job_survives_a_codec_roundtrip_and_a_restore() {
         let mut before = relay(1);
-        let job_id = before.post_job(NOW, "requester", training_spec()).unwrap();
+        let job_id = testkit::post(&mut before, NOW, "requester", training_spec()).unwrap();
         before.reserve_confirmed(NOW, job_id).unwrap();
         for n in 1..=3 {
             deliver(&mut before, n, &sealed(n, &Message::Claim(Claim { job_id }), 1));
@@ -208,7 +214,7 @@ mod tests {
     #[test]
     fn a_round_waiting_for_aggregation_asks_again_after_a_restore() {
         let mut before = relay(1);
-        let job_id = before.post_job(NOW, "requester", training_spec()).unwrap();
+        let job_id = testkit::post(&mut before, NOW, "requester", training_spec()).unwrap();
         before.reserve_confirmed(NOW, job_id).unwrap();
         for n in 1..=3 {
             deliver(&mut before, n, &sealed(n, &Message::Claim(Claim { job_id }), 1));

@@ -21,6 +21,7 @@ use crate::job::TrainingParams;
 use crate::ledger::{LedgerOp, TransferId};
 use crate::messages::{Cancel, DenyReason, JobId, Message, RoundLease, Verdict};
 use crate::time::{secs, Millis};
+use crate::training::RoundMetrics;
 
 /// Where a round stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,11 +39,43 @@ pub enum RoundPhase {
     Done,
 }
 
+/// Where a training job's data is, by digest (in the relay's content store).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainingData {
+    /// One chunk per participant seat; seat `i` of a round trains on `chunks[i]`.
+    pub chunks: Vec<Digest>,
+    /// The evaluation set.
+    pub holdout: Digest,
+}
+
+/// One aggregated round, as recorded with the job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundRecord {
+    /// The round.
+    pub round: u32,
+    /// Updates returned in time.
+    pub received: u32,
+    /// Updates aggregated (and paid).
+    pub accepted: u32,
+    /// Updates refused, with the reason.
+    pub rejected: Vec<(NodeId, String)>,
+    /// Digest of the model the round produced.
+    pub model: Digest,
+    /// Evaluation and bytes.
+    pub metrics: RoundMetrics,
+    /// When it was aggregated.
+    pub at_ms: Millis,
+}
+
 /// A training job's round state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainingState {
     /// The job's training parameters.
     pub params: TrainingParams,
+    /// The job's chunks and evaluation set.
+    pub data: TrainingData,
+    /// Every aggregated round, oldest first.
+    pub history: Vec<RoundRecord>,
     /// Current round, from 0.
     pub round: u32,
     /// Digest of the model the current round starts from.
@@ -62,10 +95,12 @@ pub struct TrainingState {
 }
 
 impl TrainingState {
-    pub(super) fn new(params: TrainingParams) -> Self {
+    pub(super) fn new(params: TrainingParams, data: TrainingData) -> Self {
         let model = params.model.digest().unwrap_or(Digest([0; 32]));
         Self {
             params,
+            data,
+            history: Vec::new(),
             round: 0,
             model,
             phase: RoundPhase::Waiting,
@@ -108,7 +143,7 @@ impl TrainingState {
 }
 
 /// The driver's verdict on a closed round.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RoundVerdict {
     /// Participants whose updates went into the aggregate (paid).
     pub accepted: Vec<NodeId>,
@@ -116,6 +151,8 @@ pub struct RoundVerdict {
     pub rejected: Vec<(NodeId, String)>,
     /// Digest of the aggregated model the next round starts from.
     pub new_model: Digest,
+    /// The new model's evaluation and the bytes received.
+    pub metrics: RoundMetrics,
 }
 
 impl RelayCore {
@@ -172,9 +209,11 @@ impl RelayCore {
             round,
             participants: participants.clone(),
         });
+        let chunk_data = t.data.chunks.clone();
         for (chunk, node) in participants.into_iter().enumerate() {
             let lease_no = self.jobs.get(&job_id).map_or(0, |j| j.next_lease);
-            let assignment = RoundLease { round, model, chunk: chunk as u32, chunks };
+            let Some(&data) = chunk_data.get(chunk) else { break }; // checked at post and restore
+            let assignment = RoundLease { round, model, chunk: chunk as u32, chunks, data };
             self.grant_lease(now, job_id, node, Some(assignment));
             if let Some(t) = self.jobs.get_mut(&job_id).and_then(|j| j.training.as_mut()) {
                 t.round_leases.push(lease_no);
@@ -373,6 +412,15 @@ impl RelayCore {
             }
         }
         assert!(job.paid <= job.escrow, "training paid more than its escrow");
+        t.history.push(RoundRecord {
+            round,
+            received: returned.len() as u32,
+            accepted: verdict.accepted.len() as u32,
+            rejected: verdict.rejected.clone(),
+            model: verdict.new_model,
+            metrics: verdict.metrics,
+            at_ms: now,
+        });
         t.round += 1;
         t.model = verdict.new_model;
         t.failed_rounds = 0;

@@ -194,7 +194,7 @@ impl Sim {
         }
         self.last_accepted.insert(job_id, accepted.clone());
         let new_model = Digest::of_parts(&[&model.0, &round.to_le_bytes()]);
-        let verdict = RoundVerdict { accepted, rejected, new_model };
+        let verdict = RoundVerdict { accepted, rejected, new_model, metrics: Default::default() };
         let now = self.now;
         if let Err(e) = self.relays[r as usize].core.round_aggregated(now, job_id, round, verdict) {
             return self.fail(Invariant::DriverConsistent, format!("aggregating a round: {e}"));
@@ -239,7 +239,7 @@ impl Sim {
         let relay = (self.summary.jobs.posted % u64::from(self.sc.relays)) as u32;
         let spec = spec_of(&self.sc.workload.classes[class]);
         let now = self.now;
-        match self.relays[relay as usize].core.post_job(now, &requester(relay), spec) {
+        match testkit::post(&mut self.relays[relay as usize].core, now, &requester(relay), spec) {
             Ok(id) => {
                 self.summary.jobs.posted += 1;
                 self.jobs.insert(
@@ -291,6 +291,9 @@ fn spec_of(c: &JobClass) -> JobSpec {
             round_deadline_s: c.round_deadline_s,
             quorum: c.quorum,
             verify_share: 0.0,
+            topk_fraction: 0.01,
+            max_norm_ratio: 4.0,
+            holdout: None,
         });
     } else {
         spec.replication = c.replication;
