@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! train-step [--inputs DIR] [--outputs DIR] [--epochs E] [--lr LR] [--batch B]
+//!            [--compression none|fp16|int8|topk] [--topk-fraction F]
 //! ```
 //!
 //! - Reads `model.bin` (an `aimatrix-mlp` model, `AMLP`) and `chunk.bin` (an `aimatrix-mlp`
@@ -13,7 +14,14 @@
 //!   (default 0.1) in mini-batches of `--batch` (default 32) samples. Training is
 //!   deterministic: the same inputs give bitwise the same outputs on every node.
 //! - Writes to `--outputs` (default `/job/outputs`, created if missing):
-//!   - `delta.bin`: the update, trained minus original parameters (`AMLD`);
+//!   - without `--compression`: `delta.bin`, the update, trained minus original parameters
+//!     (`AMLD`);
+//!   - with `--compression C`: `update.bin`, the update compressed with codec `C` (`AMLC`, what
+//!     a training participant sends its relay). With `topk` (the largest `--topk-fraction`
+//!     of the values, default 0.01) the step keeps error feedback: it adds `residual.bin` from
+//!     `--inputs` (`AMLD`, what earlier rounds did not send; absent in the first round) to
+//!     the delta before compressing, and writes what this update does not carry to
+//!     `--outputs` as `residual.bin`, for the node to keep for the next round;
 //!   - `metrics.json`: `{"samples":N,"loss_before":x,"loss_after":y,"accuracy_after":z}`
 //!     (mean cross-entropy on the chunk before and after, accuracy after).
 //! - Prints one summary line to stdout.
@@ -27,16 +35,30 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use aimatrix_mlp::{delta, encode_delta, loss_and_accuracy, train, Dataset, Model};
+use aimatrix_mlp::{
+    compress, decode_delta, delta, encode_delta, loss_and_accuracy, train, Codec, Dataset, Model,
+    Residual,
+};
+
+/// The compressed update, with `--compression`.
+const UPDATE: &str = "update.bin";
+/// Error-feedback memory, read from the inputs and written to the outputs with `topk`.
+const RESIDUAL: &str = "residual.bin";
 
 const USAGE: &str = "\
 usage: train-step [--inputs DIR] [--outputs DIR] [--epochs E] [--lr LR] [--batch B]
+                  [--compression none|fp16|int8|topk] [--topk-fraction F]
 
-  --inputs DIR    directory holding model.bin and chunk.bin (default /job/inputs)
-  --outputs DIR   directory to write delta.bin and metrics.json to (default /job/outputs)
-  --epochs E      passes over the chunk, at least 1 (default 1)
-  --lr LR         SGD learning rate, a positive number (default 0.1)
-  --batch B       samples per mini-batch, at least 1 (default 32)
+  --inputs DIR         directory holding model.bin and chunk.bin (and residual.bin with
+                       topk, after the first round) (default /job/inputs)
+  --outputs DIR        directory to write delta.bin (update.bin with --compression) and
+                       metrics.json to (default /job/outputs)
+  --epochs E           passes over the chunk, at least 1 (default 1)
+  --lr LR              SGD learning rate, a positive number (default 0.1)
+  --batch B            samples per mini-batch, at least 1 (default 32)
+  --compression C      write update.bin compressed with C: none, fp16, int8 or topk (with
+                       error feedback through residual.bin)
+  --topk-fraction F    share of the values topk sends, above 0 and at most 1 (default 0.01)
 ";
 
 /// What the command line asked for.
@@ -47,6 +69,8 @@ struct Args {
     epochs: u32,
     learning_rate: f32,
     batch_size: u32,
+    /// `--compression`: write `update.bin` with this codec instead of `delta.bin`.
+    compression: Option<Codec>,
 }
 
 fn main() -> ExitCode {
@@ -81,7 +105,10 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, 
         epochs: 1,
         learning_rate: 0.1,
         batch_size: 32,
+        compression: None,
     };
+    let mut codec_name: Option<String> = None;
+    let mut topk_fraction = Codec::DEFAULT_TOPK_FRACTION;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let Some(arg) = arg.to_str().map(str::to_owned) else {
@@ -94,7 +121,16 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, 
         if flag == "--help" || flag == "-h" {
             return Ok(None);
         }
-        if !matches!(flag, "--inputs" | "--outputs" | "--epochs" | "--lr" | "--batch") {
+        if !matches!(
+            flag,
+            "--inputs"
+                | "--outputs"
+                | "--epochs"
+                | "--lr"
+                | "--batch"
+                | "--compression"
+                | "--topk-fraction"
+        ) {
             return Err(format!("unexpected argument '{arg}'"));
         }
         let Some(value) = inline.or_else(|| args.next()) else {
@@ -106,6 +142,17 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, 
             "--outputs" => parsed.outputs = PathBuf::from(value),
             "--epochs" => parsed.epochs = positive_integer(flag, &text)?,
             "--batch" => parsed.batch_size = positive_integer(flag, &text)?,
+            "--compression" => codec_name = Some(text.into_owned()),
+            "--topk-fraction" => {
+                topk_fraction = match text.parse::<f64>() {
+                    Ok(f) if f > 0.0 && f <= 1.0 => f,
+                    _ => {
+                        return Err(format!(
+                            "--topk-fraction must be above 0 and at most 1, got '{text}'"
+                        ))
+                    }
+                }
+            }
             _ => {
                 parsed.learning_rate = match text.parse::<f32>() {
                     Ok(lr) if lr.is_finite() && lr > 0.0 => lr,
@@ -114,6 +161,16 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, 
             }
         }
     }
+    parsed.compression = match codec_name.as_deref() {
+        None => None,
+        Some("none") => Some(Codec::None),
+        Some("fp16") => Some(Codec::Fp16),
+        Some("int8") => Some(Codec::int8()),
+        Some("topk") => Some(Codec::TopK { fraction: topk_fraction }),
+        Some(other) => {
+            return Err(format!("--compression must be none, fp16, int8 or topk, got '{other}'"))
+        }
+    };
     Ok(Some(parsed))
 }
 
@@ -124,7 +181,8 @@ fn positive_integer(flag: &str, text: &str) -> Result<u32, String> {
     }
 }
 
-/// Trains, writes `delta.bin` and `metrics.json`, and returns the summary line.
+/// Trains, writes `delta.bin` (or `update.bin`, and `residual.bin` for top-k) and
+/// `metrics.json`, and returns the summary line.
 fn run(args: &Args) -> Result<String, String> {
     let model_path = args.inputs.join("model.bin");
     let model = Model::decode(&read(&model_path)?)
@@ -149,7 +207,31 @@ fn run(args: &Args) -> Result<String, String> {
     fs::create_dir_all(&args.outputs).map_err(|err| {
         format!("cannot create outputs directory {}: {err}", args.outputs.display())
     })?;
-    write(&args.outputs.join("delta.bin"), &encode_delta(&update))?;
+    match args.compression {
+        None => write(&args.outputs.join("delta.bin"), &encode_delta(&update))?,
+        Some(codec @ Codec::TopK { .. }) => {
+            let residual_path = args.inputs.join(RESIDUAL);
+            let mut residual = if residual_path.exists() {
+                let values = decode_delta(&read(&residual_path)?)
+                    .map_err(|err| format!("{}: {err}", residual_path.display()))?;
+                if values.len() != update.len() {
+                    return Err(format!(
+                        "{}: holds {} values but the model has {} parameters",
+                        residual_path.display(),
+                        values.len(),
+                        update.len()
+                    ));
+                }
+                Residual::from_values(values)
+            } else {
+                Residual::new(update.len())
+            };
+            let bytes = residual.compress(codec, &update);
+            write(&args.outputs.join(UPDATE), &bytes)?;
+            write(&args.outputs.join(RESIDUAL), &encode_delta(residual.values()))?;
+        }
+        Some(codec) => write(&args.outputs.join(UPDATE), &compress(codec, &update))?,
+    }
     let metrics = format!(
         "{{\"samples\":{},\"loss_before\":{},\"loss_after\":{},\"accuracy_after\":{}}}\n",
         chunk.len(),
@@ -214,6 +296,65 @@ mod tests {
         assert!(parse(&["--lr", "0"]).is_err());
         assert!(parse(&["--lr"]).unwrap_err().contains("needs a value"));
         assert!(parse(&["--momentum", "0.9"]).unwrap_err().contains("unexpected argument"));
+        assert!(parse(&["--compression", "zip"]).unwrap_err().contains("none, fp16, int8 or topk"));
+        assert!(parse(&["--topk-fraction", "0"]).unwrap_err().contains("above 0"));
+    }
+
+    #[test]
+    fn compression_flags_pick_the_codec() {
+        let args = parse(&["--compression", "topk", "--topk-fraction", "0.05"]).unwrap().unwrap();
+        assert_eq!(args.compression, Some(Codec::TopK { fraction: 0.05 }));
+        assert_eq!(
+            parse(&["--compression=int8"]).unwrap().unwrap().compression,
+            Some(Codec::int8())
+        );
+        assert_eq!(parse(&[]).unwrap().unwrap().compression, None);
+    }
+
+    #[test]
+    fn topk_keeps_error_feedback_between_rounds() {
+        let dir = std::env::temp_dir().join(format!("train-step-topk-{}", std::process::id()));
+        let (inputs, outputs) = (dir.join("in"), dir.join("out"));
+        fs::create_dir_all(&inputs).unwrap();
+        let model = Model::init_with_dims(4, 6, 2, 1);
+        let chunk = Dataset {
+            features: 4,
+            samples: (0..32).map(|i| (i % 5) as f32 / 4.0).collect(),
+            labels: (0..8).map(|i| (i % 2) as u8).collect(),
+        };
+        fs::write(inputs.join("model.bin"), model.encode()).unwrap();
+        fs::write(inputs.join("chunk.bin"), chunk.encode()).unwrap();
+        let codec = Codec::TopK { fraction: 0.1 };
+        let args = Args {
+            inputs: inputs.clone(),
+            outputs: outputs.clone(),
+            epochs: 2,
+            learning_rate: 0.5,
+            batch_size: 4,
+            compression: Some(codec),
+        };
+        run(&args).unwrap();
+        let n = model.params.len();
+        let first = aimatrix_mlp::decompress(&fs::read(outputs.join(UPDATE)).unwrap(), n).unwrap();
+        let held = decode_delta(&fs::read(outputs.join(RESIDUAL)).unwrap()).unwrap();
+        let full = delta(&train(&model, &chunk, 2, 0.5, 4), &model);
+        for i in 0..n {
+            assert_eq!(first[i] + held[i], full[i], "sent + held = produced at {i}");
+        }
+        assert_eq!(first.iter().filter(|v| **v != 0.0).count(), Codec::topk_count(0.1, n));
+        assert!(!outputs.join("delta.bin").exists());
+
+        // The next round adds what was held back.
+        fs::rename(outputs.join(RESIDUAL), inputs.join(RESIDUAL)).unwrap();
+        run(&args).unwrap();
+        let second = aimatrix_mlp::decompress(&fs::read(outputs.join(UPDATE)).unwrap(), n).unwrap();
+        let mut expected = Residual::from_values(held);
+        assert_eq!(second, aimatrix_mlp::decompress(&expected.compress(codec, &full), n).unwrap());
+
+        // A residual of the wrong size is refused with the reason.
+        fs::write(inputs.join(RESIDUAL), encode_delta(&[0.0; 3])).unwrap();
+        assert!(run(&args).unwrap_err().contains("holds 3 values"));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -240,6 +381,7 @@ mod tests {
             epochs: 20,
             learning_rate: 0.5,
             batch_size: 4,
+            compression: None,
         };
 
         let summary = run(&args).unwrap();
