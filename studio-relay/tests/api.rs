@@ -115,6 +115,7 @@ fn completed_view(stdout_sha256: &str) -> JobView {
             sha256: stdout_sha256.to_owned(),
             bytes: 12,
         }],
+        training: None,
     }
 }
 

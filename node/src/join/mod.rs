@@ -137,6 +137,7 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
             relay_peer,
             blob_dir: data_dir.join("blobs"),
             work_root: data_dir.join("work"),
+            training_dir: data_dir.join("training"),
             wasm,
             docker,
         };

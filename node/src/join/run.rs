@@ -9,6 +9,7 @@ use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::job::{ContentRef, JobSpec};
 use aimatrix_protocol::messages::{JobId, Lease, Outcome, OutputDigest, Usage};
+use aimatrix_protocol::training;
 use aimatrix_sandbox::{ExecOutcome, ExecStatus, Executor, JobWorkload, RunControl};
 use anyhow::{bail, Context};
 use libp2p::PeerId;
@@ -30,6 +31,8 @@ pub(crate) struct RunContext {
     pub(crate) blob_dir: PathBuf,
     /// Where each run gets its private work directory.
     pub(crate) work_root: PathBuf,
+    /// Training participants' error-feedback memory, one `<job id>.residual` file per job.
+    pub(crate) training_dir: PathBuf,
     pub(crate) wasm: Arc<dyn Executor>,
     pub(crate) docker: Option<Arc<dyn Executor>>,
 }
@@ -68,8 +71,17 @@ async fn run(
     updates: &mpsc::Sender<RunUpdate>,
 ) -> anyhow::Result<(Outcome, Usage, String)> {
     let spec = &lease.spec;
+    let round = match (&lease.round, &spec.training) {
+        (Some(round), Some(params)) => Some((round, params)),
+        (Some(_), None) => bail!("the relay leased a training round of a job with no [training]"),
+        (None, _) => None,
+    };
     for digest in content_digests(spec) {
         fetch(ctx, digest).await?;
+    }
+    if let Some((round, _)) = round {
+        fetch(ctx, round.model).await.context("the round's model")?;
+        fetch(ctx, round.data).await.context("the round's chunk of the dataset")?;
     }
     std::fs::create_dir_all(&ctx.work_root)
         .with_context(|| format!("cannot create {}", ctx.work_root.display()))?;
@@ -85,8 +97,21 @@ async fn run(
             bail!("{what} names a path ({p}) in a posted job; relays send digests")
         }
     };
-    let mut job = prepare::from_spec(spec, work.path(), &mut BTreeSet::new(), &mut resolve)?;
+    let mut names = BTreeSet::new();
+    let mut job = prepare::from_spec(spec, work.path(), &mut names, &mut resolve)?;
     if spec.replication > 1 {
+        job.deterministic = true;
+    }
+    if let Some((round, params)) = round {
+        let inputs = work.path().join(aimatrix_sandbox::INPUTS_DIR);
+        let blob = |d: Digest| ctx.blob_dir.join(d.to_hex());
+        prepare::copy_input(&blob(round.model), &inputs, training::MODEL_FILE, &mut names)?;
+        prepare::copy_input(&blob(round.data), &inputs, training::CHUNK_FILE, &mut names)?;
+        let residual = residual_path(ctx, lease.job_id);
+        if params.error_feedback() && residual.exists() {
+            prepare::copy_input(&residual, &inputs, training::RESIDUAL_FILE, &mut names)?;
+        }
+        job.args.extend(params.step_args());
         job.deterministic = true;
     }
     let executor = match &job.workload {
@@ -112,11 +137,37 @@ async fn run(
     let exec = result?;
     let status = exec.status.to_string();
     let outcome = match exec.status {
-        ExecStatus::Succeeded => upload(ctx, lease, &exec, work.path()).await?,
+        ExecStatus::Succeeded => {
+            if round.is_some() {
+                keep_residual(ctx, lease.job_id, &exec, work.path()).await?;
+            }
+            upload(ctx, lease, &exec, work.path()).await?
+        }
         ExecStatus::Cancelled => Outcome::HandedBack { reason: "the run was cancelled".into() },
         _ => exec.to_protocol(),
     };
     Ok((outcome, exec.usage, status))
+}
+
+/// Where the error-feedback memory of training job `job_id` is kept between rounds.
+fn residual_path(ctx: &RunContext, job_id: JobId) -> PathBuf {
+    ctx.training_dir.join(format!("{job_id}.residual"))
+}
+
+/// Moves the training step's `residual.bin` out of the outputs into the node's training
+/// directory: it is this participant's memory for the next round, never uploaded.
+async fn keep_residual(
+    ctx: &RunContext,
+    job_id: JobId,
+    exec: &ExecOutcome,
+    work_dir: &Path,
+) -> anyhow::Result<()> {
+    if !exec.outputs.iter().any(|f| f.name == training::RESIDUAL_FILE) {
+        return Ok(());
+    }
+    let from = work_dir.join(aimatrix_sandbox::OUTPUTS_DIR).join(training::RESIDUAL_FILE);
+    let bytes = tokio::fs::read(&from).await.context("cannot read the step's residual")?;
+    write_atomic(&ctx.training_dir, &residual_path(ctx, job_id), &bytes).await
 }
 
 /// Every content digest a job names.
@@ -172,7 +223,9 @@ async fn upload(
         size_bytes: exec.stdout.len() as u64,
     });
     let outputs_dir = work_dir.join(aimatrix_sandbox::OUTPUTS_DIR);
-    for file in &exec.outputs {
+    // A training participant's residual is its own memory, kept by `keep_residual`.
+    let private = |name: &str| lease.round.is_some() && name == training::RESIDUAL_FILE;
+    for file in exec.outputs.iter().filter(|f| !private(&f.name)) {
         // Only files the collector vetted (regular, inside the outputs, within quota).
         let bytes = tokio::fs::read(outputs_dir.join(&file.name))
             .await

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use aimatrix_protocol::job::JobSpec;
 use aimatrix_protocol::messages::OutputDigest;
+use aimatrix_protocol::relay::training::{RoundPhase, TrainingState};
 use aimatrix_protocol::relay::{JobState, LeaseStatus, RelayJob};
 use serde::{Deserialize, Serialize};
 
@@ -83,8 +84,112 @@ pub struct OutputView {
     pub bytes: u64,
 }
 
-/// A job as the API shows it.
+/// A training job's progress.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingView {
+    /// The current round (from 0); equal to `rounds` once every round is done.
+    pub round: u32,
+    /// Rounds the job runs.
+    pub rounds: u32,
+    /// `waiting` (for participants), `running`, `aggregating` or `done`.
+    pub phase: String,
+    /// Participants of the current round (peer ids).
+    pub participants: Vec<String>,
+    /// Nodes admitted at the next round boundary.
+    pub joiners: Vec<String>,
+    /// Participants wanted.
+    pub wanted: u32,
+    /// Updates needed to close a round.
+    pub quorum: u32,
+    /// `sha256:<hex>` of the model the current round starts from.
+    pub model: String,
+    /// The aggregation rule.
+    pub aggregation: String,
+    /// Update compression.
+    pub compression: String,
+    /// Every aggregated round, oldest first.
+    pub history: Vec<RoundView>,
+}
+
+/// One aggregated round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RoundView {
+    /// The round.
+    pub round: u32,
+    /// Updates returned in time.
+    pub received: u32,
+    /// Updates aggregated and paid.
+    pub accepted: u32,
+    /// Updates refused, with the reason.
+    pub rejected: Vec<RejectedUpdate>,
+    /// Update bytes received.
+    pub bytes_received: u64,
+    /// Test loss of the new model.
+    pub loss: f32,
+    /// Test accuracy of the new model, 0 to 1.
+    pub accuracy: f32,
+    /// `sha256:<hex>` of the new model.
+    pub model: String,
+}
+
+/// An update a round refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedUpdate {
+    /// The participant's peer id.
+    pub node: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl TrainingView {
+    fn new(state: &TrainingState) -> Self {
+        let peers = |set: &std::collections::BTreeSet<aimatrix_protocol::identity::NodeId>| {
+            set.iter().map(|n| n.to_peer_id()).collect()
+        };
+        let phase = match state.phase {
+            RoundPhase::Waiting => "waiting",
+            RoundPhase::Running { .. } => "running",
+            RoundPhase::Aggregating => "aggregating",
+            RoundPhase::Done => "done",
+        };
+        Self {
+            round: state.round,
+            rounds: state.params.rounds,
+            phase: phase.to_owned(),
+            participants: peers(&state.participants),
+            joiners: peers(&state.joiners),
+            wanted: state.params.participants,
+            quorum: state.params.quorum,
+            model: state.model.to_string(),
+            aggregation: state.params.rule().name().to_owned(),
+            compression: state.params.codec().name().to_owned(),
+            history: state
+                .history
+                .iter()
+                .map(|r| RoundView {
+                    round: r.round,
+                    received: r.received,
+                    accepted: r.accepted,
+                    rejected: r
+                        .rejected
+                        .iter()
+                        .map(|(n, why)| RejectedUpdate {
+                            node: n.to_peer_id(),
+                            reason: why.clone(),
+                        })
+                        .collect(),
+                    bytes_received: r.metrics.bytes_received,
+                    loss: r.metrics.loss,
+                    accuracy: r.metrics.accuracy,
+                    model: r.model.to_string(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobView {
     /// The job id, 32 hex digits.
     pub id: String,
@@ -120,8 +225,11 @@ pub struct JobView {
     pub unservable: Vec<NodeReasons>,
     /// The agreed result hash (`sha256:<hex>`), once completed.
     pub result_hash: Option<String>,
-    /// The agreed outputs, once completed.
+    /// The agreed outputs, once completed (a training job: `model.bin` and `metrics.csv`).
     pub outputs: Vec<OutputView>,
+    /// A training job's rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingView>,
 }
 
 impl JobView {
@@ -184,6 +292,7 @@ impl JobView {
                     bytes: o.size_bytes,
                 })
                 .collect(),
+            training: job.training.as_ref().map(TrainingView::new),
         }
     }
 

@@ -15,7 +15,7 @@ use aimatrix_protocol::job::{ContentRef, Input, JobSpec};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use studio_relay::api::types::{JobView, PostJobRequest};
+use studio_relay::api::types::{JobView, PostJobRequest, TrainingView};
 use studio_relay::api::ApiArg;
 use studio_relay::client::RelayClient;
 use studio_relay::store::BLOB_BYTES_MAX;
@@ -377,11 +377,57 @@ fn status(client: &RelayClient, id: &str, json: bool) -> anyhow::Result<ExitCode
             writeln!(out, "  {}: {}", n.node, n.reasons.join("; "))?;
         }
     }
+    if let Some(t) = &v.training {
+        write_training(&mut out, t)?;
+    }
     if let Some(hash) = &v.result_hash {
         writeln!(out, "result      {hash}")?;
     }
     write_outputs(&mut out, &v)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A training job's rounds: where it stands, then one line per aggregated round.
+fn write_training(out: &mut impl Write, t: &TrainingView) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "training    round {} of {}, {}; {} of {} participant(s) (quorum {}), {} joining; {}, {}",
+        if t.phase == "done" { t.rounds } else { t.round + 1 },
+        t.rounds,
+        t.phase,
+        t.participants.len(),
+        t.wanted,
+        t.quorum,
+        t.joiners.len(),
+        t.aggregation,
+        t.compression
+    )?;
+    writeln!(out, "model       {}", t.model)?;
+    if t.history.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  {:>5}  {:>8}  {:>8}  {:>8}  {:>10}  {:>9}  {:>8}",
+        "round", "received", "accepted", "rejected", "bytes", "test loss", "accuracy"
+    )?;
+    for r in &t.history {
+        writeln!(
+            out,
+            "  {:>5}  {:>8}  {:>8}  {:>8}  {:>10}  {:>9.4}  {:>7.2}%",
+            r.round,
+            r.received,
+            r.accepted,
+            r.rejected.len(),
+            r.bytes_received,
+            r.loss,
+            100.0 * r.accuracy
+        )?;
+        for rej in &r.rejected {
+            writeln!(out, "         rejected {}: {}", rej.node, rej.reason)?;
+        }
+    }
+    Ok(())
 }
 
 fn list(client: &RelayClient, json: bool) -> anyhow::Result<ExitCode> {

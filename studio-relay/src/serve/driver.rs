@@ -23,6 +23,7 @@ use studio_relay::store::{BlobStore, JobRecord, JobStore};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::training::{self, RoundInput, RoundOutput, TRAINING_OUTPUTS};
 use super::views;
 
 /// Finished jobs kept in the core's memory; older ones are answered from the job store.
@@ -43,6 +44,8 @@ pub(crate) fn now_ms() -> Millis {
 enum Internal {
     /// An advert found in the DHT for a job nobody in the index could serve.
     Advert(Vec<u8>),
+    /// A closed training round, judged.
+    RoundJudged(RoundOutput),
 }
 
 /// The relay driver.
@@ -155,6 +158,7 @@ impl Relay {
                 Some(command) = commands.recv() => self.on_command(command),
                 Some(msg) = internal.recv() => match msg {
                     Internal::Advert(bytes) => self.core.handle_message(now_ms(), None, &bytes),
+                    Internal::RoundJudged(output) => self.on_round_judged(output),
                 },
                 () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
                 _ = housekeeping.tick() => self.housekeeping(),
@@ -310,12 +314,6 @@ impl Relay {
     }
 
     fn post_job(&mut self, spec: JobSpec, account: &str) -> Result<JobId, ApiError> {
-        if spec.training.is_some() {
-            return Err(ApiError::Invalid(
-                "this relay does not run training jobs yet: post batch, inference or docker jobs"
-                    .into(),
-            ));
-        }
         let named =
             spec.content_refs().into_iter().filter_map(|(what, r)| Some((what, r.digest()?)));
         for (what, digest) in named {
@@ -348,10 +346,14 @@ impl Relay {
                  with `studio-relay ledger mint {account} <amount>`"
             )));
         }
-        let id = self
-            .core
-            .post_job(now_ms(), account, spec)
-            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let posted = if spec.kind == aimatrix_protocol::job::JobKind::Training {
+            // Checked and split before anything is reserved; the chunks are stored by digest.
+            let data = tokio::task::block_in_place(|| training::prepare(&self.blobs, &spec))?;
+            self.core.post_training_job(now_ms(), account, spec, data)
+        } else {
+            self.core.post_job(now_ms(), account, spec)
+        };
+        let id = posted.map_err(|e| ApiError::Invalid(e.to_string()))?;
         tracing::info!("job {id} posted by {account}");
         Ok(id)
     }
@@ -436,6 +438,7 @@ impl Relay {
             RelayEvent::JobCompleted { job_id, result_hash } => {
                 tracing::info!("job {job_id} completed with result {result_hash}");
                 self.dirty.insert(job_id);
+                self.record_training_outputs(job_id, result_hash);
             }
             RelayEvent::JobFailed { job_id, reason } => {
                 tracing::warn!("job {job_id} failed: {reason}");
@@ -447,12 +450,36 @@ impl Relay {
             RelayEvent::RoundStarted { job_id, .. } | RelayEvent::RoundFailed { job_id, .. } => {
                 self.dirty.insert(job_id);
             }
-            RelayEvent::RoundClosed { job_id, round, .. } => {
-                // Training jobs are refused at post, so this can only be a restored record from
-                // a newer relay; end it rather than leave its escrow held.
-                tracing::error!("job {job_id} round {round}: this relay cannot aggregate updates");
-                let _ = self.core.cancel_job(now_ms(), job_id);
+            RelayEvent::RoundClosed { job_id, round, model, updates } => {
                 self.dirty.insert(job_id);
+                let Some(state) = self.core.job(&job_id).and_then(|j| j.training.as_ref()) else {
+                    return;
+                };
+                tracing::info!(
+                    "job {job_id}: round {round} closed with {} update(s)",
+                    updates.len()
+                );
+                let input = RoundInput::new(
+                    job_id,
+                    round,
+                    state,
+                    model,
+                    &updates,
+                    self.outputs.get(&job_id),
+                );
+                let (blobs, tx) = (self.blobs.clone(), self.internal_tx.clone());
+                tokio::spawn(async move {
+                    let judged =
+                        tokio::task::spawn_blocking(move || training::judge(&blobs, input));
+                    match judged.await {
+                        Ok(output) => {
+                            let _ = tx.send(Internal::RoundJudged(output)).await;
+                        }
+                        Err(e) => {
+                            tracing::error!("job {job_id}: judging round {round} failed: {e}")
+                        }
+                    }
+                });
             }
             RelayEvent::Rejected { from, reason } => {
                 tracing::debug!(
@@ -460,6 +487,61 @@ impl Relay {
                     from.map_or_else(|| "gossip".to_owned(), |n| n.to_peer_id())
                 );
             }
+        }
+    }
+
+    /// Hands a judged round to the core: pays the accepted updates and starts the next round
+    /// (or completes the job). A round the relay cannot judge (its own files unreadable) ends
+    /// the job, refunding what is left of the escrow.
+    fn on_round_judged(&mut self, output: RoundOutput) {
+        let RoundOutput { job_id, round, verdict } = output;
+        let now = now_ms();
+        self.dirty.insert(job_id);
+        match verdict {
+            Ok(verdict) => {
+                let metrics = verdict.metrics;
+                tracing::info!(
+                    "job {job_id}: round {round} aggregated {} update(s), rejected {}; test \
+                     accuracy {:.2}%, loss {:.4}",
+                    verdict.accepted.len(),
+                    verdict.rejected.len(),
+                    100.0 * metrics.accuracy,
+                    metrics.loss
+                );
+                for (node, why) in &verdict.rejected {
+                    tracing::warn!(
+                        "job {job_id} round {round}: update of {} rejected: {why}",
+                        node.to_peer_id()
+                    );
+                }
+                if let Err(e) = self.core.round_aggregated(now, job_id, round, verdict) {
+                    tracing::error!("job {job_id}: round {round} cannot be recorded: {e}");
+                }
+            }
+            Err(why) => {
+                tracing::error!(
+                    "job {job_id}: round {round} cannot be judged ({why}); ending the job"
+                );
+                if let Err(e) = self.core.cancel_job(now, job_id) {
+                    tracing::error!("job {job_id}: cannot end it: {e}");
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Keeps a completed training job's final model and metrics CSV as its outputs.
+    fn record_training_outputs(
+        &mut self,
+        job_id: JobId,
+        result_hash: aimatrix_protocol::hash::Digest,
+    ) {
+        let Some(state) = self.core.job(&job_id).and_then(|j| j.training.as_ref()) else { return };
+        match training::final_outputs(&self.blobs, state, result_hash) {
+            Ok(outputs) => {
+                self.outputs.entry(job_id).or_default().insert(TRAINING_OUTPUTS, outputs);
+            }
+            Err(e) => tracing::error!("job {job_id}: cannot record its outputs: {e}"),
         }
     }
 

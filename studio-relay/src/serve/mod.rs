@@ -2,6 +2,7 @@
 //! time, ledger writes, job records and blobs in and out of it. See docs/network.md.
 
 mod driver;
+mod training;
 mod views;
 
 use std::path::PathBuf;

@@ -21,6 +21,9 @@ pub(crate) fn job_view<'a>(
     known_nodes: impl Iterator<Item = (&'a NodeId, &'a CapabilityProfile)>,
 ) -> JobView {
     let agreed: &[OutputDigest] = match (&job.state, outputs) {
+        (JobState::Completed { .. }, Some(outputs)) if job.training.is_some() => {
+            outputs.get(&super::training::TRAINING_OUTPUTS).map_or(&[], Vec::as_slice)
+        }
         (JobState::Completed { result_hash }, Some(outputs)) => job
             .leases
             .values()
