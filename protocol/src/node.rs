@@ -19,12 +19,15 @@ use crate::identity::{Keypair, NodeId};
 use crate::job::JobSpec;
 use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
-    claim_order_key, open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer,
-    Outcome, Progress, Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
-    TAKEN_HINT_MAX,
+    open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Outcome, Progress,
+    Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX, TAKEN_HINT_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::Millis;
+
+mod offer_table;
+
+use offer_table::{MatchedFor, OfferTable};
 
 /// Whether the node claims matching offers by itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,10 +215,15 @@ pub struct NodeCore {
     cfg: NodeConfig,
     outbox: Outbox,
     verifier: Verifier,
+    /// The hardware and policy profile; `load.running_jobs` is kept current by
+    /// [`NodeCore::loaded_profile`] before every use.
     profile: CapabilityProfile,
+    /// Bumped whenever the profile changes (other than its load), so a match verdict records
+    /// what it was evaluated against.
+    profile_generation: u64,
     advert_seq: u64,
     next_advert_ms: Millis,
-    offers: BTreeMap<JobId, KnownOffer>,
+    offers: OfferTable,
     leases: BTreeMap<(JobId, u32), HeldLease>,
     joined_training: VecDeque<(JobId, NodeId, JobSpec)>,
     awaiting_receipt: VecDeque<(JobId, u32, NodeId)>,
@@ -229,14 +237,16 @@ impl NodeCore {
     /// A node signing with `key`, advertising `profile`; `nonce_seed` must be fresh randomness
     /// at every start. The first advert goes out on the first [`NodeCore::handle_timeout`].
     pub fn new(key: Keypair, cfg: NodeConfig, profile: CapabilityProfile, nonce_seed: u64) -> Self {
+        let offers = OfferTable::new(key.public());
         Self {
             outbox: Outbox::new(key, nonce_seed, cfg.message_ttl_ms),
             verifier: Verifier::new(cfg.verify),
             cfg,
             profile,
+            profile_generation: 0,
             advert_seq: 0,
             next_advert_ms: 0,
-            offers: BTreeMap::new(),
+            offers,
             leases: BTreeMap::new(),
             joined_training: VecDeque::new(),
             awaiting_receipt: VecDeque::new(),
@@ -264,9 +274,16 @@ impl NodeCore {
         p
     }
 
+    /// The profile with its current load, without a copy, and what a match verdict against
+    /// it is evaluated against.
+    fn loaded_profile(&mut self) -> (&CapabilityProfile, MatchedFor) {
+        let running = self.slots_in_use();
+        self.profile.load.running_jobs = running;
+        (&self.profile, (self.profile_generation, running))
+    }
+
     fn slots_in_use(&self) -> u32 {
-        let claims = self.offers.values().filter(|o| o.claimed_at_ms.is_some()).count();
-        (self.leases.len() + claims) as u32
+        (self.leases.len() + self.offers.claims_in_flight()) as u32
     }
 
     /// Offers heard and not expired, with their match verdicts.
@@ -306,19 +323,17 @@ impl NodeCore {
 
     /// When [`NodeCore::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let claims = self
-            .offers
-            .values()
-            .filter_map(|o| o.claimed_at_ms.map(|t| t.saturating_add(self.cfg.claim_timeout_ms)));
-        let offers = self.offers.values().map(|o| o.offer.deadline_ms);
+        let offers = self.offers.next_due(self.cfg.claim_timeout_ms);
         let advert = (!self.draining).then_some(self.next_advert_ms);
-        claims.chain(offers).chain(advert).min()
+        offers.into_iter().chain(advert).min()
     }
 
     /// Replaces the hardware/policy profile (load is computed) and re-advertises.
-    pub fn set_profile(&mut self, now: Millis, profile: CapabilityProfile) {
+    pub fn set_profile(&mut self, now: Millis, mut profile: CapabilityProfile) {
+        profile.load.running_jobs = self.profile.load.running_jobs;
         if profile != self.profile {
             self.profile = profile;
+            self.profile_generation += 1;
             self.next_advert_ms = now;
             self.advertise_if_due(now);
         }
@@ -332,13 +347,8 @@ impl NodeCore {
     /// Time passed: advertises, forgets stale claims and expired offers, claims more work.
     pub fn handle_timeout(&mut self, now: Millis) {
         self.advertise_if_due(now);
-        let timeout = self.cfg.claim_timeout_ms;
-        self.offers.retain(|_, o| o.offer.deadline_ms > now);
-        for o in self.offers.values_mut() {
-            if o.claimed_at_ms.is_some_and(|t| now >= t.saturating_add(timeout)) {
-                o.claimed_at_ms = None;
-            }
-        }
+        self.offers.expire(now);
+        self.offers.time_out_claims(now, self.cfg.claim_timeout_ms);
         self.claim_more(now);
     }
 
@@ -390,8 +400,8 @@ impl NodeCore {
                 }
                 // Hints apply only to offers from the same relay, like the denial itself.
                 for job_id in &d.taken {
-                    if let Some(o) = self.offers.get_mut(job_id).filter(|o| o.relay == signer) {
-                        o.offer.open_slots = 0;
+                    if self.offers.get(job_id).is_some_and(|o| o.relay == signer) {
+                        self.offers.update(job_id, |o| o.offer.open_slots = 0);
                     }
                 }
                 if self.offers.get(&d.job_id).is_none_or(|o| o.relay != signer) {
@@ -399,20 +409,24 @@ impl NodeCore {
                         format!("denial for job {} from a relay that did not offer it", d.job_id);
                     return self.reject(from, RejectReason::Refused(why));
                 }
-                if let Some(o) = self.offers.get_mut(&d.job_id) {
-                    o.claimed_at_ms = None;
-                    // No slot now: wait for the next announcement before claiming again.
-                    o.offer.open_slots = 0;
-                    match d.reason {
-                        DenyReason::NotOpen | DenyReason::UnknownJob => {
-                            self.offers.remove(&d.job_id);
-                        }
-                        DenyReason::NoOpenSlot => {}
-                        DenyReason::AlreadyLeased
-                        | DenyReason::Excluded
-                        | DenyReason::Mismatch(_) => {
-                            o.refused = Some(d.reason.clone());
-                        }
+                match d.reason {
+                    DenyReason::NotOpen | DenyReason::UnknownJob => {
+                        self.offers.remove(&d.job_id);
+                    }
+                    DenyReason::NoOpenSlot
+                    | DenyReason::AlreadyLeased
+                    | DenyReason::Excluded
+                    | DenyReason::Mismatch(_) => {
+                        let refused =
+                            (d.reason != DenyReason::NoOpenSlot).then(|| d.reason.clone());
+                        self.offers.update(&d.job_id, |o| {
+                            o.claimed_at_ms = None;
+                            // No slot now: wait for the next announcement before claiming again.
+                            o.offer.open_slots = 0;
+                            if refused.is_some() {
+                                o.refused = refused;
+                            }
+                        });
                     }
                 }
                 self.events
@@ -469,27 +483,27 @@ impl NodeCore {
             let why = format!("offer {job_id} from a second relay; the first offer stands");
             return self.reject(None, RejectReason::Refused(why));
         }
-        let matched = matching::evaluate(&offer.spec, &self.profile());
+        let (profile, matched_for) = self.loaded_profile();
+        let matched = matching::evaluate(&offer.spec, profile);
         let previous = self.offers.get(&job_id);
         let claimed_at_ms = previous.and_then(|o| o.claimed_at_ms);
         let refused = previous.and_then(|o| o.refused.clone());
-        if !self.offers.contains_key(&job_id) && self.offers.len() >= self.cfg.max_known_offers {
+        if !self.offers.contains(&job_id) && self.offers.len() >= self.cfg.max_known_offers {
             // Never an offer with a claim in flight (its lease would then be refused as
             // unknown and left to expire); stale offers (no open slot) before live ones, then
             // the one closest to its deadline.
             let victim = self
                 .offers
-                .iter()
-                .filter(|(_, o)| o.claimed_at_ms.is_none())
-                .min_by_key(|(_, o)| (o.offer.open_slots > 0, o.offer.deadline_ms, o.seen_at_ms))
-                .map(|(id, _)| *id);
+                .values()
+                .filter(|o| o.claimed_at_ms.is_none())
+                .min_by_key(|o| (o.offer.open_slots > 0, o.offer.deadline_ms, o.seen_at_ms))
+                .map(|o| o.offer.job_id);
             if let Some(victim) = victim {
                 self.offers.remove(&victim);
             }
         }
         self.events.push_back(NodeEvent::OfferSeen { job_id, matched: matched.clone() });
         self.offers.insert(
-            job_id,
             KnownOffer {
                 relay,
                 open_to_me: offer.preferred.is_empty() || offer.preferred.contains(&self.id()),
@@ -499,41 +513,46 @@ impl NodeCore {
                 claimed_at_ms,
                 refused,
             },
+            Some(matched_for),
         );
         self.claim_more(now);
     }
 
     /// Auto mode: claims matching offers while slots are free: offers that name this node (or
     /// nobody) as a preferred claimant, highest reward first, then in this node's own order
-    /// ([`claim_order_key`]) so that nodes hearing the same offers try different jobs first.
+    /// ([`claim_order_key`](crate::messages::claim_order_key)) so that nodes hearing the same offers try different jobs first.
     fn claim_more(&mut self, now: Millis) {
         if self.cfg.accept != AcceptMode::Auto || self.draining {
             return;
         }
-        let me = self.id();
-        let free = self.profile.policy.max_concurrent_jobs.saturating_sub(self.slots_in_use());
+        let mut free = self.profile.policy.max_concurrent_jobs.saturating_sub(self.slots_in_use());
         if free == 0 {
             return;
         }
-        let held: BTreeSet<JobId> = self.leases.keys().map(|(j, _)| *j).collect();
-        let mut candidates: Vec<(u64, u64, JobId)> = self
-            .offers
-            .values()
-            .filter(|o| o.claimed_at_ms.is_none() && o.refused.is_none() && o.offer.open_slots > 0)
-            .filter(|o| o.open_to_me)
-            .filter(|o| !held.contains(&o.offer.job_id))
-            .filter(|o| !self.joined_training.iter().any(|(j, _, _)| *j == o.offer.job_id))
-            .map(|o| (o.offer.spec.reward, claim_order_key(&me, &o.offer.job_id), o.offer.job_id))
-            .collect();
-        candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        // One snapshot serves every candidate: the load only matters once no slot is free,
-        // and the loop stops there.
-        let profile = self.profile();
-        let mut free = free;
-        for (_, _, job_id) in candidates {
-            let Some(o) = self.offers.get_mut(&job_id) else { continue };
-            o.matched = matching::evaluate(&o.offer.spec, &profile);
-            if o.matched.is_ok() {
+        // One load serves every candidate: the load only matters once no slot is free, and the
+        // loop stops there. A verdict already reached against this profile and load stands.
+        let (_, matched_for) = self.loaded_profile();
+        let mut cursor = None;
+        while let Some(rank) = self.offers.next_claimable(cursor.as_ref()) {
+            let job_id = rank.2;
+            cursor = Some(rank);
+            if self.leases.keys().any(|(j, _)| *j == job_id)
+                || self.joined_training.iter().any(|(j, _, _)| *j == job_id)
+            {
+                continue;
+            }
+            let ok = match self.offers.matched(&job_id) {
+                Some((matched, Some(f))) if f == matched_for => matched.is_ok(),
+                Some(_) => {
+                    let spec = &self.offers.get(&job_id).expect("offer in the table").offer.spec;
+                    let matched = matching::evaluate(spec, &self.profile);
+                    let ok = matched.is_ok();
+                    self.offers.set_matched(&job_id, matched, matched_for);
+                    ok
+                }
+                None => false,
+            };
+            if ok {
                 self.send_claim(now, job_id);
                 free -= 1;
                 if free == 0 {
@@ -544,9 +563,12 @@ impl NodeCore {
     }
 
     fn send_claim(&mut self, now: Millis, job_id: JobId) {
-        let Some(o) = self.offers.get_mut(&job_id) else { return };
-        o.claimed_at_ms = Some(now);
-        let relay = o.relay;
+        let Some(relay) = self.offers.update(&job_id, |o| {
+            o.claimed_at_ms = Some(now);
+            o.relay
+        }) else {
+            return;
+        };
         if let Err(e) = self.outbox.send(now, relay, &Message::Claim(Claim { job_id })) {
             self.reject(None, RejectReason::Refused(format!("cannot send claim: {e}")));
             return;
@@ -562,8 +584,8 @@ impl NodeCore {
         if self.leases.keys().any(|(j, _)| *j == job_id) {
             return Err(NodeCommandError::AlreadyClaimed(job_id));
         }
-        let profile = self.profile();
-        let o = self.offers.get_mut(&job_id).ok_or(NodeCommandError::UnknownOffer(job_id))?;
+        let (_, matched_for) = self.loaded_profile();
+        let o = self.offers.get(&job_id).ok_or(NodeCommandError::UnknownOffer(job_id))?;
         if o.claimed_at_ms.is_some() {
             return Err(NodeCommandError::AlreadyClaimed(job_id));
         }
@@ -573,9 +595,10 @@ impl NodeCore {
         if o.offer.deadline_ms <= now {
             return Err(NodeCommandError::UnknownOffer(job_id));
         }
-        o.matched = matching::evaluate(&o.offer.spec, &profile);
-        if let Err(reasons) = &o.matched {
-            return Err(NodeCommandError::CannotServe { job_id, reasons: reasons.clone() });
+        let matched = matching::evaluate(&o.offer.spec, &self.profile);
+        self.offers.set_matched(&job_id, matched.clone(), matched_for);
+        if let Err(reasons) = matched {
+            return Err(NodeCommandError::CannotServe { job_id, reasons });
         }
         self.send_claim(now, job_id);
         Ok(())
@@ -601,9 +624,7 @@ impl NodeCore {
                 format!("lease for job {job_id} that does not match an offer from its signer");
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
-        if let Some(o) = self.offers.get_mut(&job_id) {
-            o.claimed_at_ms = None;
-        }
+        self.offers.update(&job_id, |o| o.claimed_at_ms = None);
         let unclaimed = !claimed && !joined;
         if self.draining
             || unclaimed
