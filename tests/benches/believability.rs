@@ -1,0 +1,902 @@
+//! The believability bench (issue 7): one scenario run twice, by the simulator and by the real
+//! stack, side by side.
+//!
+//! - **Real**: one `studio-relay serve` and N `aimatrix-node join` processes (release builds) on
+//!   loopback. Jobs are posted at the scenario's rate (Poisson arrivals from a SplitMix64 seeded
+//!   with the scenario's seed), its class mix, replication, rewards and deadlines; each job runs a
+//!   wasm guest that sleeps for the run time the simulator would draw (nominal × slowness ×
+//!   uniform 0.5–1.5). Timings come from the processes' own log timestamps (one machine, one
+//!   clock): offer propagation is the relay's `job … posted` line to each node's first
+//!   `offer …: can serve` line; time to assign is that post line to the relay's first `lease`
+//!   line.
+//! - **Simulated**: `aimatrix_sim::Sim` on the same scenario and node count, twice: the scenario
+//!   as written, and with its link latency replaced by the one-way latency measured between the
+//!   real processes (claim → lease line, lease line → the node's `running` line).
+//!
+//! It prints one table (metric, sim, sim with the measured latency, real), then the measured
+//! latency, where the real time went, and the machine's load. A bench, not a test.
+//!
+//! ```text
+//! cargo bench -p aimatrix-tests --bench believability -- --nodes 50
+//! ```
+//!
+//! Flags (after `--`): `--scenario FILE` (default `sim/scenarios/believability.toml`, relative
+//! to the workspace), `--nodes N`, `--duration-s S`, `--arrivals-per-s R`, `--seed S` (each
+//! overrides the scenario), `--keep` (keep the data directory and the logs).
+//!
+//! Like the simulator's summary, the real side counts what happened within the scenario's
+//! duration: jobs still open at its end are pending, and later leases, completions, claims and
+//! announcements are not counted.
+
+#[path = "believability/logs.rs"]
+mod logs;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aimatrix_protocol::job::JobSpec;
+use aimatrix_protocol::testkit;
+use aimatrix_sim::scenario::JobClass;
+use aimatrix_sim::{Scenario, Sim, Summary};
+use anyhow::{bail, Context};
+use logs::{Micros, NodeLog, RelayLog};
+use studio_relay::api::types::{JobView, MintRequest, PostJobRequest};
+use studio_relay::client::RelayClient;
+
+/// A guest that sleeps for `argv[1]` milliseconds (WASI `poll_oneoff` on the monotonic clock,
+/// so 50 sleeping guests cost no CPU), then writes `ok\n`. Memory: 0 the iovec, 16 the text,
+/// 32 argc, 36 the argument bytes, 64 the clock subscription, 128 the event, 160 nevents,
+/// 256 argv (at most 16 pointers), 1024 the argument bytes (at most 60,000).
+const SLEEP_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "ok\n")
+  (func (export "_start")
+    (local $p i32) (local $c i32) (local $ms i64)
+    (drop (call $args_sizes (i32.const 32) (i32.const 36)))
+    (if (i32.and
+          (i32.and (i32.ge_u (i32.load (i32.const 32)) (i32.const 2))
+                   (i32.le_u (i32.load (i32.const 32)) (i32.const 16)))
+          (i32.le_u (i32.load (i32.const 36)) (i32.const 60000)))
+      (then
+        (drop (call $args_get (i32.const 256) (i32.const 1024)))
+        (local.set $p (i32.load (i32.const 260)))
+        (block $done
+          (loop $digits
+            (local.set $c (i32.load8_u (local.get $p)))
+            (br_if $done (i32.lt_u (local.get $c) (i32.const 48)))
+            (br_if $done (i32.gt_u (local.get $c) (i32.const 57)))
+            (local.set $ms (i64.add (i64.mul (local.get $ms) (i64.const 10))
+                                    (i64.extend_i32_u (i32.sub (local.get $c) (i32.const 48)))))
+            (local.set $p (i32.add (local.get $p) (i32.const 1)))
+            (br $digits)))))
+    (if (i64.gt_u (local.get $ms) (i64.const 0))
+      (then
+        (i64.store (i32.const 64) (i64.const 0))
+        (i32.store8 (i32.const 72) (i32.const 0))
+        (i32.store (i32.const 80) (i32.const 1))
+        (i64.store (i32.const 88) (i64.mul (local.get $ms) (i64.const 1000000)))
+        (i64.store (i32.const 96) (i64.const 0))
+        (i32.store16 (i32.const 104) (i32.const 0))
+        (drop (call $poll (i32.const 64) (i32.const 128) (i32.const 1) (i32.const 160)))))
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 3))
+    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+
+/// The account jobs are posted from.
+const ACCOUNT: &str = "believability";
+
+/// Command-line options.
+#[derive(Clone, Debug)]
+struct Opts {
+    scenario: PathBuf,
+    nodes: Option<u32>,
+    duration_s: Option<u64>,
+    arrivals_per_s: Option<f64>,
+    seed: Option<u64>,
+    keep: bool,
+}
+
+impl Opts {
+    fn parse() -> anyhow::Result<Self> {
+        let mut o = Self {
+            scenario: PathBuf::from("sim/scenarios/believability.toml"),
+            nodes: None,
+            duration_s: None,
+            arrivals_per_s: None,
+            seed: None,
+            keep: false,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value =
+                |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+            match arg.as_str() {
+                "--bench" => {} // added by `cargo bench`
+                "--scenario" => o.scenario = value("--scenario")?.into(),
+                "--nodes" => o.nodes = Some(value("--nodes")?.parse()?),
+                "--duration-s" => o.duration_s = Some(value("--duration-s")?.parse()?),
+                "--arrivals-per-s" => {
+                    o.arrivals_per_s = Some(value("--arrivals-per-s")?.parse()?);
+                }
+                "--seed" => o.seed = Some(value("--seed")?.parse()?),
+                "--keep" => o.keep = true,
+                other => bail!(
+                    "unknown argument {other:?}; flags: --scenario FILE --nodes N --duration-s S \
+                     --arrivals-per-s R --seed S --keep"
+                ),
+            }
+        }
+        Ok(o)
+    }
+
+    /// The scenario file with the overrides applied, checked for what the real stack can run.
+    fn scenario(&self) -> anyhow::Result<Scenario> {
+        let path = if self.scenario.is_absolute() || self.scenario.exists() {
+            self.scenario.clone()
+        } else {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(&self.scenario)
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the scenario {}", path.display()))?;
+        let mut sc = Scenario::from_toml(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sc.nodes = self.nodes.unwrap_or(sc.nodes);
+        sc.duration_s = self.duration_s.unwrap_or(sc.duration_s);
+        sc.workload.arrivals_per_s = self.arrivals_per_s.unwrap_or(sc.workload.arrivals_per_s);
+        sc.seed = self.seed.unwrap_or(sc.seed);
+        sc.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        if sc.nodes == 0 || sc.relays != 1 {
+            bail!("the real stack runs one relay and at least one node; the scenario has {} relays and {} nodes", sc.relays, sc.nodes);
+        }
+        if sc.hardware.len() != 1 || sc.hardware[0].gpus > 0 || sc.hardware[0].slots != 1 {
+            bail!(
+                "the real nodes are all this machine, so the scenario needs exactly one hardware \
+                 class, without GPUs and with one slot (see sim/scenarios/believability.toml)"
+            );
+        }
+        if let Some(c) = sc.workload.classes.iter().find(|c| c.kind != "batch" || c.gpus > 0) {
+            bail!("job class {:?}: the real relay here runs CPU batch jobs only", c.name);
+        }
+        let f = &sc.faults;
+        if f.byzantine_share + f.withholding_share > 0.0
+            || f.crashes_per_node_hour > 0.0
+            || !f.partitions.is_empty()
+            || f.random_partitions_per_hour > 0.0
+        {
+            bail!("the bench injects no faults; use a scenario without [faults]");
+        }
+        Ok(sc)
+    }
+
+    fn command(&self, sc: &Scenario) -> String {
+        format!(
+            "cargo bench -p aimatrix-tests --bench believability -- --scenario {} --nodes {} \
+             --duration-s {} --arrivals-per-s {} --seed {}",
+            self.scenario.display(),
+            sc.nodes,
+            sc.duration_s,
+            sc.workload.arrivals_per_s,
+            sc.seed
+        )
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("believability bench: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let opts = Opts::parse()?;
+    let sc = opts.scenario()?;
+    eprintln!("building release binaries (cargo build --release) ...");
+    let relay_bin = aimatrix_tests::binary("studio-relay");
+    let node_bin = aimatrix_tests::binary("aimatrix-node");
+    let load_before = load_average();
+    let started = Instant::now();
+    let mut net = Network::start(&relay_bin, &node_bin, sc.nodes as usize, opts.keep)?;
+    eprintln!(
+        "network up after {:.1} s: 1 relay, {} nodes; logs in {}",
+        started.elapsed().as_secs_f64(),
+        sc.nodes,
+        net.dir.display()
+    );
+    let module = wat::parse_str(SLEEP_WAT).context("the sleeping guest does not assemble")?;
+    let digest = net.client.put_blob(&module)?.sha256;
+    mint(&net.client, sc.workload.requester_funds)?;
+    warm_up(&net, &sc, &digest)?;
+    let cpu_before = Cpu::read(&net)?;
+    let wall = Instant::now();
+    eprintln!("posting for {} s at {} jobs/s ...", sc.duration_s, sc.workload.arrivals_per_s);
+    let posting = post_workload(&net.client, &sc, &digest)?;
+    let end = now_us();
+    let at_end = net.client.jobs()?;
+    let cpu = Cpu::read(&net)?.since(&cpu_before, wall.elapsed());
+    let load_during = load_average();
+    let ours: HashSet<&str> = posting.ids.iter().map(String::as_str).collect();
+    let counts_at_end = JobCounts::of(at_end.iter().filter(|j| ours.contains(j.id.as_str())));
+    let peers = net.node_peer_counts();
+    net.stop();
+    let real = Real::measure(&net.dir, sc.nodes as usize, &posting, end, counts_at_end)?;
+
+    eprintln!("simulating ...");
+    let sim = Sim::new(sc.clone()).run();
+    let calibrated_sc = calibrated(&sc, &real.one_way_ms);
+    let calibrated = Sim::new(calibrated_sc.clone()).run();
+    print_report(&opts, &sc, &calibrated_sc, [&sim, &calibrated], &real, &peers, &posting);
+    println!("CPU while posting: {cpu}");
+    println!(
+        "load average (1/5/15 min) before the network started: {load_before}; at the end of \
+         posting: {load_during}"
+    );
+    if opts.keep {
+        println!("data and logs kept in {}", net.dir.display());
+    }
+    Ok(())
+}
+
+/// The scenario with its link latency replaced by the measured one-way latency: a floor at the
+/// 10th percentile and uniform jitter up to the 90th (the simulator counts whole ms).
+fn calibrated(sc: &Scenario, one_way_ms: &[f64]) -> Scenario {
+    let mut sc = sc.clone();
+    if one_way_ms.is_empty() {
+        return sc;
+    }
+    let p10 = percentile(one_way_ms, 0.10);
+    let p90 = percentile(one_way_ms, 0.90);
+    sc.network.base_ms = p10.floor() as u64;
+    sc.network.access_ms_max = 0;
+    sc.network.jitter_ms = (p90.ceil() as u64).saturating_sub(sc.network.base_ms);
+    sc
+}
+
+/// The processes, killed when dropped.
+struct Network {
+    relay: Child,
+    /// Kept open: the relay's stdout is a pipe it may write to again.
+    _relay_stdout: BufReader<ChildStdout>,
+    relay_peer_id: String,
+    nodes: Vec<Child>,
+    node_apis: Vec<String>,
+    dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    client: RelayClient,
+}
+
+impl Network {
+    fn start(relay_bin: &Path, node_bin: &Path, nodes: usize, keep: bool) -> anyhow::Result<Self> {
+        let temp = tempfile::Builder::new().prefix("aimatrix-believability-").tempdir()?;
+        let (dir, temp) =
+            if keep { (temp.keep(), None) } else { (temp.path().to_owned(), Some(temp)) };
+        let api = free_loopback_addr()?;
+        let mut relay = Command::new(relay_bin)
+            .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api])
+            .arg("--data-dir")
+            .arg(dir.join("relay"))
+            .env("RUST_LOG", "warn,studio_relay=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&dir, "relay.log")?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", relay_bin.display()))?;
+        let mut stdout = BufReader::new(relay.stdout.take().context("no relay stdout")?);
+        let mut addr = String::new();
+        stdout.read_line(&mut addr)?;
+        let addr = addr.trim().to_owned();
+        let relay_peer_id = addr.rsplit_once("/p2p/").map(|(_, id)| id.to_owned());
+        let mut net = Self {
+            relay,
+            _relay_stdout: stdout,
+            relay_peer_id: relay_peer_id.clone().unwrap_or_default(),
+            nodes: Vec::new(),
+            node_apis: Vec::new(),
+            dir,
+            _temp: temp,
+            client: RelayClient::new(&api),
+        };
+        if relay_peer_id.is_none() {
+            bail!("the relay printed no address; see {}", net.dir.join("relay.log").display());
+        }
+        for i in 0..nodes {
+            let node_api = free_loopback_addr()?;
+            let child = Command::new(node_bin)
+                .args(["join", "--relay", &addr, "--listen", "/ip4/127.0.0.1/tcp/0"])
+                .args(["--api", &node_api])
+                .arg("--data-dir")
+                .arg(net.dir.join(format!("node-{i}")))
+                .env("RUST_LOG", "warn,aimatrix_node::join::driver=debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&net.dir, &format!("node-{i}.log"))?)
+                .spawn()
+                .with_context(|| format!("cannot start {}", node_bin.display()))?;
+            net.nodes.push(child);
+            net.node_apis.push(node_api);
+        }
+        net.wait_for_nodes()?;
+        Ok(net)
+    }
+
+    /// Waits until the relay holds every node's advert.
+    fn wait_for_nodes(&self) -> anyhow::Result<()> {
+        let limit = Duration::from_secs(60 + self.nodes.len() as u64);
+        let deadline = Instant::now() + limit;
+        loop {
+            let known = self.client.status().map(|s| s.known_nodes).unwrap_or(0);
+            if known >= self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {known} of {} nodes reached the relay within {limit:?}; logs in {}",
+                    self.nodes.len(),
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// How many peers each node is connected to besides the relay (its node API's status).
+    fn node_peer_counts(&self) -> Vec<usize> {
+        self.node_apis
+            .iter()
+            .filter_map(|api| http_get_json(api, "/v1/status").ok())
+            .filter_map(|status| {
+                let peers = status["connected_peers"].as_array()?;
+                Some(peers.iter().filter(|p| p.as_str() != Some(&self.relay_peer_id)).count())
+            })
+            .collect()
+    }
+
+    fn stop(&mut self) {
+        for child in self.nodes.iter_mut().chain(std::iter::once(&mut self.relay)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The spec the simulator builds for `class` (`aimatrix-sim`'s `spec_of`: the testkit batch
+/// spec, the class's name, reward, replication, attempts and deadline, a timeout of 2.5 × the
+/// nominal run time), running the sleeping guest for `run_ms`.
+fn spec_for(class: &JobClass, module_sha256: &str, run_ms: u64) -> anyhow::Result<JobSpec> {
+    let mut spec = testkit::batch_spec(class.reward);
+    spec.name = class.name.clone();
+    spec.replication = class.replication;
+    spec.max_attempts = class.max_attempts;
+    spec.deadline_s = class.deadline_s;
+    spec.limits.timeout_s = (class.duration_s * 5).div_ceil(2).max(1);
+    spec.workload.args = vec![run_ms.to_string()];
+    let mut json = serde_json::to_value(&spec)?;
+    json["workload"]["module"] = format!("sha256:{module_sha256}").into();
+    serde_json::from_value(json).context("the bench's job spec does not parse")
+}
+
+/// Runs 2 × N jobs first, so most nodes have fetched and compiled the guest before anything is
+/// timed.
+fn warm_up(net: &Network, sc: &Scenario, digest: &str) -> anyhow::Result<()> {
+    let class = JobClass {
+        name: "warm-up".into(),
+        reward: 1,
+        replication: 1,
+        duration_s: 1,
+        ..sc.workload.classes[0].clone()
+    };
+    let spec = spec_for(&class, digest, 0)?;
+    let ids: Vec<String> =
+        (0..net.nodes.len() * 2).map(|_| post(&net.client, &spec)).collect::<Result<_, _>>()?;
+    drain(&net.client, &ids, Duration::from_secs(120))
+}
+
+/// The jobs posted, and how late the posting loop was against its schedule.
+struct Posting {
+    ids: Vec<String>,
+    /// Run time each job's guest was given, by job id.
+    run_ms: HashMap<String, u64>,
+    /// Largest delay of a post behind its scheduled instant, ms.
+    lag_ms_max: f64,
+    /// POST round trips, ms.
+    post_ms: Vec<f64>,
+}
+
+/// Posts the scenario's workload for its duration: Poisson arrivals, classes by weight, run
+/// times nominal × slowness × uniform 0.5–1.5, as the simulator draws them.
+fn post_workload(client: &RelayClient, sc: &Scenario, digest: &str) -> anyhow::Result<Posting> {
+    let mut rng = SplitMix64(sc.seed);
+    let classes = &sc.workload.classes;
+    let total_weight: u64 = classes.iter().map(|c| u64::from(c.weight)).sum();
+    let slowness = sc.hardware[0].slowness;
+    let rate = sc.workload.arrivals_per_s;
+    let end = Duration::from_secs(sc.duration_s);
+    let start = Instant::now();
+    let mut posting =
+        Posting { ids: Vec::new(), run_ms: HashMap::new(), lag_ms_max: 0.0, post_ms: Vec::new() };
+    if rate <= 0.0 {
+        std::thread::sleep(end);
+        return Ok(posting);
+    }
+    let mut at = Duration::ZERO;
+    loop {
+        at += Duration::from_secs_f64(-(1.0 - rng.unit()).ln() / rate);
+        if at >= end {
+            break;
+        }
+        let mut pick = rng.next_u64() % total_weight;
+        let class = classes
+            .iter()
+            .find(|c| {
+                let hit = pick < u64::from(c.weight);
+                pick = pick.saturating_sub(u64::from(c.weight));
+                hit
+            })
+            .context("no job class")?;
+        let run_ms = (class.duration_s as f64 * 1000.0 * slowness * (0.5 + rng.unit())) as u64;
+        let spec = spec_for(class, digest, run_ms)?;
+        if let Some(wait) = at.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        let lag = start.elapsed().saturating_sub(at);
+        posting.lag_ms_max = posting.lag_ms_max.max(lag.as_secs_f64() * 1000.0);
+        let before = Instant::now();
+        let id = post(client, &spec)?;
+        posting.post_ms.push(before.elapsed().as_secs_f64() * 1000.0);
+        posting.run_ms.insert(id.clone(), run_ms);
+        posting.ids.push(id);
+    }
+    if let Some(rest) = end.checked_sub(start.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    Ok(posting)
+}
+
+/// Jobs by state, as the relay reports them.
+#[derive(Clone, Copy, Debug, Default)]
+struct JobCounts {
+    posted: u64,
+    completed: u64,
+    failed: u64,
+    pending: u64,
+}
+
+impl JobCounts {
+    fn of<'a>(jobs: impl Iterator<Item = &'a JobView>) -> Self {
+        let mut c = Self::default();
+        for j in jobs {
+            c.posted += 1;
+            match j.state.as_str() {
+                "completed" => c.completed += 1,
+                "failed" | "refused" => c.failed += 1,
+                _ => c.pending += 1,
+            }
+        }
+        c
+    }
+}
+
+/// What the real run measured.
+struct Real {
+    /// Jobs at the end of the scenario's duration (the simulator's summary counts them then).
+    counts: JobCounts,
+    /// Post → first lease, ms (relay log).
+    assign_ms: Vec<f64>,
+    /// Post → each node's first hearing of the offer, ms.
+    propagation_ms: Vec<f64>,
+    /// Post → the earliest node to hear the offer, per job, ms.
+    first_node_ms: Vec<f64>,
+    /// The earliest to the last node hearing the first announcement, per job, ms.
+    spread_ms: Vec<f64>,
+    /// Post → completed (relay log), ms.
+    complete_ms: Vec<f64>,
+    /// One-way latency between processes, ms: a claim line to its lease line (node → relay,
+    /// with the relay's handling) and a lease line to the node's `running` line.
+    one_way_ms: Vec<f64>,
+    claim_to_grant_ms: Vec<f64>,
+    grant_to_run_ms: Vec<f64>,
+    /// Announcements the nodes' cores took, claims sent, claims denied, leases granted.
+    offers_heard: u64,
+    claims: u64,
+    denials: u64,
+    leases: u64,
+    /// Jobs whose offer was announced more than once (a node heard it twice or more).
+    reannounced_jobs: u64,
+}
+
+impl Real {
+    /// Reads the logs in `dir`; counts what happened before `end`.
+    fn measure(
+        dir: &Path,
+        nodes: usize,
+        posting: &Posting,
+        end: Micros,
+        counts: JobCounts,
+    ) -> anyhow::Result<Self> {
+        let relay = RelayLog::read(&dir.join("relay.log"))?;
+        let node_logs: Vec<NodeLog> = (0..nodes)
+            .map(|i| NodeLog::read(&dir.join(format!("node-{i}.log"))))
+            .collect::<Result<_, _>>()?;
+        let mut r = Self {
+            counts,
+            assign_ms: Vec::new(),
+            propagation_ms: Vec::new(),
+            first_node_ms: Vec::new(),
+            spread_ms: Vec::new(),
+            complete_ms: Vec::new(),
+            one_way_ms: Vec::new(),
+            claim_to_grant_ms: Vec::new(),
+            grant_to_run_ms: Vec::new(),
+            offers_heard: 0,
+            claims: 0,
+            denials: node_logs
+                .iter()
+                .map(|n| n.denials.iter().filter(|&&at| at < end).count() as u64)
+                .sum(),
+            leases: 0,
+            reannounced_jobs: 0,
+        };
+        let ms = |from: Micros, to: Micros| (to - from) as f64 / 1000.0;
+        let before_end = |v: &Vec<Micros>| v.iter().filter(|&&at| at < end).count() as u64;
+        for id in &posting.ids {
+            let Some(&posted) = relay.posted.get(id) else {
+                bail!("job {id}: no `posted` line in relay.log (did the relay's log change?)");
+            };
+            let grants = relay.leases.get(id).map(Vec::as_slice).unwrap_or_default();
+            r.leases += grants.iter().filter(|g| g.2 < end).count() as u64;
+            if let Some(first) = grants.iter().map(|g| g.2).filter(|&at| at < end).min() {
+                r.assign_ms.push(ms(posted, first));
+            }
+            if let Some(&done) = relay.completed.get(id).filter(|&&at| at < end) {
+                r.complete_ms.push(ms(posted, done));
+            }
+            let firsts: Vec<Micros> = node_logs
+                .iter()
+                .filter_map(|n| n.offers.get(id)?.first().copied())
+                .filter(|&at| at < end)
+                .collect();
+            r.propagation_ms.extend(firsts.iter().map(|&at| ms(posted, at)));
+            if let (Some(&lo), Some(&hi)) = (firsts.iter().min(), firsts.iter().max()) {
+                r.first_node_ms.push(ms(posted, lo));
+                r.spread_ms.push(ms(lo, hi));
+            }
+            let heard: Vec<u64> =
+                node_logs.iter().filter_map(|n| n.offers.get(id).map(before_end)).collect();
+            r.offers_heard += heard.iter().sum::<u64>();
+            r.reannounced_jobs += u64::from(heard.iter().any(|&n| n > 1));
+            r.claims +=
+                node_logs.iter().filter_map(|n| n.claims.get(id)).map(before_end).sum::<u64>();
+            for &(lease, _, granted) in grants {
+                let Some(node) =
+                    node_logs.iter().find(|n| n.runs.contains_key(&(id.clone(), lease)))
+                else {
+                    continue;
+                };
+                let ran = node.runs[&(id.clone(), lease)];
+                r.grant_to_run_ms.push(ms(granted, ran));
+                let claim =
+                    node.claims.get(id).and_then(|c| c.iter().filter(|&&c| c <= granted).max());
+                if let Some(&claim) = claim {
+                    r.claim_to_grant_ms.push(ms(claim, granted));
+                }
+            }
+        }
+        if r.propagation_ms.is_empty() && !posting.ids.is_empty() {
+            bail!(
+                "no node logged `offer <job>: can serve` for any posted job; did the node's \
+                 debug log change? logs in {}",
+                dir.display()
+            );
+        }
+        r.one_way_ms = r.claim_to_grant_ms.iter().chain(&r.grant_to_run_ms).copied().collect();
+        Ok(r)
+    }
+}
+
+/// Prints the side-by-side table and the notes under it.
+fn print_report(
+    opts: &Opts,
+    sc: &Scenario,
+    calibrated_sc: &Scenario,
+    sims: [&Summary; 2],
+    real: &Real,
+    peers: &[usize],
+    posting: &Posting,
+) {
+    let n = &calibrated_sc.network;
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let mut row = |metric: &str, sim: [String; 2], real: String| {
+        rows.push([metric.to_owned(), sim[0].clone(), sim[1].clone(), real]);
+    };
+    let each = |f: &dyn Fn(&Summary) -> String| [f(sims[0]), f(sims[1])];
+    let c = &real.counts;
+    row(
+        "jobs posted / completed / failed / pending at the end",
+        each(&|s| {
+            let j = &s.jobs;
+            format!("{} / {} / {} / {}", j.posted, j.completed, j.failed + j.refused, j.pending)
+        }),
+        format!("{} / {} / {} / {}", c.posted, c.completed, c.failed, c.pending),
+    );
+    let sim_p = |p: &aimatrix_sim::stats::Percentiles| {
+        format!("{} / {} / {} / {}", p.p50, p.p90, p.p99, p.max)
+    };
+    row(
+        "time to assign, ms: p50 / p90 / p99 / max",
+        each(&|s| sim_p(&s.time_to_assign_ms)),
+        real_p(&real.assign_ms),
+    );
+    row(
+        "offer propagation, ms: p50 / p90 / p99 / max",
+        each(&|s| sim_p(&s.offer_propagation_ms)),
+        real_p(&real.propagation_ms),
+    );
+    row(
+        "time to complete, ms: p50 / p90 / p99 / max",
+        each(&|s| sim_p(&s.time_to_complete_ms)),
+        real_p(&real.complete_ms),
+    );
+    let per_job = |x: u64, jobs: u64| format!("{:.1}", x as f64 / jobs.max(1) as f64);
+    row(
+        "offer announcements heard per job",
+        each(&|s| per_job(s.offer_propagation_ms.count, s.jobs.posted)),
+        per_job(real.offers_heard, c.posted),
+    );
+    row(
+        "claims per job (denied)",
+        each(&|s| {
+            let a = &s.activity;
+            format!(
+                "{} ({})",
+                per_job(a.claims, s.jobs.posted),
+                per_job(a.claims_denied, s.jobs.posted)
+            )
+        }),
+        format!("{} ({})", per_job(real.claims, c.posted), per_job(real.denials, c.posted)),
+    );
+    row(
+        "leases per job",
+        each(&|s| per_job(s.activity.leases_granted, s.jobs.posted)),
+        per_job(real.leases, c.posted),
+    );
+    row(
+        "messages the cores sent per job",
+        each(&|s| format!("{:.1}", s.messages.sent_per_job)),
+        "not counted".into(),
+    );
+    row(
+        "wire messages per job (gossip, control, DHT)",
+        each(&|s| format!("{:.0}", s.messages.wire_messages_per_job)),
+        "not counted".into(),
+    );
+    let mean_peers = peers.iter().sum::<usize>() as f64 / peers.len().max(1) as f64;
+    row(
+        "node-to-node connections per node (sim: mesh degree)",
+        each(&|s| format!("{:.1}", s.overlay.mesh_degree_mean)),
+        format!("{mean_peers:.1} (of {} nodes answering)", peers.len()),
+    );
+
+    let header = [
+        "metric".to_owned(),
+        format!("sim ({} ms + 0..{} ms)", sc.network.base_ms, sc.network.jitter_ms),
+        format!("sim (measured: {} ms + 0..{} ms)", n.base_ms, n.jitter_ms),
+        "real (processes on loopback)".to_owned(),
+    ];
+    let mut widths = [0; 4];
+    for r in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    println!();
+    println!(
+        "believability: scenario {:?}, {} nodes, 1 relay, {} s, {} jobs/s, seed {}",
+        sc.name, sc.nodes, sc.duration_s, sc.workload.arrivals_per_s, sc.seed
+    );
+    println!("reproduce: {}", opts.command(sc));
+    println!();
+    let line = |r: &[String; 4]| {
+        let cells: Vec<String> =
+            r.iter().zip(widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        format!("| {} |", cells.join(" | "))
+    };
+    println!("{}", line(&header));
+    println!("|{}|", widths.map(|w| "-".repeat(w + 2)).join("|"));
+    for r in &rows {
+        println!("{}", line(r));
+    }
+    println!();
+    println!(
+        "measured one-way latency between processes: claim line -> relay lease line {}; lease \
+         line -> node `running` line {} (ms: p50 / p90 / p99 / max)",
+        real_p(&real.claim_to_grant_ms),
+        real_p(&real.grant_to_run_ms)
+    );
+    println!(
+        "real offer propagation split: relay `posted` line -> first node hears it {}; first -> \
+         last node hears it {} (ms: p50 / p90 / p99 / max)",
+        real_p(&real.first_node_ms),
+        real_p(&real.spread_ms)
+    );
+    println!(
+        "real posting: POST round trip {} ms; largest lag behind the Poisson schedule {:.1} ms; \
+         {} jobs announced more than once; guest run times {}",
+        real_p(&posting.post_ms),
+        posting.lag_ms_max,
+        real.reannounced_jobs,
+        real_p(&posting.run_ms.values().map(|&v| v as f64).collect::<Vec<_>>())
+    );
+    for (name, s) in ["sim", "sim (measured latency)"].iter().zip(sims) {
+        println!(
+            "{name}: invariants {}; {} steps; wire {:.0} messages per job; overlay {} gossip \
+             copies, {} duplicates, {} IHAVE",
+            if s.invariants_ok { "ok" } else { "FAILED" },
+            s.steps,
+            s.messages.wire_messages_per_job,
+            s.overlay.gossip_copies,
+            s.overlay.gossip_duplicates,
+            s.overlay.ihave
+        );
+    }
+}
+
+/// `p50 / p90 / p99 / max` of real samples, to 0.1 ms.
+fn real_p(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let max = v.iter().copied().fold(f64::MIN, f64::max);
+    format!(
+        "{:.1} / {:.1} / {:.1} / {max:.1}",
+        percentile(v, 0.5),
+        percentile(v, 0.9),
+        percentile(v, 0.99)
+    )
+}
+
+fn post(client: &RelayClient, spec: &JobSpec) -> anyhow::Result<String> {
+    let req = PostJobRequest { spec: spec.clone(), account: ACCOUNT.to_owned() };
+    Ok(client.post_job(&req)?.job_id)
+}
+
+fn mint(client: &RelayClient, amount: u64) -> anyhow::Result<()> {
+    let memo = "believability bench".to_owned();
+    client.mint(&MintRequest { account: ACCOUNT.to_owned(), amount, memo, id: None })?;
+    Ok(())
+}
+
+/// Microseconds since the Unix epoch, now.
+fn now_us() -> Micros {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Micros::try_from(since.as_micros()).unwrap_or(Micros::MAX)
+}
+
+/// Waits until every job in `ids` has ended, or `limit` passed (then the rest count as pending).
+fn drain(client: &RelayClient, ids: &[String], limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let open = client.status()?.jobs_open;
+        let views = client.jobs()?;
+        let ours_open = views.iter().filter(|v| !v.is_final() && ids.contains(&v.id)).count();
+        if ours_open == 0 || open == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            eprintln!("{ours_open} jobs still open after {limit:?}; they count as pending");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A tiny HTTP/1.1 GET for a node's local API (JSON body, `Content-Length`).
+fn http_get_json(addr: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let (_, body) = answer.split_once("\r\n\r\n").context("no HTTP body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+/// CPU time used by the relay, the nodes and this process, in seconds.
+struct Cpu {
+    relay_s: f64,
+    nodes_s: f64,
+    bench_s: f64,
+}
+
+impl Cpu {
+    fn read(net: &Network) -> anyhow::Result<Self> {
+        let nodes_s =
+            net.nodes.iter().map(|c| cpu_s(&c.id().to_string())).sum::<Result<f64, _>>()?;
+        Ok(Self { relay_s: cpu_s(&net.relay.id().to_string())?, nodes_s, bench_s: cpu_s("self")? })
+    }
+
+    /// What was used since `before`, over `wall`, as a sentence.
+    fn since(&self, before: &Self, wall: Duration) -> String {
+        let cores = |now: f64, then: f64| (now - then) / wall.as_secs_f64();
+        let machine = std::thread::available_parallelism().map_or(0, usize::from);
+        format!(
+            "cores busy over {:.1} s: relay {:.2}, all nodes {:.2}, bench client {:.2} (machine \
+             has {machine})",
+            wall.as_secs_f64(),
+            cores(self.relay_s, before.relay_s),
+            cores(self.nodes_s, before.nodes_s),
+            cores(self.bench_s, before.bench_s),
+        )
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds (at the usual 100 ticks per second).
+fn cpu_s(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // After the command name: state is field 3, utime 14 and stime 15.
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
+/// The first three fields of `/proc/loadavg`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The nearest-rank percentile `q` of `values` (the simulator's rule).
+fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// A free port on 127.0.0.1 (bound and released; the child binds it right after).
+fn free_loopback_addr() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// SplitMix64: the posting schedule's random numbers, from the scenario's seed.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        aimatrix_protocol::messages::mix64(self.0)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
