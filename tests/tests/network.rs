@@ -447,6 +447,34 @@ fn slow_module(steps: u32) -> Vec<u8> {
     wat::parse_str(wat).unwrap()
 }
 
+/// Rounds of the training job the end-to-end test runs.
+const TRAINING_ROUNDS: u32 = 3;
+
+impl Net {
+    /// A digits training job for `participants` nodes: the real train-step guest, a fresh
+    /// 64-32-10 model, the digits training split as the dataset and the test split as the
+    /// evaluation set; one local epoch per round, int8 updates, centered clipping.
+    fn training_job(&self, participants: u32) -> PathBuf {
+        let dir = self.job_dir("digits");
+        let files = aimatrix_digits::job_files(32, 1);
+        std::fs::write(dir.join("train-step.wasm"), aimatrix_workloads::TRAIN_STEP_WASM).unwrap();
+        std::fs::write(dir.join("model.bin"), &files.model).unwrap();
+        std::fs::write(dir.join("digits-train.bin"), &files.dataset).unwrap();
+        std::fs::write(dir.join("digits-test.bin"), &files.holdout).unwrap();
+        let toml = format!(
+            "kind = \"training\"\nname = \"digits\"\nreward = {REWARD}\nmax_attempts = 3\n\
+             deadline_s = 900\n\n[workload]\nruntime = \"wasm\"\nmodule = \"train-step.wasm\"\n\n\
+             [requirements]\ncpu_cores = 1\nmemory_mb = 128\n\n\
+             [limits]\ntimeout_s = 120\nmemory_mb = 128\nfuel = 0\n\n\
+             [training]\nmodel = \"model.bin\"\ndataset = \"digits-train.bin\"\n\
+             holdout = \"digits-test.bin\"\nparticipants = {participants}\nquorum = {participants}\n\
+             rounds = {TRAINING_ROUNDS}\nlocal_epochs = 1\nlearning_rate = 0.1\nbatch_size = 16\n\
+             aggregation = \"centered_clip\"\ncompression = \"int8\"\nround_deadline_s = 180\n"
+        );
+        write_job(&dir, &toml)
+    }
+}
+
 fn write_job(dir: &Path, toml: &str) -> PathBuf {
     let path = dir.join("job.toml");
     std::fs::write(&path, toml).unwrap();
@@ -810,4 +838,57 @@ fn now_ms() -> u64 {
 fn random_nonce() -> u64 {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
     (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+#[test]
+fn a_training_job_runs_every_round_on_four_nodes_and_pays_every_update() {
+    let participants = 4;
+    let net = Net::start(Setup { nodes: participants, ..Setup::default() });
+    let job = net.training_job(participants as u32);
+    let posted = net.relay_json(&["job", "post", path_str(&job), "--json"]);
+    let id = posted["job_id"].as_str().unwrap().to_owned();
+    let view = net.wait_for_end(&id);
+    assert_eq!(view["state"], "completed", "{view}");
+
+    // Every round aggregated every participant's update, and the model learned.
+    let training = &view["training"];
+    assert_eq!(training["phase"], "done", "{training}");
+    let history = training["history"].as_array().unwrap();
+    assert_eq!(history.len(), TRAINING_ROUNDS as usize, "{training}");
+    for (round, r) in history.iter().enumerate() {
+        assert_eq!(r["round"], round, "{r}");
+        assert_eq!(r["accepted"], participants, "{r}");
+        assert_eq!(r["rejected"].as_array().unwrap().len(), 0, "{r}");
+        // int8: one byte per parameter plus a scale per 256 (2,410 parameters), and a header.
+        assert!(r["bytes_received"].as_u64().unwrap() < 4 * 2_600, "{r}");
+    }
+    let accuracy = history.last().unwrap()["accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.6, "3 rounds of one epoch should reach well above chance: {accuracy}");
+
+    // The result: the final model and one CSV line per round.
+    let out = net.root.join("training-result");
+    net.relay_ok(&["job", "result", &id, "--out", path_str(&out)]);
+    let model =
+        aimatrix_mlp::Model::decode(&std::fs::read(out.join("model.bin")).unwrap()).unwrap();
+    assert_eq!(model.params.len(), 64 * 32 + 32 + 32 * 10 + 10);
+    assert_eq!(
+        format!("sha256:{}", aimatrix_protocol::hash::Digest::of(&model.encode()).to_hex()),
+        view["result_hash"].as_str().unwrap()
+    );
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + TRAINING_ROUNDS as usize, "{csv}");
+    assert!(csv.starts_with("round,received,accepted,"), "{csv}");
+
+    // Every participant was paid for each of its updates; the escrow is spent exactly.
+    let per_node = REWARD * i64::from(TRAINING_ROUNDS);
+    assert_eq!(view["paid"], per_node * participants as i64, "{view}");
+    assert_eq!(view["refunded"], 0, "{view}");
+    assert_eq!(view["escrow"], view["paid"], "{view}");
+    let all: Vec<String> = net.nodes.iter().map(|n| n.peer_id.clone()).collect();
+    for (i, node) in all.iter().enumerate() {
+        let balance = net.relay_json(&["ledger", "balance", node, "--json"]);
+        assert_eq!(balance["available"], per_node, "node-{i} {node}: {balance}");
+    }
+    assert_eq!(net.settled_balance("studio"), MINTED - per_node * participants as i64);
+    net.assert_books_balance(&[]);
 }

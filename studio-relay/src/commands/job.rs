@@ -223,6 +223,9 @@ fn resolve_paths(spec: &mut JobSpec, up: &mut Uploader<'_>) -> anyhow::Result<()
     if let Some(t) = &mut spec.training {
         up.resolve("training.model", &mut t.model)?;
         up.resolve("training.dataset", &mut t.dataset)?;
+        if let Some(holdout) = &mut t.holdout {
+            up.resolve("training.holdout", holdout)?;
+        }
     }
     if let Some(s) = &mut spec.serving {
         up.resolve("serving.model", &mut s.model)?;

@@ -41,6 +41,32 @@ pub const CLASSES: usize = 10;
 /// Hidden units of the model the numbers are about (the `aimatrix_mlp` default is 32).
 pub const HIDDEN: usize = 64;
 
+/// The files of a digits training job, in the `aimatrix-mlp` formats: what a `training` job
+/// names as `training.model` (`AMLP`), `training.dataset` (`ADSC`, the training split, which
+/// the relay cuts into one chunk per participant) and `training.holdout` (`ADSC`, the test
+/// split it evaluates every round on).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobFiles {
+    /// A fresh 64 → `hidden` → 10 model.
+    pub model: Vec<u8>,
+    /// The 1,347 training images, shuffled.
+    pub dataset: Vec<u8>,
+    /// The 450 test images.
+    pub holdout: Vec<u8>,
+}
+
+/// [`JobFiles`] for a model with `hidden` hidden units initialised from `model_seed`, on the
+/// project's fixed split ([`split::train_test`]).
+///
+/// # Panics
+///
+/// As [`load`], or if `hidden` is 0 or above [`aimatrix_mlp::MAX_DIM`].
+pub fn job_files(hidden: usize, model_seed: u64) -> JobFiles {
+    let (train, test) = split::train_test();
+    let model = aimatrix_mlp::Model::init_with_dims(FEATURES, hidden, CLASSES, model_seed);
+    JobFiles { model: model.encode(), dataset: train.encode(), holdout: test.encode() }
+}
+
 /// All 1,797 digits in the dataset's own order, pixels (0 to 16) divided by 16.
 ///
 /// # Panics
