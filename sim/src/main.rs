@@ -31,6 +31,7 @@ struct Cli {
 enum Command {
     Run(commands::run::RunArgs),
     Bench(commands::bench::BenchArgs),
+    Train(commands::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,5 +46,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => commands::run::run(args),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Train(args) => commands::train::run(args),
     }
 }

@@ -3,3 +3,4 @@
 pub(crate) mod bench;
 pub(crate) mod out;
 pub(crate) mod run;
+pub(crate) mod train;
