@@ -33,6 +33,10 @@ pub(crate) struct DevnetArgs {
     /// How many sample jobs to post.
     #[arg(long, value_name = "N", default_value_t = 3)]
     jobs: u32,
+    /// Rounds of the sample training job (digits, one participant per node, up to 4); 0 posts
+    /// none.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    training_rounds: u32,
     /// Where the processes keep their data and logs (default: a new temporary directory,
     /// removed at the end).
     #[arg(long, value_name = "DIR")]
@@ -172,6 +176,13 @@ impl Devnet {
             println!("posted  job {id}");
             ids.push(id);
         }
+        if args.training_rounds > 0 {
+            let job_file = self.write_training_job(args.nodes.min(4), args.training_rounds)?;
+            let posted = self.relay_json(&["job", "post", &path_str(&job_file)?, "--json"])?;
+            let id = posted["job_id"].as_str().context("job post printed no job_id")?.to_owned();
+            println!("posted  training job {id} ({} rounds)", args.training_rounds);
+            ids.push(id);
+        }
         let finished = self.watch(&ids)?;
         println!();
         let mut all_ok = true;
@@ -307,9 +318,34 @@ impl Devnet {
         Ok(path)
     }
 
+    /// Writes the sample training job: the train-step guest, a fresh 64-32-10 model, the
+    /// digits training split (chunked by the relay, one chunk per participant) and test split.
+    fn write_training_job(&self, participants: u32, rounds: u32) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join("sample-training-job");
+        std::fs::create_dir_all(&dir)?;
+        let files = aimatrix_digits::job_files(32, 1);
+        std::fs::write(dir.join("train-step.wasm"), aimatrix_workloads::TRAIN_STEP_WASM)?;
+        std::fs::write(dir.join("model.bin"), &files.model)?;
+        std::fs::write(dir.join("digits-train.bin"), &files.dataset)?;
+        std::fs::write(dir.join("digits-test.bin"), &files.holdout)?;
+        let toml = format!(
+            "kind = \"training\"\nname = \"digits\"\nreward = 2\nmax_attempts = 3\n\
+             deadline_s = 900\n\n[workload]\nruntime = \"wasm\"\nmodule = \"train-step.wasm\"\n\n\
+             [requirements]\ncpu_cores = 1\nmemory_mb = 128\n\n\
+             [limits]\ntimeout_s = 120\nmemory_mb = 128\n\n\
+             [training]\nmodel = \"model.bin\"\ndataset = \"digits-train.bin\"\n\
+             holdout = \"digits-test.bin\"\nparticipants = {participants}\nquorum = {participants}\n\
+             rounds = {rounds}\nlocal_epochs = 2\nlearning_rate = 0.1\nbatch_size = 16\n\
+             aggregation = \"centered_clip\"\ncompression = \"int8\"\nround_deadline_s = 120\n"
+        );
+        let path = dir.join("job.toml");
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    }
+
     /// Shows each job's state and progress as it changes; returns the final job views.
     fn watch(&self, ids: &[String]) -> anyhow::Result<Vec<Value>> {
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let deadline = Instant::now() + Duration::from_secs(600);
         let mut shown: Vec<String> = vec![String::new(); ids.len()];
         loop {
             self.check_stop()?;
@@ -328,7 +364,7 @@ impl Devnet {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "the sample jobs did not finish within 5 minutes; see the logs in {}",
+                    "the sample jobs did not finish within 10 minutes; see the logs in {}",
                     self.dir.display()
                 );
             }
@@ -345,6 +381,21 @@ impl Devnet {
         }
         let out = self.dir.join("results").join(id);
         self.relay(&["job", "result", id, "--out", &path_str(&out)?])?;
+        if job["kind"] == "training" {
+            println!("training job {id} completed; test accuracy after each round:");
+            for r in job["training"]["history"].as_array().map(Vec::as_slice).unwrap_or_default() {
+                println!(
+                    "  round {:>2}: {} update(s) accepted, {:>6} bytes, accuracy {:>6.2}%, loss {:.4}",
+                    r["round"],
+                    r["accepted"],
+                    r["bytes_received"],
+                    100.0 * r["accuracy"].as_f64().unwrap_or(0.0),
+                    r["loss"].as_f64().unwrap_or(0.0)
+                );
+            }
+            println!("  final model and metrics.csv in {}", out.display());
+            return Ok(true);
+        }
         let ran_on: Vec<&str> = job["leases"]
             .as_array()
             .map(|ls| {
@@ -407,6 +458,19 @@ fn is_final(view: &Value) -> bool {
 
 fn describe(view: &Value) -> String {
     let state = view["state"].as_str().unwrap_or("?");
+    if let Some(t) = view.get("training") {
+        let done = t["history"].as_array().map_or(0, Vec::len);
+        let last = t["history"].as_array().and_then(|h| h.last());
+        let accuracy = last
+            .and_then(|r| r["accuracy"].as_f64())
+            .map(|a| format!(", test accuracy {:.2}%", 100.0 * a))
+            .unwrap_or_default();
+        return format!(
+            "{state}: training {} ({done} of {} rounds done{accuracy})",
+            t["phase"].as_str().unwrap_or("?"),
+            t["rounds"]
+        );
+    }
     let leases = view["leases"].as_array().map(Vec::as_slice).unwrap_or_default();
     let running: Vec<String> = leases
         .iter()
