@@ -892,3 +892,48 @@ fn a_training_job_runs_every_round_on_four_nodes_and_pays_every_update() {
     assert_eq!(net.settled_balance("studio"), MINTED - per_node * participants as i64);
     net.assert_books_balance(&[]);
 }
+
+#[test]
+fn manual_nodes_join_a_training_job_with_compute_join_training() {
+    let net = Net::start(Setup { nodes: 2, manual: true, ..Setup::default() });
+    let job = net.training_job(2);
+    let posted = net.relay_json(&["job", "post", path_str(&job), "--json"]);
+    let id = posted["job_id"].as_str().unwrap().to_owned();
+    for i in 0..2 {
+        wait_for(&format!("node-{i} to hear the training offer"), || {
+            let offers = net.node_run(i, &["compute", "available"]);
+            String::from_utf8_lossy(&offers.stdout).contains(&id).then_some(())
+        });
+    }
+    // Manual nodes do not claim by themselves: the round waits for participants.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(net.job(&id)["training"]["phase"], "waiting");
+
+    // A batch job cannot be joined as training.
+    let batch = net.batch_stats_job("stats", 1);
+    let batch_id = net.relay_json(&["job", "post", path_str(&batch), "--json"])["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for("node-0 to hear the batch offer", || {
+        let offers = net.node_run(0, &["compute", "available"]);
+        String::from_utf8_lossy(&offers.stdout).contains(&batch_id).then_some(())
+    });
+    let refused = net.node_run(0, &["compute", "join-training", &batch_id]);
+    assert_eq!(refused.status.code(), Some(1), "{}", show(&refused));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a training job"));
+
+    for i in 0..2 {
+        let joined = net.node_run(i, &["compute", "join-training", &id, "--json"]);
+        assert_eq!(joined.status.code(), Some(0), "{}", show(&joined));
+        assert_eq!(parse_json(&String::from_utf8_lossy(&joined.stdout))["joined"], true);
+    }
+    let view = net.wait_for_end(&id);
+    assert_eq!(view["state"], "completed", "{view}");
+    let history = view["training"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), TRAINING_ROUNDS as usize);
+    assert!(history.iter().all(|r| r["accepted"] == 2), "{view}");
+    net.node_json(0, &["compute", "accept", &batch_id, "--json"]);
+    assert_eq!(net.wait_for_end(&batch_id)["state"], "completed");
+    net.assert_books_balance(&[]);
+}

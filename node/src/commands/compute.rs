@@ -1,8 +1,10 @@
-//! `aimatrix-node compute`: the offers the running node has heard, and claiming one.
+//! `aimatrix-node compute`: the offers the running node has heard, claiming one, and joining a
+//! training job.
 
 use std::io::Write;
 use std::process::ExitCode;
 
+use aimatrix_protocol::job::JobKind;
 use aimatrix_protocol::messages::JobId;
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -12,7 +14,7 @@ use crate::api::args::ApiArgs;
 use crate::api::views::RequirementsView;
 use crate::client::Client;
 
-/// Work offered to the running node: list open offers, claim one.
+/// Work offered to the running node: list open offers, claim one, join a training job.
 ///
 /// Asks the local control API of `aimatrix-node join`, which must be running (see --api).
 #[derive(Debug, Args)]
@@ -25,6 +27,7 @@ pub(crate) struct ComputeArgs {
 enum ComputeCommand {
     Available(AvailableArgs),
     Accept(AcceptArgs),
+    JoinTraining(JoinTrainingArgs),
 }
 
 /// List the open offers this node can take now (id, kind, reward, requirements, deadline).
@@ -55,10 +58,70 @@ struct AcceptArgs {
     json: bool,
 }
 
+/// Join a running training job as a participant.
+///
+/// Claims the job's offer like `compute accept`, for training jobs only: the relay admits the
+/// node at the next round boundary and then leases it a chunk every round until the job ends
+/// (or the node drops out: a missed deadline or a rejected update ends its participation).
+/// Exit status 1 when the job is not a training job this node has heard of and can serve.
+#[derive(Debug, Args)]
+struct JoinTrainingArgs {
+    /// The training job's id (32 hex digits, from `compute available`).
+    job_id: JobId,
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Print one JSON object instead of the sentence.
+    #[arg(long)]
+    json: bool,
+}
+
 pub(crate) fn run(args: ComputeArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         ComputeCommand::Available(args) => available(args),
         ComputeCommand::Accept(args) => accept(args),
+        ComputeCommand::JoinTraining(args) => join_training(args),
+    }
+}
+
+fn join_training(args: JoinTrainingArgs) -> anyhow::Result<ExitCode> {
+    let addr = args.api.addr(None).map_err(anyhow::Error::msg)?;
+    let client = Client::new(addr);
+    let id = args.job_id;
+    let offers = client.offers(true)?;
+    let refuse = |reason: String| -> anyhow::Result<ExitCode> {
+        if args.json {
+            println!("{}", json!({ "job_id": id.to_string(), "joined": false, "reason": reason }));
+        } else {
+            eprintln!("aimatrix-node: the node did not join job {id}: {reason}");
+        }
+        Ok(ExitCode::from(1))
+    };
+    let Some(offer) = offers.iter().find(|o| o.job_id == id.to_string()) else {
+        return refuse(
+            "this node has heard no open offer for it (`aimatrix-node compute available --all` \
+             lists what it has heard)"
+                .to_owned(),
+        );
+    };
+    if offer.kind != JobKind::Training {
+        return refuse(format!(
+            "it is a {} job, not a training job; claim it with `aimatrix-node compute accept`",
+            offer.kind.name()
+        ));
+    }
+    match client.accept(id)? {
+        Ok(()) => {
+            if args.json {
+                println!("{}", json!({ "job_id": id.to_string(), "joined": true }));
+            } else {
+                println!(
+                    "asked to join training job {id}; the relay admits this node at the next \
+                     round boundary (`aimatrix-node status` shows each round's lease)"
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => refuse(reason),
     }
 }
 
