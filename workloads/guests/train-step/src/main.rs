@@ -21,7 +21,10 @@
 //!     of the values, default 0.01) the step keeps error feedback: it adds `residual.bin` from
 //!     `--inputs` (`AMLD`, what earlier rounds did not send; absent in the first round) to
 //!     the delta before compressing, and writes what this update does not carry to
-//!     `--outputs` as `residual.bin`, for the node to keep for the next round;
+//!     `--outputs` as `residual.bin`, for the node to keep for the next round; and
+//!     `delta.sha256`, the SHA-256 (64 hex digits and a newline) of the uncompressed delta's
+//!     `AMLD` bytes: what a verifying re-run of the same round on another node must match
+//!     (it does not depend on the residual);
 //!   - `metrics.json`: `{"samples":N,"loss_before":x,"loss_after":y,"accuracy_after":z}`
 //!     (mean cross-entropy on the chunk before and after, accuracy after).
 //! - Prints one summary line to stdout.
@@ -35,6 +38,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use sha2::{Digest as _, Sha256};
+
 use aimatrix_mlp::{
     compress, decode_delta, delta, encode_delta, loss_and_accuracy, train, Codec, Dataset, Model,
     Residual,
@@ -44,6 +49,8 @@ use aimatrix_mlp::{
 const UPDATE: &str = "update.bin";
 /// Error-feedback memory, read from the inputs and written to the outputs with `topk`.
 const RESIDUAL: &str = "residual.bin";
+/// The uncompressed delta's SHA-256, with `--compression`.
+const DELTA_DIGEST: &str = "delta.sha256";
 
 const USAGE: &str = "\
 usage: train-step [--inputs DIR] [--outputs DIR] [--epochs E] [--lr LR] [--batch B]
@@ -207,6 +214,11 @@ fn run(args: &Args) -> Result<String, String> {
     fs::create_dir_all(&args.outputs).map_err(|err| {
         format!("cannot create outputs directory {}: {err}", args.outputs.display())
     })?;
+    if args.compression.is_some() {
+        let digest = Sha256::digest(encode_delta(&update));
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        write(&args.outputs.join(DELTA_DIGEST), format!("{hex}\n").as_bytes())?;
+    }
     match args.compression {
         None => write(&args.outputs.join("delta.bin"), &encode_delta(&update))?,
         Some(codec @ Codec::TopK { .. }) => {
@@ -343,6 +355,9 @@ mod tests {
         }
         assert_eq!(first.iter().filter(|v| **v != 0.0).count(), Codec::topk_count(0.1, n));
         assert!(!outputs.join("delta.bin").exists());
+        let digest = fs::read_to_string(outputs.join(DELTA_DIGEST)).unwrap();
+        assert_eq!(digest.len(), 65, "{digest:?}");
+        let first_digest = digest.clone();
 
         // The next round adds what was held back.
         fs::rename(outputs.join(RESIDUAL), inputs.join(RESIDUAL)).unwrap();
@@ -350,6 +365,8 @@ mod tests {
         let second = aimatrix_mlp::decompress(&fs::read(outputs.join(UPDATE)).unwrap(), n).unwrap();
         let mut expected = Residual::from_values(held);
         assert_eq!(second, aimatrix_mlp::decompress(&expected.compress(codec, &full), n).unwrap());
+        // The delta's digest does not depend on the residual: a re-run without it matches.
+        assert_eq!(fs::read_to_string(outputs.join(DELTA_DIGEST)).unwrap(), first_digest);
 
         // A residual of the wrong size is refused with the reason.
         fs::write(inputs.join(RESIDUAL), encode_delta(&[0.0; 3])).unwrap();
