@@ -136,9 +136,39 @@ pub struct Envelope {
     /// After this instant the message is void (ms since the Unix epoch).
     pub expires_at_ms: Millis,
     /// The encoded message.
+    #[serde(deserialize_with = "payload_bytes")]
     pub payload: Vec<u8>,
     /// ed25519 signature over [`Envelope::signing_bytes`].
     pub signature: Signature,
+}
+
+/// Reads a byte vector in one piece where the format allows, instead of one element at a
+/// time: bincode lays a `Vec<u8>` out as its length and the raw bytes, exactly what
+/// `deserialize_bytes` reads, so the wire format is the same either way. Formats that write
+/// byte vectors as sequences are read element by element, as before.
+fn payload_bytes<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+    struct BytesVisitor;
+    impl<'de> Visitor<'de> for BytesVisitor {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("payload bytes")
+        }
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // The hint comes from the peer: bound what it may make us reserve.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element()? {
+                out.push(byte);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_bytes(BytesVisitor)
 }
 
 /// What a signer fills in; [`Envelope::sign`] adds the signature.
@@ -194,13 +224,21 @@ impl Envelope {
     /// When a [`SignatureMemo`] is installed on this thread, a verdict already reached for the
     /// same signed bytes and signature is reused instead of checked again.
     pub fn verify_signature(&self) -> Result<(), VerifyError> {
-        let bytes = self.signing_bytes();
+        let parts = SigningParts::new(
+            self.domain,
+            &self.signer,
+            self.nonce,
+            self.issued_at_ms,
+            self.expires_at_ms,
+            &self.payload,
+        );
+        // The signed bytes are put together only when the signature is actually checked.
         let check = || {
             let key = self.signer.verifying_key().map_err(|_| VerifyError::InvalidSigner)?;
             let sig = DalekSignature::from_bytes(&self.signature.0);
-            key.verify(&bytes, &sig).map_err(|_| VerifyError::BadSignature)
+            key.verify(&parts.concat(), &sig).map_err(|_| VerifyError::BadSignature)
         };
-        memo::verdict(&self.signature, &bytes, check)
+        memo::verdict(&self.signature, &parts.slices(), check)
     }
 }
 
@@ -280,10 +318,11 @@ mod memo {
         }
     }
 
-    /// `check()`'s verdict on `signature` over `signed`, from the memo when one is installed.
+    /// `check()`'s verdict on `signature` over the signed bytes (`signed`, concatenated), from
+    /// the memo when one is installed.
     pub(super) fn verdict(
         signature: &Signature,
-        signed: &[u8],
+        signed: &[&[u8]],
         check: impl FnOnce() -> Result<(), VerifyError>,
     ) -> Result<(), VerifyError> {
         MEMO.with(|m| {
@@ -291,7 +330,9 @@ mod memo {
             let Some(state) = guard.as_mut() else { return check() };
             let mut hasher = Sha256::new();
             hasher.update(signature.0);
-            hasher.update(signed);
+            for part in signed {
+                hasher.update(part);
+            }
             let key: [u8; 32] = hasher.finalize().into();
             if let Some(v) = state.young.get(&key).or_else(|| state.old.get(&key)) {
                 state.stats.hits += 1;
@@ -316,19 +357,44 @@ fn signing_bytes(
     expires_at_ms: Millis,
     payload: &[u8],
 ) -> Vec<u8> {
-    let tag = domain.tag().as_bytes();
-    let mut out =
-        Vec::with_capacity(SIGNING_PREFIX.len() + tag.len() + 1 + 32 + 32 + payload.len());
-    out.extend_from_slice(SIGNING_PREFIX);
-    out.extend_from_slice(tag);
-    out.push(0);
-    out.extend_from_slice(signer.as_bytes());
-    out.extend_from_slice(&nonce.to_le_bytes());
-    out.extend_from_slice(&issued_at_ms.to_le_bytes());
-    out.extend_from_slice(&expires_at_ms.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    out.extend_from_slice(payload);
-    out
+    SigningParts::new(domain, signer, nonce, issued_at_ms, expires_at_ms, payload).concat()
+}
+
+/// The signed bytes in their parts, in order: the prefix, the domain tag and a zero byte,
+/// the signer, the nonce, issue and expiry times and the payload length (little-endian), and
+/// the payload.
+struct SigningParts<'a> {
+    tag: &'a [u8],
+    signer: &'a [u8],
+    /// Nonce, issue time, expiry time, payload length.
+    numbers: [u8; 32],
+    payload: &'a [u8],
+}
+
+impl<'a> SigningParts<'a> {
+    fn new(
+        domain: Domain,
+        signer: &'a NodeId,
+        nonce: u64,
+        issued_at_ms: Millis,
+        expires_at_ms: Millis,
+        payload: &'a [u8],
+    ) -> Self {
+        let mut numbers = [0u8; 32];
+        let fields = [nonce, issued_at_ms, expires_at_ms, payload.len() as u64];
+        for (chunk, n) in numbers.chunks_exact_mut(8).zip(fields) {
+            chunk.copy_from_slice(&n.to_le_bytes());
+        }
+        Self { tag: domain.tag().as_bytes(), signer: signer.as_bytes(), numbers, payload }
+    }
+
+    fn slices(&self) -> [&[u8]; 6] {
+        [SIGNING_PREFIX, self.tag, &[0], self.signer, &self.numbers, self.payload]
+    }
+
+    fn concat(&self) -> Vec<u8> {
+        self.slices().concat()
+    }
 }
 
 /// Why an envelope was rejected. Each is counted by the receiver, never acted on.
@@ -684,6 +750,32 @@ mod tests {
         assert_eq!(memo.stats().misses, 2 + 8 + 1);
         drop(memo);
         assert_eq!(SignatureMemo::install(4).stats(), SignatureMemoStats::default());
+    }
+
+    #[test]
+    fn signed_bytes_keep_their_layout() {
+        let e = env(&key(1), 5, 10_000, 20_000);
+        let mut expected = b"aimatrix/envelope/v1\0offer\0".to_vec();
+        expected.extend_from_slice(key(1).public().as_bytes());
+        for n in [5u64, 10_000, 20_000, 7] {
+            expected.extend_from_slice(&n.to_le_bytes());
+        }
+        expected.extend_from_slice(b"payload");
+        assert_eq!(e.signing_bytes(), expected);
+    }
+
+    #[test]
+    fn the_payload_keeps_the_layout_of_a_byte_vector() {
+        let e = env(&key(1), 5, 10_000, 20_000);
+        let frame = crate::codec::encode(&e).unwrap();
+        // The payload is the frame's tail but for the signature: length, then raw bytes.
+        let tail = crate::codec::encode(&e.payload).unwrap();
+        let end = frame.len() - 64;
+        assert_eq!(frame[end - (tail.len() - 1)..end], tail[1..]);
+        assert_eq!(crate::codec::decode::<Envelope>(&frame).unwrap(), e);
+        // A format that writes byte vectors as sequences reads them back the same.
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), e);
     }
 
     #[test]

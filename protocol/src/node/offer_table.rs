@@ -35,7 +35,8 @@ struct Entry {
 #[derive(Debug)]
 pub(super) struct OfferTable {
     me: NodeId,
-    offers: BTreeMap<JobId, Entry>,
+    /// Boxed: an offer carries its whole job spec, and a B-tree moves its values around.
+    offers: BTreeMap<JobId, Box<Entry>>,
     by_deadline: BTreeSet<(Millis, JobId)>,
     by_claim_time: BTreeSet<(Millis, JobId)>,
     claimable: BTreeSet<ClaimRank>,
@@ -79,15 +80,24 @@ impl OfferTable {
     /// `known.matched` was evaluated against.
     pub(super) fn insert(&mut self, known: KnownOffer, matched_for: Option<MatchedFor>) {
         let job_id = known.offer.job_id;
-        self.remove(&job_id);
-        self.index(&known);
-        self.offers.insert(job_id, Entry { known, matched_for });
+        if let Some(old) = self.offers.get(&job_id) {
+            let old = Keys::of(&self.me, &old.known);
+            self.unindex(old);
+        }
+        self.index(Keys::of(&self.me, &known));
+        let entry = Entry { known, matched_for };
+        match self.offers.get_mut(&job_id) {
+            Some(slot) => **slot = entry,
+            None => {
+                self.offers.insert(job_id, Box::new(entry));
+            }
+        }
         self.check(&job_id);
     }
 
     pub(super) fn remove(&mut self, job_id: &JobId) -> Option<KnownOffer> {
         let entry = self.offers.remove(job_id)?;
-        self.unindex(&entry.known);
+        self.unindex(Keys::of(&self.me, &entry.known));
         Some(entry.known)
     }
 
@@ -99,31 +109,13 @@ impl OfferTable {
         f: impl FnOnce(&mut KnownOffer) -> R,
     ) -> Option<R> {
         let entry = self.offers.get_mut(job_id)?;
-        let known = &mut entry.known;
-        let (claimed_at, deadline, rank) =
-            (known.claimed_at_ms, known.offer.deadline_ms, claim_rank(&self.me, known));
-        let out = f(known);
-        assert_eq!(known.offer.job_id, *job_id, "an update keeps the offer's job");
-        if claimed_at != known.claimed_at_ms {
-            if let Some(t) = claimed_at {
-                self.by_claim_time.remove(&(t, *job_id));
-            }
-            if let Some(t) = known.claimed_at_ms {
-                self.by_claim_time.insert((t, *job_id));
-            }
-        }
-        if deadline != known.offer.deadline_ms {
-            self.by_deadline.remove(&(deadline, *job_id));
-            self.by_deadline.insert((known.offer.deadline_ms, *job_id));
-        }
-        let rank_now = claim_rank(&self.me, known);
-        if rank != rank_now {
-            if let Some(r) = rank {
-                self.claimable.remove(&r);
-            }
-            if let Some(r) = rank_now {
-                self.claimable.insert(r);
-            }
+        let before = Keys::of(&self.me, &entry.known);
+        let out = f(&mut entry.known);
+        assert_eq!(entry.known.offer.job_id, *job_id, "an update keeps the offer's job");
+        let after = Keys::of(&self.me, &entry.known);
+        if before != after {
+            self.unindex(before);
+            self.index(after);
         }
         self.check(job_id);
         Some(out)
@@ -176,24 +168,22 @@ impl OfferTable {
         self.claimable.range((start, Bound::Unbounded)).next().copied()
     }
 
-    fn index(&mut self, known: &KnownOffer) {
-        let job_id = known.offer.job_id;
-        self.by_deadline.insert((known.offer.deadline_ms, job_id));
-        if let Some(t) = known.claimed_at_ms {
-            self.by_claim_time.insert((t, job_id));
+    fn index(&mut self, keys: Keys) {
+        self.by_deadline.insert(keys.deadline);
+        if let Some(k) = keys.claim_time {
+            self.by_claim_time.insert(k);
         }
-        if let Some(r) = claim_rank(&self.me, known) {
+        if let Some(r) = keys.rank {
             self.claimable.insert(r);
         }
     }
 
-    fn unindex(&mut self, known: &KnownOffer) {
-        let job_id = known.offer.job_id;
-        self.by_deadline.remove(&(known.offer.deadline_ms, job_id));
-        if let Some(t) = known.claimed_at_ms {
-            self.by_claim_time.remove(&(t, job_id));
+    fn unindex(&mut self, keys: Keys) {
+        self.by_deadline.remove(&keys.deadline);
+        if let Some(k) = keys.claim_time {
+            self.by_claim_time.remove(&k);
         }
-        if let Some(r) = claim_rank(&self.me, known) {
+        if let Some(r) = keys.rank {
             self.claimable.remove(&r);
         }
     }
@@ -203,6 +193,25 @@ impl OfferTable {
         assert_eq!(self.offers.len(), self.by_deadline.len(), "deadline index of {job_id}");
         assert!(self.by_claim_time.len() <= self.offers.len(), "claim index of {job_id}");
         assert!(self.claimable.len() <= self.offers.len(), "claim order of {job_id}");
+    }
+}
+
+/// An offer's entries in the indexes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Keys {
+    deadline: (Millis, JobId),
+    claim_time: Option<(Millis, JobId)>,
+    rank: Option<ClaimRank>,
+}
+
+impl Keys {
+    fn of(me: &NodeId, known: &KnownOffer) -> Self {
+        let job_id = known.offer.job_id;
+        Self {
+            deadline: (known.offer.deadline_ms, job_id),
+            claim_time: known.claimed_at_ms.map(|t| (t, job_id)),
+            rank: claim_rank(me, known),
+        }
     }
 }
 
