@@ -123,6 +123,8 @@ struct Scratch {
     logits: Vec<f32>,
     /// Softmax of `logits`; during backprop, the gradient of the loss with respect to `logits`.
     probs: Vec<f32>,
+    /// During backprop, the gradient of the loss with respect to the hidden activations.
+    hidden_grad: Vec<f32>,
 }
 
 impl Scratch {
@@ -131,6 +133,7 @@ impl Scratch {
             hidden: vec![0.0; layout.hidden],
             logits: vec![0.0; layout.outputs],
             probs: vec![0.0; layout.outputs],
+            hidden_grad: vec![0.0; layout.hidden],
         }
     }
 }
@@ -233,22 +236,27 @@ fn accumulate_gradient(
     forward_into(params, layout, input, scratch);
     // d loss / d logits = softmax - one_hot(label).
     scratch.probs[label] -= 1.0;
-    let logits_grad = &scratch.probs;
+    let Scratch { hidden: activations, probs: logits_grad, hidden_grad, .. } = scratch;
+    let activations = &activations[..hidden];
+    let hidden_grad = &mut hidden_grad[..hidden];
+    // One pass over the output rows gives both the w2 gradient and d loss / d hidden. Each
+    // hidden_grad[j] still sums w2[o][j] * g[o] from 0.0 in output order, as a per-unit loop
+    // would, but the inner loops run along contiguous rows, so they vectorize.
+    hidden_grad.fill(0.0);
     for (o, &g) in logits_grad.iter().enumerate() {
         grad[layout.b2 + o] += g;
-        let row = &mut grad[layout.w2 + o * hidden..layout.w2 + (o + 1) * hidden];
-        for (gw, h) in row.iter_mut().zip(&scratch.hidden) {
-            *gw += g * h;
+        let at = layout.w2 + o * hidden;
+        let weights = &params[at..at + hidden];
+        let row = &mut grad[at..at + hidden];
+        for j in 0..hidden {
+            row[j] += g * activations[j];
+            hidden_grad[j] += weights[j] * g;
         }
     }
-    for (j, &activation) in scratch.hidden.iter().enumerate() {
+    for (j, (&activation, &acc)) in activations.iter().zip(hidden_grad.iter()).enumerate() {
         // ReLU passes gradient only through units that were active.
         if activation <= 0.0 {
             continue;
-        }
-        let mut acc = 0.0_f32;
-        for (o, &g) in logits_grad.iter().enumerate() {
-            acc += params[layout.w2 + o * hidden + j] * g;
         }
         grad[layout.b1 + j] += acc;
         let row = &mut grad[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs];
