@@ -129,7 +129,18 @@ fn topk_sends_a_fortieth_of_the_bytes() {
 
 #[test]
 fn the_same_seed_prints_the_same_run() {
-    let args = ["--rounds", "2", "--local-epochs", "1", "--drop-rate", "0.2", "--byzantine", "1"];
+    let args = [
+        "--rounds",
+        "2",
+        "--local-epochs",
+        "1",
+        "--drop-rate",
+        "0.2",
+        "--byzantine",
+        "1",
+        "--attack",
+        "label_flip",
+    ];
     let a = train(&args).stdout;
     let b = train(&args).stdout;
     assert_eq!(String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));

@@ -94,7 +94,7 @@ pub(crate) struct TrainArgs {
     /// Byzantine participants: the first K nodes
     #[arg(long, default_value_t = 0)]
     byzantine: u32,
-    /// What Byzantine participants send
+    /// What Byzantine participants send: scale (update × −10), noise (σ = 1), label_flip
     #[arg(long, value_enum, default_value_t = Attack::Scale)]
     attack: Attack,
     /// Probability that a participant drops out of a round (does not answer)
@@ -126,6 +126,7 @@ enum Attack {
     /// Gaussian noise, σ = 1 per coordinate.
     Noise,
     /// The update of honest training on its chunk with every label `l` replaced by `9 − l`.
+    #[value(name = "label_flip")]
     LabelFlip,
 }
 
