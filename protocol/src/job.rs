@@ -323,7 +323,9 @@ pub struct TrainingParams {
     pub round_deadline_s: u64,
     /// Updates returned in time needed for a round to close successfully.
     pub quorum: u32,
-    /// Share of updates re-run on another node to check them, in [0, 1].
+    /// Share of each round's updates re-run on another participant to check them, in [0, 1]
+    /// (`ceil(share × updates)` a round); a re-run whose delta digest differs voids the
+    /// update's payment and drops its sender.
     #[serde(default)]
     pub verify_share: f64,
     /// For `compression = "topk"`: the share of values sent, in (0, 1] (default 0.01).
@@ -517,11 +519,15 @@ impl JobSpec {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render spec: {e}\n"))
     }
 
-    /// Total credits the job can pay, reserved in escrow when it is posted.
+    /// Total credits the job can pay, reserved in escrow when it is posted: `reward ×
+    /// replication`, or for training `reward × (participants + verifications per round) ×
+    /// rounds`.
     pub fn escrow(&self) -> Option<u64> {
         match (&self.kind, &self.training) {
             (JobKind::Training, Some(t)) => {
-                self.reward.checked_mul(u64::from(t.participants))?.checked_mul(u64::from(t.rounds))
+                let updates = u64::from(t.participants)
+                    .checked_add(u64::from(t.verifications_per_round()))?;
+                self.reward.checked_mul(updates)?.checked_mul(u64::from(t.rounds))
             }
             _ => self.reward.checked_mul(u64::from(self.replication)),
         }
@@ -757,6 +763,13 @@ impl JobSpec {
 }
 
 impl TrainingParams {
+    /// Most verifying re-runs in one round: `ceil(verify_share × participants)`. Each is paid
+    /// like an update, so the escrow holds `reward × (participants + this) × rounds`.
+    pub fn verifications_per_round(&self) -> u32 {
+        let share = self.verify_share.clamp(0.0, 1.0);
+        ((share * f64::from(self.participants)).ceil() as u32).min(self.participants)
+    }
+
     fn validate(&self, v: &mut Validator) {
         v.check(
             (1..=bounds::MAX_PARTICIPANTS).contains(&self.participants),

@@ -108,6 +108,10 @@ pub struct RoundLease {
     pub chunks: u32,
     /// Digest of the chunk's data (an `ADSC` dataset the relay serves).
     pub data: Digest,
+    /// A verifying re-run of another participant's update of `round`: train from `model` on
+    /// `data` without error-feedback memory and keep nothing; the relay compares the delta
+    /// digests.
+    pub verify: bool,
 }
 
 /// A relay's grant of a lease: run the job until `deadline_ms` and return a result.

@@ -26,6 +26,9 @@ pub const RESIDUAL_FILE: &str = "residual.bin";
 pub const UPDATE_FILE: &str = "update.bin";
 /// The guest's report on its chunk, in its outputs.
 pub const METRICS_FILE: &str = "metrics.json";
+/// The SHA-256 of the uncompressed delta, in the guest's outputs: a verifying re-run of the
+/// same round on another node must give a file with the same digest.
+pub const DELTA_DIGEST_FILE: &str = "delta.sha256";
 /// Share of the dataset held out for evaluation when the job names no `holdout`.
 pub const HOLDOUT_SHARE: f64 = 0.25;
 

@@ -18,7 +18,7 @@ use aimatrix_protocol::relay::{
     JobState, LeaseStatus, RelayConfig, RelayCore, RelayEvent, RelayJob,
 };
 use aimatrix_protocol::time::Millis;
-use aimatrix_protocol::{codec, testkit, Topic, Transmit};
+use aimatrix_protocol::{codec, testkit, training, Topic, Transmit};
 
 const REQUESTER: &str = "requester";
 const FUNDS: u64 = 1_000;
@@ -51,20 +51,28 @@ struct Net {
     closed_rounds: Vec<(JobId, u32, Vec<NodeId>)>,
 }
 
+/// What an honest node returns; for a training lease, `delta.sha256` is what a verifying
+/// re-run is compared by (every honest run agrees here, whatever the chunk).
 fn right_output() -> Outcome {
-    Outcome::succeeded(vec![OutputDigest {
-        name: "out.txt".into(),
-        digest: Digest::of(b"right"),
-        size_bytes: 5,
-    }])
+    Outcome::succeeded(vec![
+        OutputDigest { name: "out.txt".into(), digest: Digest::of(b"right"), size_bytes: 5 },
+        OutputDigest {
+            name: training::DELTA_DIGEST_FILE.into(),
+            digest: Digest::of(b"right delta"),
+            size_bytes: 65,
+        },
+    ])
 }
 
 fn wrong_output() -> Outcome {
-    Outcome::succeeded(vec![OutputDigest {
-        name: "out.txt".into(),
-        digest: Digest::of(b"wrong"),
-        size_bytes: 5,
-    }])
+    Outcome::succeeded(vec![
+        OutputDigest { name: "out.txt".into(), digest: Digest::of(b"wrong"), size_bytes: 5 },
+        OutputDigest {
+            name: training::DELTA_DIGEST_FILE.into(),
+            digest: Digest::of(b"wrong delta"),
+            size_bytes: 65,
+        },
+    ])
 }
 
 impl Net {
@@ -479,7 +487,7 @@ fn training_spec(participants: u32, quorum: u32, rounds: u32) -> JobSpec {
 }
 
 /// Drives a training job, aggregating each closed round with `judge`.
-fn run_training(net: &mut Net, job: JobId, judge: impl Fn(u32, &[NodeId]) -> RoundVerdict) {
+fn run_training(net: &mut Net, job: JobId, mut judge: impl FnMut(u32, &[NodeId]) -> RoundVerdict) {
     for _ in 0..10_000 {
         if net.relay.job(&job).unwrap().state.is_final() {
             return;
@@ -551,6 +559,76 @@ fn training_drops_a_silent_participant_and_does_not_pay_rejected_updates() {
     assert_eq!(net.balance(1), 0, "the silent participant is not paid");
     assert_eq!(net.balance(2), 0, "the rejected update is not paid");
     assert_eq!(net.book.balance(REQUESTER), FUNDS - 3);
+}
+
+/// Every update a round closed with is accepted.
+fn accept_all(round: u32, updates: &[NodeId]) -> RoundVerdict {
+    RoundVerdict {
+        metrics: Default::default(),
+        accepted: updates.to_vec(),
+        rejected: vec![],
+        new_model: Digest::of(&round.to_le_bytes()),
+    }
+}
+
+#[test]
+fn a_share_of_updates_is_re_run_on_another_participant_and_the_re_runs_are_paid() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 3]);
+    let mut spec = training_spec(3, 3, 2);
+    spec.training.as_mut().unwrap().verify_share = 0.5;
+    let job = net.post(spec);
+    // Escrow: 3 credits × (3 updates + ceil(0.5 × 3) = 2 re-runs) × 2 rounds.
+    assert_eq!(net.relay.job(&job).unwrap().escrow, 30);
+    run_training(&mut net, job, accept_all);
+    let j = net.relay.job(&job).unwrap();
+    assert!(matches!(j.state, JobState::Completed { .. }), "{:?}", j.state);
+    // Per round 3 updates and 2 re-runs, each re-run on a node other than the one it checks.
+    assert_eq!(j.leases.len(), 10, "{:?}", j.leases);
+    assert!(j.leases.values().all(|l| l.paid));
+    let history = &j.training.as_ref().unwrap().history;
+    assert!(history.iter().all(|r| r.accepted == 3 && r.rejected.is_empty()), "{history:?}");
+    let earned: u64 = (0..3).map(|i| net.balance(i)).sum();
+    assert_eq!(earned, 30);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 30);
+}
+
+#[test]
+fn a_re_run_that_disagrees_voids_the_update_and_drops_its_sender() {
+    let mut net = Net::new(&[
+        Behaviour::Honest { ms: 1_000 },
+        Behaviour::Honest { ms: 1_000 },
+        Behaviour::Liar { ms: 1_000 },
+    ]);
+    let mut spec = training_spec(3, 1, 1);
+    spec.training.as_mut().unwrap().verify_share = 1.0;
+    let job = net.post(spec);
+    let liar = net.nodes[2].id();
+    let mut seen = Vec::new();
+    run_training(&mut net, job, |round, updates| {
+        seen.extend_from_slice(updates);
+        accept_all(round, updates)
+    });
+    let j = net.relay.job(&job).unwrap();
+    assert!(matches!(j.state, JobState::Completed { .. }), "{:?}", j.state);
+    assert!(!seen.contains(&liar), "the liar's update is not aggregated: {seen:?}");
+    let t = j.training.as_ref().unwrap();
+    let record = &t.history[0];
+    assert!(
+        record.rejected.iter().any(|(n, why)| *n == liar && why.contains("different delta")),
+        "{record:?}"
+    );
+    let liar_update = j.leases.values().find(|l| l.node == liar && l.lease < 3).unwrap();
+    assert!(!liar_update.paid && matches!(liar_update.status, LeaseStatus::Failed(_)));
+    assert!(j.excluded.contains(&liar));
+    // Each update is re-run by the next sender in the round's order; the liar's re-run of an
+    // honest update disagrees too (a mismatch cannot say who lied), so exactly one honest
+    // update survives: the one an honest node re-ran.
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let paid_updates = j.leases.values().filter(|l| l.lease < 3 && l.paid).count();
+    assert_eq!(paid_updates, 1);
+    // Every re-run that came back is paid (3), plus the surviving update: 4 × 3 credits.
+    assert_eq!(j.paid, 12);
+    assert_eq!(net.book.balance(REQUESTER), FUNDS - 12, "the rest of the escrow is refunded");
 }
 
 #[test]

@@ -146,6 +146,7 @@ fn message() -> impl Strategy<Value = Message> {
                     chunk,
                     chunks: chunk.saturating_add(1),
                     data: model,
+                    verify: chunk % 2 == 0,
                 });
                 Message::Lease(Lease { job_id, lease, node, deadline_ms, spec, round })
             }),

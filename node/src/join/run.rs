@@ -108,7 +108,9 @@ async fn run(
         prepare::copy_input(&blob(round.model), &inputs, training::MODEL_FILE, &mut names)?;
         prepare::copy_input(&blob(round.data), &inputs, training::CHUNK_FILE, &mut names)?;
         let residual = residual_path(ctx, lease.job_id);
-        if params.error_feedback() && residual.exists() {
+        // A verifying re-run of another participant's update trains without this node's
+        // memory (the delta digest it is checked by does not depend on it).
+        if params.error_feedback() && !round.verify && residual.exists() {
             prepare::copy_input(&residual, &inputs, training::RESIDUAL_FILE, &mut names)?;
         }
         job.args.extend(params.step_args());
@@ -138,7 +140,7 @@ async fn run(
     let status = exec.status.to_string();
     let outcome = match exec.status {
         ExecStatus::Succeeded => {
-            if round.is_some() {
+            if round.is_some_and(|(r, _)| !r.verify) {
                 keep_residual(ctx, lease.job_id, &exec, work.path()).await?;
             }
             upload(ctx, lease, &exec, work.path()).await?

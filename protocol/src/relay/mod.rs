@@ -144,6 +144,9 @@ pub struct LeaseRecord {
     pub status: LeaseStatus,
     /// Whether this lease's result was paid.
     pub paid: bool,
+    /// Training: the digest of the result's `delta.sha256` output, which a verifying re-run
+    /// must match.
+    pub check: Option<Digest>,
 }
 
 /// A job as the relay tracks it.
@@ -810,6 +813,7 @@ impl RelayCore {
                 progress: 0,
                 status: LeaseStatus::Active,
                 paid: false,
+                check: None,
             },
         );
         assert!(
@@ -906,8 +910,12 @@ impl RelayCore {
             outcome: r.outcome.clone(),
         });
         match r.outcome {
-            Outcome::Succeeded { result_hash, .. } => {
-                lease.status = LeaseStatus::Returned(result_hash)
+            Outcome::Succeeded { result_hash, outputs } => {
+                lease.status = LeaseStatus::Returned(result_hash);
+                lease.check = outputs
+                    .iter()
+                    .find(|o| round.is_some() && o.name == crate::training::DELTA_DIGEST_FILE)
+                    .map(|o| o.digest);
             }
             Outcome::Failed { reason } | Outcome::HandedBack { reason } => {
                 lease.status = LeaseStatus::Failed(reason.clone());

@@ -33,6 +33,11 @@ pub enum RoundPhase {
         /// Round deadline.
         deadline_ms: Millis,
     },
+    /// Closed with a quorum; some updates are being re-run on other participants.
+    Verifying {
+        /// The re-runs' deadline.
+        deadline_ms: Millis,
+    },
     /// Closed with a quorum; waiting for the driver's aggregation.
     Aggregating,
     /// The job ended.
@@ -92,6 +97,22 @@ pub struct TrainingState {
     pub failed_rounds: u32,
     /// Since when a quorum (but not every wanted participant) has been waiting.
     pub quorum_since_ms: Option<Millis>,
+    /// The current round's verifying re-runs.
+    pub verifying: Vec<VerifyTask>,
+    /// Updates of the current round whose re-run disagreed (not paid, not aggregated).
+    pub voided: Vec<(NodeId, String)>,
+}
+
+/// A verifying re-run: `lease` (held by another participant) re-runs the update returned
+/// under `target_lease`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyTask {
+    /// The participant whose update is checked.
+    pub target: NodeId,
+    /// Its lease.
+    pub target_lease: u32,
+    /// The re-run's lease.
+    pub lease: u32,
 }
 
 impl TrainingState {
@@ -109,6 +130,8 @@ impl TrainingState {
             round_leases: Vec::new(),
             failed_rounds: 0,
             quorum_since_ms: None,
+            verifying: Vec::new(),
+            voided: Vec::new(),
         }
     }
 
@@ -124,7 +147,9 @@ impl TrainingState {
     /// The running round's deadline, or when a waiting quorum stops waiting for more.
     pub fn next_deadline(&self, start_wait_ms: u64) -> Option<Millis> {
         match self.phase {
-            RoundPhase::Running { deadline_ms } => Some(deadline_ms),
+            RoundPhase::Running { deadline_ms } | RoundPhase::Verifying { deadline_ms } => {
+                Some(deadline_ms)
+            }
             RoundPhase::Waiting => self.quorum_since_ms.map(|t| t.saturating_add(start_wait_ms)),
             _ => None,
         }
@@ -213,7 +238,8 @@ impl RelayCore {
         for (chunk, node) in participants.into_iter().enumerate() {
             let lease_no = self.jobs.get(&job_id).map_or(0, |j| j.next_lease);
             let Some(&data) = chunk_data.get(chunk) else { break }; // checked at post and restore
-            let assignment = RoundLease { round, model, chunk: chunk as u32, chunks, data };
+            let assignment =
+                RoundLease { round, model, chunk: chunk as u32, chunks, data, verify: false };
             self.grant_lease(now, job_id, node, Some(assignment));
             if let Some(t) = self.jobs.get_mut(&job_id).and_then(|j| j.training.as_mut()) {
                 t.round_leases.push(lease_no);
@@ -236,8 +262,14 @@ impl RelayCore {
                 _ => {}
             }
         }
-        if all_answered && matches!(t.phase, RoundPhase::Running { .. }) {
-            self.close_round(now, job_id);
+        let verified = t
+            .verifying
+            .iter()
+            .all(|v| job.leases.get(&v.lease).is_none_or(|l| l.status != LeaseStatus::Active));
+        match t.phase {
+            RoundPhase::Running { .. } if all_answered => self.close_round(now, job_id),
+            RoundPhase::Verifying { .. } if verified => self.finish_verification(now, job_id),
+            _ => {}
         }
     }
 
@@ -256,6 +288,26 @@ impl RelayCore {
         let Some(t) = job.training.as_mut() else { return };
         if t.phase == RoundPhase::Waiting {
             return self.try_start_round(now, job_id, false);
+        }
+        if let RoundPhase::Verifying { deadline_ms } = t.phase {
+            if now < deadline_ms {
+                return;
+            }
+            let mut expired = Vec::new();
+            for v in &t.verifying {
+                if let Some(l) = job.leases.get_mut(&v.lease) {
+                    if l.status == LeaseStatus::Active {
+                        l.status = LeaseStatus::Expired;
+                        expired.push((l.lease, l.node));
+                    }
+                }
+            }
+            for (lease, node) in expired {
+                self.events.push_back(RelayEvent::LeaseExpired { job_id, lease, node });
+                let reason = "the re-run's deadline passed; it is not counted".to_owned();
+                self.send(now, node, &Message::Cancel(Cancel { job_id, lease, reason }));
+            }
+            return self.finish_verification(now, job_id);
         }
         let Some(deadline) = t.round_deadline() else { return };
         if now < deadline {
@@ -306,8 +358,136 @@ impl RelayCore {
         self.events.push_back(RelayEvent::RoundClosed { job_id, round, model, updates });
     }
 
-    /// Closes the running round: to aggregation with a quorum, otherwise retried or failed.
+    /// Closes the running round: with a quorum, to verification (when the job re-runs a share
+    /// of its updates) and then aggregation; otherwise retried or failed.
     fn close_round(&mut self, now: Millis, job_id: JobId) {
+        if self.start_verification(now, job_id) {
+            return;
+        }
+        self.begin_aggregation(now, job_id);
+    }
+
+    /// Picks `ceil(verify_share × updates)` of the round's updates (by a digest of job, round
+    /// and sender, so the choice cannot be steered and replays the same) and leases each to
+    /// the next participant that returned one, as a re-run. False when nothing is re-run.
+    fn start_verification(&mut self, now: Millis, job_id: JobId) -> bool {
+        let Some(job) = self.jobs.get(&job_id) else { return false };
+        let Some(t) = job.training.as_ref() else { return false };
+        let updates = Self::round_updates(job);
+        if updates.len() < t.params.quorum as usize
+            || updates.len() < 2
+            || t.params.verify_share <= 0.0
+        {
+            return false;
+        }
+        let count = ((t.params.verify_share * updates.len() as f64).ceil() as usize)
+            .min(t.params.verifications_per_round() as usize);
+        let round = t.round;
+        let mut chosen: Vec<&(NodeId, u32, Digest)> = updates.iter().collect();
+        chosen.sort_by_key(|(node, _, _)| {
+            Digest::of_parts(&[&job_id.0, &round.to_le_bytes(), node.as_bytes()])
+        });
+        chosen.truncate(count);
+        // Who re-runs what: the next sender in the round's order, never the sender itself.
+        let mut work = Vec::new();
+        for (node, lease, _) in chosen {
+            let at = updates.iter().position(|(n, _, _)| n == node).unwrap_or(0);
+            let (verifier, _, _) = updates[(at + 1) % updates.len()];
+            let chunk = t.round_leases.iter().position(|l| l == lease).unwrap_or(0);
+            let Some(&data) = t.data.chunks.get(chunk) else { continue };
+            let assignment = RoundLease {
+                round,
+                model: t.model,
+                chunk: chunk as u32,
+                chunks: t.params.participants,
+                data,
+                verify: true,
+            };
+            work.push((*node, *lease, verifier, assignment));
+        }
+        let deadline_ms = now.saturating_add(secs(t.params.round_deadline_s)).min(job.deadline_ms);
+        let mut tasks = Vec::with_capacity(work.len());
+        for (target, target_lease, verifier, assignment) in work {
+            let lease = self.jobs.get(&job_id).map_or(0, |j| j.next_lease);
+            self.grant_lease(now, job_id, verifier, Some(assignment));
+            tasks.push(VerifyTask { target, target_lease, lease });
+        }
+        let Some(t) = self.jobs.get_mut(&job_id).and_then(|j| j.training.as_mut()) else {
+            return false;
+        };
+        t.verifying = tasks;
+        t.phase = RoundPhase::Verifying { deadline_ms };
+        !t.verifying.is_empty()
+    }
+
+    /// Settles the round's re-runs: a re-run that returned is paid; where its delta digest
+    /// differs from the original's, the original update is voided (not paid, not aggregated)
+    /// and its sender dropped. An update whose re-run did not come back stays. Then the round
+    /// goes to aggregation.
+    fn finish_verification(&mut self, now: Millis, job_id: JobId) {
+        let fee_bps = self.cfg.fee_bps;
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let reward = job.spec.reward;
+        let Some(t) = job.training.as_mut() else { return };
+        let round = t.round;
+        let mut receipts = Vec::new();
+        for v in std::mem::take(&mut t.verifying) {
+            let (Some(rerun), Some(original)) =
+                (job.leases.get(&v.lease), job.leases.get(&v.target_lease))
+            else {
+                continue;
+            };
+            if !matches!(rerun.status, LeaseStatus::Returned(_)) {
+                if rerun.status == LeaseStatus::Expired {
+                    let reason = "the re-run was not returned before its deadline".to_owned();
+                    receipts.push((v.lease, rerun.node, Verdict::Rejected { reason }));
+                }
+                continue;
+            }
+            let verifier = rerun.node;
+            let agrees = rerun.check.is_some() && rerun.check == original.check;
+            let (amount, fee) = super::split_fee(reward, fee_bps);
+            let round_bytes = round.to_le_bytes();
+            self.events.push_back(RelayEvent::Ledger(LedgerOp::Pay {
+                id: TransferId::derive(
+                    job_id,
+                    "verify",
+                    &[verifier.as_bytes(), &round_bytes, &v.lease.to_le_bytes()],
+                ),
+                reserve_id: TransferId::derive(job_id, "reserve", &[]),
+                job_id,
+                node: verifier,
+                amount,
+                fee,
+            }));
+            job.paid += amount + fee;
+            if let Some(l) = job.leases.get_mut(&v.lease) {
+                l.paid = true;
+            }
+            receipts.push((v.lease, verifier, Verdict::Paid { amount }));
+            if !agrees {
+                let why = format!(
+                    "a re-run of round {round} on {} gave a different delta; the update is void",
+                    verifier.to_peer_id()
+                );
+                if let Some(l) = job.leases.get_mut(&v.target_lease) {
+                    l.status = LeaseStatus::Failed(why.clone());
+                }
+                t.participants.remove(&v.target);
+                job.excluded.insert(v.target);
+                t.voided.push((v.target, why.clone()));
+                receipts.push((v.target_lease, v.target, Verdict::Rejected { reason: why }));
+            }
+        }
+        assert!(job.paid <= job.escrow, "training paid more than its escrow");
+        for (lease, node, verdict) in receipts {
+            self.receipt(now, job_id, lease, node, Some(round), verdict);
+        }
+        self.begin_aggregation(now, job_id);
+    }
+
+    /// Hands the round's updates to the driver with a quorum; otherwise retries or fails it.
+    fn begin_aggregation(&mut self, now: Millis, job_id: JobId) {
         let max_attempts = self.jobs.get(&job_id).map_or(1, |j| j.spec.max_attempts);
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let updates = Self::round_updates(job);
@@ -321,6 +501,7 @@ impl RelayCore {
         }
         t.failed_rounds += 1;
         t.phase = RoundPhase::Waiting;
+        t.voided.clear(); // already receipted
         let reason = format!(
             "round {round} closed with {} of the {} updates its quorum needs",
             updates.len(),
@@ -412,11 +593,13 @@ impl RelayCore {
             }
         }
         assert!(job.paid <= job.escrow, "training paid more than its escrow");
+        let mut rejected = std::mem::take(&mut t.voided);
+        rejected.extend(verdict.rejected.iter().cloned());
         t.history.push(RoundRecord {
             round,
-            received: returned.len() as u32,
+            received: (returned.len() + rejected.len() - verdict.rejected.len()) as u32,
             accepted: verdict.accepted.len() as u32,
-            rejected: verdict.rejected.clone(),
+            rejected,
             model: verdict.new_model,
             metrics: verdict.metrics,
             at_ms: now,

@@ -91,7 +91,7 @@ pub struct TrainingView {
     pub round: u32,
     /// Rounds the job runs.
     pub rounds: u32,
-    /// `waiting` (for participants), `running`, `aggregating` or `done`.
+    /// `waiting` (for participants), `running`, `verifying`, `aggregating` or `done`.
     pub phase: String,
     /// Participants of the current round (peer ids).
     pub participants: Vec<String>,
@@ -149,6 +149,7 @@ impl TrainingView {
         let phase = match state.phase {
             RoundPhase::Waiting => "waiting",
             RoundPhase::Running { .. } => "running",
+            RoundPhase::Verifying { .. } => "verifying",
             RoundPhase::Aggregating => "aggregating",
             RoundPhase::Done => "done",
         };
