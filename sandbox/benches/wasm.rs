@@ -19,6 +19,9 @@ use aimatrix_sandbox::{ExecLimits, ExecStatus, Executor, JobWorkload, PreparedJo
 const TRIVIAL: &str = r#"(module (memory (export "memory") 1) (func (export "_start")))"#;
 const EPOCHS: u32 = 5;
 const SAMPLES: usize = 1_347; // the size of the digits training split
+/// Runs of each training-step variant. The machine is often shared, so the table shows the
+/// fastest run (the least disturbed) beside the median, and the ratio for both.
+const RUNS: usize = 11;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -107,7 +110,7 @@ fn main() {
     let model = Model::init(7);
     let data = dataset();
     let mut native = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..RUNS {
         // Exactly the guest's work: decode, loss before, train, loss after, encode the delta.
         let (model_bytes, data_bytes) = (model.encode(), data.encode());
         let started = Instant::now();
@@ -121,9 +124,14 @@ fn main() {
         std::hint::black_box((before, after, delta));
     }
     native.sort();
-    let native_med = native[2];
-    println!("\ntraining step: {SAMPLES} samples, {EPOCHS} epochs, batch 32 (median of 5)");
-    println!("  native (same steps as the guest) {:>6.1} ms", millis(native_med));
+    let (native_min, native_med) = (native[0], native[RUNS / 2]);
+    println!("\ntraining step: {SAMPLES} samples, {EPOCHS} epochs, batch 32 ({RUNS} runs each)");
+    println!(
+        "  {:<22} {:>8.1} ms min {:>8.1} ms median",
+        "native (same steps)",
+        millis(native_min),
+        millis(native_med)
+    );
     let inputs = |dir: &std::path::Path| {
         std::fs::create_dir_all(dir.join("inputs")).unwrap();
         std::fs::write(dir.join("inputs/model.bin"), model.encode()).unwrap();
@@ -137,7 +145,7 @@ fn main() {
     ];
     for (label, fuel, deterministic) in variants {
         let mut times = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..RUNS {
             let dir = tempfile::tempdir().unwrap();
             inputs(dir.path());
             let limits = ExecLimits {
@@ -163,12 +171,16 @@ fn main() {
             );
         }
         times.sort();
-        let ratio = times[2].as_secs_f64() / native_med.as_secs_f64();
+        let ratio_min = times[0].as_secs_f64() / native_min.as_secs_f64();
+        let ratio_med = times[RUNS / 2].as_secs_f64() / native_med.as_secs_f64();
         println!(
-            "  {label:<22} {:>8.1} ms   {:.2}× native   target ≤ 1.6×: {}",
-            millis(times[2]),
-            ratio,
-            if ratio <= 1.6 { "PASS" } else { "MISS" }
+            "  {label:<22} {:>8.1} ms min {:>8.1} ms median   {:.2}× / {:.2}× native   \
+             target ≤ 1.6×: {}",
+            millis(times[0]),
+            millis(times[RUNS / 2]),
+            ratio_min,
+            ratio_med,
+            if ratio_min.max(ratio_med) <= 1.6 { "PASS" } else { "MISS" }
         );
     }
 }
