@@ -504,6 +504,9 @@ pub struct ReplayCache {
     capacity: usize,
     seen: HashMap<(NodeId, u64), Millis>,
     by_expiry: BTreeSet<(Millis, NodeId, u64)>,
+    /// The first expiry in `by_expiry` (`Millis::MAX` when empty): a purge with nothing to do,
+    /// the usual case, reads this instead of the tree.
+    earliest_ms: Millis,
     floor_ms: Millis,
 }
 
@@ -514,6 +517,7 @@ impl ReplayCache {
             capacity: capacity.max(1),
             seen: HashMap::new(),
             by_expiry: BTreeSet::new(),
+            earliest_ms: Millis::MAX,
             floor_ms: 0,
         }
     }
@@ -530,6 +534,9 @@ impl ReplayCache {
 
     /// Drops entries whose messages expired before `horizon_ms`.
     pub fn purge_before(&mut self, horizon_ms: Millis) {
+        if self.earliest_ms >= horizon_ms {
+            return;
+        }
         while let Some(&(expiry, signer, nonce)) = self.by_expiry.first() {
             if expiry >= horizon_ms {
                 break;
@@ -537,6 +544,7 @@ impl ReplayCache {
             self.by_expiry.pop_first();
             self.seen.remove(&(signer, nonce));
         }
+        self.earliest_ms = self.by_expiry.first().map_or(Millis::MAX, |e| e.0);
     }
 
     /// Checks `(signer, nonce)` and records it; an error when it was seen or is too old.
@@ -559,6 +567,7 @@ impl ReplayCache {
             if let Some((expiry, old_signer, old_nonce)) = self.by_expiry.pop_first() {
                 self.seen.remove(&(old_signer, old_nonce));
                 self.floor_ms = self.floor_ms.max(expiry);
+                self.earliest_ms = self.by_expiry.first().map_or(Millis::MAX, |e| e.0);
             }
             if expires_at_ms <= self.floor_ms {
                 return Err(VerifyError::ReplayWindowExceeded {
@@ -569,6 +578,7 @@ impl ReplayCache {
         }
         self.seen.insert((signer, nonce), expires_at_ms);
         self.by_expiry.insert((expires_at_ms, signer, nonce));
+        self.earliest_ms = self.earliest_ms.min(expires_at_ms);
         assert_eq!(self.seen.len(), self.by_expiry.len());
         Ok(())
     }

@@ -48,6 +48,8 @@ pub(super) struct Dht {
     keys: Vec<u64>,
     /// Every node's contacts, bucket by bucket.
     tables: Vec<Vec<u32>>,
+    /// Where each node's bucket `i` starts in its table (`i` in 0..=64; entry 64 is the end).
+    bucket_starts: Vec<[u32; 65]>,
 }
 
 impl Dht {
@@ -58,9 +60,12 @@ impl Dht {
             keys.iter().enumerate().map(|(i, key)| (*key, i as u32)).collect();
         sorted.sort_unstable();
         let mut tables = Vec::with_capacity(keys.len());
+        let mut bucket_starts = Vec::with_capacity(keys.len());
         for &x in &keys {
             let mut table = Vec::new();
+            let mut starts = [0u32; 65];
             for bit in 0..64u32 {
+                starts[bit as usize] = table.len() as u32;
                 // Keys at distance [2^bit, 2^(bit+1)) from x: x's prefix above `bit`, the
                 // opposite of x at `bit`, anything below.
                 let low_mask = if bit == 0 { 0 } else { (1u64 << bit) - 1 };
@@ -79,15 +84,44 @@ impl Dht {
                     table.extend(picked);
                 }
             }
+            starts[64] = table.len() as u32;
             tables.push(table);
+            bucket_starts.push(starts);
         }
-        Self { k, alpha: alpha.max(1) as usize, keys, tables }
+        Self { k, alpha: alpha.max(1) as usize, keys, tables, bucket_starts }
     }
 
-    /// The `k` contacts of `node` closest to `target`.
+    /// The `k` contacts of `node` closest to `target`, closest first.
+    ///
+    /// With `b` the highest bit in which `node` and `target` differ, the contacts of bucket `b`
+    /// are closer to `target` than `2^b`, those of the buckets below lie in `[2^b, 2^(b+1))`,
+    /// and those of each bucket `c` above in `[2^c, 2^(c+1))`. So only the buckets in that
+    /// order until `k` contacts are in hand need their distances measured.
     fn closest_known(&self, node: u32, target: u64, out: &mut Vec<(u64, u32)>) {
         out.clear();
-        out.extend(self.tables[node as usize].iter().map(|&p| (self.keys[p as usize] ^ target, p)));
+        let table = &self.tables[node as usize];
+        let starts = &self.bucket_starts[node as usize];
+        let keys = &self.keys;
+        let take = |out: &mut Vec<(u64, u32)>, from: u32, to: u32| {
+            let bucket = &table[from as usize..to as usize];
+            out.extend(bucket.iter().map(|&p| (keys[p as usize] ^ target, p)));
+        };
+        let apart = self.keys[node as usize] ^ target;
+        if apart == 0 {
+            take(out, 0, starts[64]);
+        } else {
+            let b = 63 - apart.leading_zeros() as usize;
+            take(out, starts[b], starts[b + 1]);
+            if out.len() < self.k {
+                take(out, starts[0], starts[b]);
+            }
+            for c in b + 1..64 {
+                if out.len() >= self.k {
+                    break;
+                }
+                take(out, starts[c], starts[c + 1]);
+            }
+        }
         if out.len() > self.k {
             out.select_nth_unstable(self.k - 1);
             out.truncate(self.k);
@@ -149,6 +183,26 @@ impl Dht {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[test]
+    fn closest_contacts_match_a_scan_of_the_whole_table() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let keys: Vec<u64> = (0..3_000u32).map(|i| key_of(&i.to_le_bytes())).collect();
+        let dht = Dht::new(keys.clone(), 20, 3, &mut rng);
+        let mut got = Vec::new();
+        for node in (0..3_000u32).step_by(37) {
+            for target in [key_of(&node.to_be_bytes()), keys[node as usize], keys[7], 0, u64::MAX] {
+                dht.closest_known(node, target, &mut got);
+                let mut all: Vec<(u64, u32)> = dht.tables[node as usize]
+                    .iter()
+                    .map(|&p| (keys[p as usize] ^ target, p))
+                    .collect();
+                all.sort_unstable();
+                all.truncate(20);
+                assert_eq!(got, all, "node {node}, target {target:x}");
+            }
+        }
+    }
 
     #[test]
     fn lookups_find_the_true_closest_peers_in_a_few_hops() {
