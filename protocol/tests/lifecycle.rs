@@ -632,6 +632,44 @@ fn a_re_run_that_disagrees_voids_the_update_and_drops_its_sender() {
 }
 
 #[test]
+fn rounds_short_of_participants_still_train_on_every_chunk() {
+    let mut net = Net::new(&[
+        Behaviour::Honest { ms: 1_000 },
+        Behaviour::Vanish,
+        Behaviour::Honest { ms: 1_000 },
+    ]);
+    let job = net.post(training_spec(3, 2, 4));
+    let mut chunks = BTreeSet::new();
+    let mut rounds = 0;
+    for _ in 0..10_000 {
+        if net.relay.job(&job).unwrap().state.is_final() {
+            break;
+        }
+        for (i, e) in net.node_events.drain(..) {
+            if let (0 | 2, NodeEvent::RunJob { lease, .. }) = (i, e) {
+                if let Some(r) = lease.round.filter(|r| r.round >= 1) {
+                    chunks.insert(r.chunk);
+                    rounds = rounds.max(r.round + 1);
+                }
+            }
+        }
+        if let Some((job_id, round, updates)) = net.closed_rounds.pop() {
+            net.relay
+                .round_aggregated(net.now, job_id, round, accept_all(round, &updates))
+                .unwrap();
+            net.settle();
+            continue;
+        }
+        net.tick();
+    }
+    assert!(matches!(net.relay.job(&job).unwrap().state, JobState::Completed { .. }));
+    assert_eq!(rounds, 4);
+    // The silent node is dropped after round 0; from round 1 on the two left cover all three
+    // chunks between them.
+    assert_eq!(chunks, BTreeSet::from([0, 1, 2]));
+}
+
+#[test]
 fn a_node_only_obeys_the_relay_that_offered_the_job() {
     use aimatrix_protocol::messages::{seal, Lease, Message, Receipt};
     let mut net = Net::new(&[Behaviour::Vanish]);

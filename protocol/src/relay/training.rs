@@ -167,6 +167,16 @@ impl TrainingState {
     }
 }
 
+/// The chunk seat `seat` of a round with `present` participants trains on. With every seat
+/// taken, seat `i` always trains on chunk `i`; with fewer participants than chunks the
+/// assignment shifts by `present` each round, so no chunk is left out of training for good.
+fn round_chunk(seat: usize, round: u32, present: usize, chunks: usize) -> usize {
+    if chunks == 0 {
+        return 0;
+    }
+    (seat + round as usize * present) % chunks
+}
+
 /// The driver's verdict on a closed round.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoundVerdict {
@@ -235,8 +245,10 @@ impl RelayCore {
             participants: participants.clone(),
         });
         let chunk_data = t.data.chunks.clone();
-        for (chunk, node) in participants.into_iter().enumerate() {
+        let present = participants.len();
+        for (seat, node) in participants.into_iter().enumerate() {
             let lease_no = self.jobs.get(&job_id).map_or(0, |j| j.next_lease);
+            let chunk = round_chunk(seat, round, present, chunk_data.len());
             let Some(&data) = chunk_data.get(chunk) else { break }; // checked at post and restore
             let assignment =
                 RoundLease { round, model, chunk: chunk as u32, chunks, data, verify: false };
@@ -393,7 +405,8 @@ impl RelayCore {
         for (node, lease, _) in chosen {
             let at = updates.iter().position(|(n, _, _)| n == node).unwrap_or(0);
             let (verifier, _, _) = updates[(at + 1) % updates.len()];
-            let chunk = t.round_leases.iter().position(|l| l == lease).unwrap_or(0);
+            let seat = t.round_leases.iter().position(|l| l == lease).unwrap_or(0);
+            let chunk = round_chunk(seat, round, t.round_leases.len(), t.data.chunks.len());
             let Some(&data) = t.data.chunks.get(chunk) else { continue };
             let assignment = RoundLease {
                 round,
