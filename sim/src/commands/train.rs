@@ -27,7 +27,7 @@ use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::job::{
     Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
 };
-use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
+use aimatrix_protocol::ledger::{EscrowBook, LedgerOp, TransferId};
 use aimatrix_protocol::messages::{JobId, Lease, Outcome, OutputDigest, Usage};
 use aimatrix_protocol::node::{NodeConfig, NodeCore, NodeEvent};
 use aimatrix_protocol::relay::training::{RoundVerdict, TrainingData};
@@ -91,6 +91,10 @@ pub(crate) struct TrainArgs {
     /// Updates a round needs to close (default: half the seats)
     #[arg(long)]
     quorum: Option<u32>,
+    /// Share of each round's updates re-run on another participant (a different delta
+    /// digest voids the update)
+    #[arg(long, default_value_t = 0.0)]
+    verify_share: f64,
     /// Byzantine participants: the first K nodes
     #[arg(long, default_value_t = 0)]
     byzantine: u32,
@@ -186,6 +190,8 @@ struct Report {
     updates_accepted: usize,
     updates_rejected: usize,
     updates_paid: usize,
+    /// Verifying re-runs paid (`--verify-share`).
+    reruns_paid: usize,
     paid_not_accepted: usize,
     leases_dropped: usize,
     rounds_failed: usize,
@@ -269,12 +275,13 @@ fn print_summary(r: &Report) {
         r.bytes_per_round, r.bytes_per_update, r.compression_ratio, r.raw_update_bytes
     );
     println!(
-        "updates: {} received, {} accepted, {} rejected, {} paid; {} leases dropped; {} rounds \
-         failed",
+        "updates: {} received, {} accepted, {} rejected, {} paid; {} re-runs paid; {} leases \
+         dropped; {} rounds failed",
         r.updates_received,
         r.updates_accepted,
         r.updates_rejected,
         r.updates_paid,
+        r.reruns_paid,
         r.leases_dropped,
         r.rounds_failed
     );
@@ -403,6 +410,9 @@ struct World {
     end: Option<String>,
     standby: u32,
     updates_paid: usize,
+    reruns_paid: usize,
+    /// The transfer ids of the re-runs this run's nodes did, to tell their pay from an update's.
+    rerun_transfers: std::collections::BTreeSet<TransferId>,
     paid_not_accepted: usize,
     credits_paid: u64,
     credits_refunded: u64,
@@ -432,7 +442,7 @@ impl World {
             compression: args.compression,
             round_deadline_s: args.round_deadline_s,
             quorum: args.quorum.unwrap_or(args.nodes.div_ceil(2)),
-            verify_share: 0.0,
+            verify_share: args.verify_share,
             topk_fraction: args.topk_fraction,
             max_norm_ratio: args.max_norm_ratio,
             holdout: Some(ContentRef::Digest(Digest::of(&holdout))),
@@ -511,6 +521,8 @@ impl World {
             end: None,
             standby,
             updates_paid: 0,
+            reruns_paid: 0,
+            rerun_transfers: Default::default(),
             paid_not_accepted: 0,
             credits_paid: 0,
             credits_refunded: 0,
@@ -677,12 +689,16 @@ impl World {
                         Ok(()) => self.relay.reserve_confirmed(now, *job_id)?,
                         Err(e) => self.relay.reserve_failed(now, *job_id, e.to_string())?,
                     },
-                    LedgerOp::Pay { node, amount, fee, .. } => {
+                    LedgerOp::Pay { id, node, amount, fee, .. } => {
                         result.context("the ledger refused a payment")?;
-                        self.updates_paid += 1;
                         self.credits_paid += amount + fee;
-                        if !self.last_accepted.contains(node) {
-                            self.paid_not_accepted += 1;
+                        if self.rerun_transfers.contains(id) {
+                            self.reruns_paid += 1;
+                        } else {
+                            self.updates_paid += 1;
+                            if !self.last_accepted.contains(node) {
+                                self.paid_not_accepted += 1;
+                            }
                         }
                     }
                     LedgerOp::Release { amount, .. } => {
@@ -746,7 +762,14 @@ impl World {
         }
         let mut inputs =
             vec![(training::MODEL_FILE, model.as_slice()), (training::CHUNK_FILE, &chunk)];
-        let residual = self.nodes[i].residual.take();
+        // A verifying re-run trains without (and keeps no) error-feedback memory, as a node does.
+        let residual = if round.verify { None } else { self.nodes[i].residual.take() };
+        if round.verify {
+            let node = self.nodes[i].core.id();
+            let parts: [&[u8]; 3] =
+                [node.as_bytes(), &round.round.to_le_bytes(), &lease.lease.to_le_bytes()];
+            self.rerun_transfers.insert(TransferId::derive(lease.job_id, "verify", &parts));
+        }
         if let (true, Some(r)) = (self.params.error_feedback(), &residual) {
             inputs.push((training::RESIDUAL_FILE, r));
         }
@@ -754,7 +777,10 @@ impl World {
         let outcome = match self.sandbox.run(&inputs, self.params.step_args(), limits)? {
             Err(why) => Outcome::Failed { reason: why },
             Ok(mut files) => {
-                self.nodes[i].residual = files.remove(training::RESIDUAL_FILE);
+                let kept = files.remove(training::RESIDUAL_FILE);
+                if !round.verify {
+                    self.nodes[i].residual = kept;
+                }
                 let mut update = files
                     .remove(training::UPDATE_FILE)
                     .context("train-step wrote no update.bin")?;
@@ -905,6 +931,7 @@ impl World {
             updates_accepted: sum(|r| r.accepted),
             updates_rejected: sum(|r| r.rejected),
             updates_paid: self.updates_paid,
+            reruns_paid: self.reruns_paid,
             paid_not_accepted: self.paid_not_accepted,
             leases_dropped: self.leases_dropped,
             rounds_failed: self.rounds_failed,
