@@ -89,7 +89,14 @@ fn sample_messages() -> Vec<Message> {
             node,
             deadline_ms: NOW_MS + 300_000,
             spec: testkit::docker_gpu_spec(50),
-            round: Some(RoundLease { round: 2, model: Digest::of(b"model"), chunk: 1, chunks: 4 }),
+            round: Some(RoundLease {
+                round: 2,
+                model: Digest::of(b"model"),
+                chunk: 1,
+                chunks: 4,
+                data: Digest::of(b"chunk 1"),
+                verify: false,
+            }),
         }),
         Message::LeaseDenied(LeaseDenied {
             job_id,
