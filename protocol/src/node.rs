@@ -520,7 +520,8 @@ impl NodeCore {
 
     /// Auto mode: claims matching offers while slots are free: offers that name this node (or
     /// nobody) as a preferred claimant, highest reward first, then in this node's own order
-    /// ([`claim_order_key`](crate::messages::claim_order_key)) so that nodes hearing the same offers try different jobs first.
+    /// ([`claim_order_key`](crate::messages::claim_order_key)) so that nodes hearing the same
+    /// offers try different jobs first. The table keeps the claimable offers in that order.
     fn claim_more(&mut self, now: Millis) {
         if self.cfg.accept != AcceptMode::Auto || self.draining {
             return;
