@@ -1,6 +1,7 @@
 //! What the three aimatrix binaries (`aimatrix-node`, `studio-relay`, `aimatrix-sim`) share on
 //! the command line: logs to stderr filtered by `RUST_LOG`, the exit status contract (0
-//! success, 1 negative answer, 2 error), and help on a bare invocation.
+//! success, 1 negative answer, 2 error), help on a bare invocation, and a free loopback port
+//! for the processes the devnet and the tests start.
 //!
 //! ```no_run
 //! # #[derive(clap::Parser)] struct Cli;
@@ -97,4 +98,30 @@ pub async fn shutdown_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// A free TCP port on 127.0.0.1 for a child process to bind right after (it is bound here and
+/// released). It is taken below Linux's ephemeral range (32768 and up): a port from that range
+/// can be taken by another process's listener on port 0 (a libp2p node on `tcp/0`) in the
+/// moment before the child binds it. Successive calls in one process try successive ports.
+///
+/// # Errors
+///
+/// When no port between 20000 and 31999 can be bound.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Processes started at the same time (parallel test binaries) start at different places.
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 12;
+    for _ in 0..12_000 {
+        let port =
+            20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000) % 12_000;
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?.port());
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port on 127.0.0.1 between 20000 and 31999",
+    ))
 }

@@ -38,7 +38,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aimatrix_protocol::job::JobSpec;
@@ -582,20 +581,10 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
 }
 
-/// A free port on 127.0.0.1 (bound and released; the child binds it right after), below
-/// Linux's ephemeral range (32768 and up): an ephemeral port picked here could be taken by
-/// another node's libp2p listener on `tcp/0` before its own node binds it (at 100 nodes, 2 of
-/// them failed to start that way).
+/// A free port on 127.0.0.1, outside the range other nodes' `tcp/0` listeners draw from (at
+/// 100 nodes, 2 of them failed to start before the ports moved there).
 fn free_loopback_addr() -> anyhow::Result<String> {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 1_000) as u16 * 10;
-    for _ in 0..2_000 {
-        let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2_000;
-        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return Ok(listener.local_addr()?.to_string());
-        }
-    }
-    bail!("no free port on 127.0.0.1 between {base} and {}", base + 2_000)
+    Ok(format!("127.0.0.1:{}", aimatrix_cli_support::free_loopback_port()?))
 }
 
 /// SplitMix64: the posting schedule's random numbers, from the scenario's seed.

@@ -494,9 +494,9 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the child binds it right after).
+/// A free TCP port on 127.0.0.1, outside the range other nodes' `tcp/0` listeners draw from.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    aimatrix_cli_support::free_loopback_port().unwrap()
 }
 
 fn parse_json(text: &str) -> Value {

@@ -513,6 +513,5 @@ fn path_str(path: &Path) -> anyhow::Result<String> {
 
 /// A free port on 127.0.0.1 (bound and released; the child binds it right after).
 fn free_loopback_addr() -> anyhow::Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.to_string())
+    Ok(format!("127.0.0.1:{}", aimatrix_cli_support::free_loopback_port()?))
 }
