@@ -428,9 +428,12 @@ impl RelayCore {
         let Some(t) = self.jobs.get_mut(&job_id).and_then(|j| j.training.as_mut()) else {
             return false;
         };
+        if tasks.is_empty() {
+            return false;
+        }
         t.verifying = tasks;
         t.phase = RoundPhase::Verifying { deadline_ms };
-        !t.verifying.is_empty()
+        true
     }
 
     /// Settles the round's re-runs: a re-run that returned is paid; where its delta digest
