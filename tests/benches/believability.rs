@@ -30,14 +30,15 @@
 
 #[path = "believability/logs.rs"]
 mod logs;
+#[path = "common/loopback.rs"]
+mod loopback;
 #[path = "believability/report.rs"]
 mod report;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aimatrix_protocol::job::JobSpec;
@@ -46,6 +47,7 @@ use aimatrix_sim::scenario::JobClass;
 use aimatrix_sim::{Scenario, Sim};
 use anyhow::{bail, Context};
 use logs::Micros;
+use loopback::{percentile, Network, Setup};
 use report::{print_report, JobCounts, Real};
 use studio_relay::api::types::{MintRequest, PostJobRequest};
 use studio_relay::client::RelayClient;
@@ -209,7 +211,16 @@ fn run() -> anyhow::Result<()> {
     let node_bin = aimatrix_tests::binary("aimatrix-node");
     let load_before = load_average();
     let started = Instant::now();
-    let mut net = Network::start(&relay_bin, &node_bin, sc.nodes as usize, opts.keep)?;
+    let mut net = Network::start(&Setup {
+        relay_bin: &relay_bin,
+        node_bin: &node_bin,
+        nodes: sc.nodes as usize,
+        keep: opts.keep,
+        prefix: "aimatrix-believability-",
+        relay_log: "warn,studio_relay=info".into(),
+        node_log: "warn,aimatrix_node::join::driver=debug".into(),
+        wait: Duration::from_secs(60 + u64::from(sc.nodes)),
+    })?;
     eprintln!(
         "network up after {:.1} s: 1 relay, {} nodes; logs in {}",
         started.elapsed().as_secs_f64(),
@@ -230,7 +241,7 @@ fn run() -> anyhow::Result<()> {
     let load_during = load_average();
     let ours: HashSet<&str> = posting.ids.iter().map(String::as_str).collect();
     let counts_at_end = JobCounts::of(at_end.iter().filter(|j| ours.contains(j.id.as_str())));
-    let peers = net.node_peer_counts();
+    let peers = node_peer_counts(&net);
     net.stop();
     let real = Real::measure(&net.dir, sc.nodes as usize, &posting, end, counts_at_end)?;
 
@@ -265,117 +276,16 @@ fn calibrated(sc: &Scenario, one_way_ms: &[f64]) -> Scenario {
     sc
 }
 
-/// The processes, killed when dropped.
-struct Network {
-    relay: Child,
-    /// Kept open: the relay's stdout is a pipe it may write to again.
-    _relay_stdout: BufReader<ChildStdout>,
-    relay_peer_id: String,
-    nodes: Vec<Child>,
-    node_apis: Vec<String>,
-    dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-    client: RelayClient,
-}
-
-impl Network {
-    fn start(relay_bin: &Path, node_bin: &Path, nodes: usize, keep: bool) -> anyhow::Result<Self> {
-        let temp = tempfile::Builder::new().prefix("aimatrix-believability-").tempdir()?;
-        let (dir, temp) =
-            if keep { (temp.keep(), None) } else { (temp.path().to_owned(), Some(temp)) };
-        let api = free_loopback_addr()?;
-        let mut relay = Command::new(relay_bin)
-            .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api])
-            .arg("--data-dir")
-            .arg(dir.join("relay"))
-            .env("RUST_LOG", "warn,studio_relay=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file(&dir, "relay.log")?)
-            .spawn()
-            .with_context(|| format!("cannot start {}", relay_bin.display()))?;
-        let mut stdout = BufReader::new(relay.stdout.take().context("no relay stdout")?);
-        let mut addr = String::new();
-        stdout.read_line(&mut addr)?;
-        let addr = addr.trim().to_owned();
-        let relay_peer_id = addr.rsplit_once("/p2p/").map(|(_, id)| id.to_owned());
-        let mut net = Self {
-            relay,
-            _relay_stdout: stdout,
-            relay_peer_id: relay_peer_id.clone().unwrap_or_default(),
-            nodes: Vec::new(),
-            node_apis: Vec::new(),
-            dir,
-            _temp: temp,
-            client: RelayClient::new(&api),
-        };
-        if relay_peer_id.is_none() {
-            bail!("the relay printed no address; see {}", net.dir.join("relay.log").display());
-        }
-        for i in 0..nodes {
-            let node_api = free_loopback_addr()?;
-            let child = Command::new(node_bin)
-                .args(["join", "--relay", &addr, "--listen", "/ip4/127.0.0.1/tcp/0"])
-                .args(["--api", &node_api])
-                .arg("--data-dir")
-                .arg(net.dir.join(format!("node-{i}")))
-                .env("RUST_LOG", "warn,aimatrix_node::join::driver=debug")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file(&net.dir, &format!("node-{i}.log"))?)
-                .spawn()
-                .with_context(|| format!("cannot start {}", node_bin.display()))?;
-            net.nodes.push(child);
-            net.node_apis.push(node_api);
-        }
-        net.wait_for_nodes()?;
-        Ok(net)
-    }
-
-    /// Waits until the relay holds every node's advert.
-    fn wait_for_nodes(&self) -> anyhow::Result<()> {
-        let limit = Duration::from_secs(60 + self.nodes.len() as u64);
-        let deadline = Instant::now() + limit;
-        loop {
-            let known = self.client.status().map(|s| s.known_nodes).unwrap_or(0);
-            if known >= self.nodes.len() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {known} of {} nodes reached the relay within {limit:?}; logs in {}",
-                    self.nodes.len(),
-                    self.dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// How many peers each node is connected to besides the relay (its node API's status).
-    fn node_peer_counts(&self) -> Vec<usize> {
-        self.node_apis
-            .iter()
-            .filter_map(|api| http_get_json(api, "/v1/status").ok())
-            .filter_map(|status| {
-                let peers = status["connected_peers"].as_array()?;
-                Some(peers.iter().filter(|p| p.as_str() != Some(&self.relay_peer_id)).count())
-            })
-            .collect()
-    }
-
-    fn stop(&mut self) {
-        for child in self.nodes.iter_mut().chain(std::iter::once(&mut self.relay)) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// How many peers each node is connected to besides the relay (its node API's status).
+fn node_peer_counts(net: &Network) -> Vec<usize> {
+    net.node_apis
+        .iter()
+        .filter_map(|api| http_get_json(api, "/v1/status").ok())
+        .filter_map(|status| {
+            let peers = status["connected_peers"].as_array()?;
+            Some(peers.iter().filter(|p| p.as_str() != Some(&net.relay_peer_id)).count())
+        })
+        .collect()
 }
 
 /// The spec the simulator builds for `class` (`aimatrix-sim`'s `spec_of`: the testkit batch
@@ -562,29 +472,6 @@ fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
-}
-
-/// The nearest-rank percentile `q` of `values` (the simulator's rule).
-pub(crate) fn percentile(values: &[f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(name);
-    std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
-}
-
-/// A free port on 127.0.0.1, outside the range other nodes' `tcp/0` listeners draw from (at
-/// 100 nodes, 2 of them failed to start before the ports moved there).
-fn free_loopback_addr() -> anyhow::Result<String> {
-    Ok(format!("127.0.0.1:{}", aimatrix_cli_support::free_loopback_port()?))
 }
 
 /// SplitMix64: the posting schedule's random numbers, from the scenario's seed.

@@ -18,15 +18,16 @@
 //! (default `warn`).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "common/loopback.rs"]
+mod loopback;
+
 use aimatrix_protocol::job::JobSpec;
 use anyhow::{bail, Context};
+use loopback::{percentile, Network, Setup};
 use studio_relay::api::types::{MintRequest, PostJobRequest};
 use studio_relay::client::{ClientError, RelayClient};
 
@@ -137,7 +138,16 @@ fn run() -> anyhow::Result<()> {
     eprintln!("building release binaries (cargo build --release) ...");
     let relay_bin = aimatrix_tests::binary("studio-relay");
     let node_bin = aimatrix_tests::binary("aimatrix-node");
-    let mut net = Network::start(&relay_bin, &node_bin, opts.nodes, opts.keep)?;
+    let mut net = Network::start(&Setup {
+        relay_bin: &relay_bin,
+        node_bin: &node_bin,
+        nodes: opts.nodes,
+        keep: opts.keep,
+        prefix: "aimatrix-bench-",
+        relay_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        node_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        wait: Duration::from_secs(120),
+    })?;
     eprintln!("network up: 1 relay, {} nodes; data and logs in {}", opts.nodes, net.dir.display());
     let mut report = Report::default();
     if opts.runs("rss") {
@@ -181,118 +191,20 @@ fn trivial_spec(module_sha256: &str) -> anyhow::Result<JobSpec> {
     serde_json::from_value(spec).context("the trivial job spec does not parse")
 }
 
-/// The processes, killed when dropped.
-struct Network {
-    relay: Child,
-    /// Kept open: the relay's stdout is a pipe it may write to again.
-    _relay_stdout: BufReader<ChildStdout>,
-    nodes: Vec<Child>,
-    dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-    client: RelayClient,
-}
-
-impl Network {
-    fn start(relay_bin: &Path, node_bin: &Path, nodes: usize, keep: bool) -> anyhow::Result<Self> {
-        let temp = tempfile::Builder::new().prefix("aimatrix-bench-").tempdir()?;
-        let (dir, temp) =
-            if keep { (temp.keep(), None) } else { (temp.path().to_owned(), Some(temp)) };
-        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-        let api = free_loopback_addr()?;
-        let mut relay = Command::new(relay_bin)
-            .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api])
-            .arg("--data-dir")
-            .arg(dir.join("relay"))
-            .env("RUST_LOG", &log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file(&dir, "relay.log")?)
-            .spawn()
-            .with_context(|| format!("cannot start {}", relay_bin.display()))?;
-        let mut stdout = BufReader::new(relay.stdout.take().context("no relay stdout")?);
-        let mut addr = String::new();
-        stdout.read_line(&mut addr)?;
-        let addr = addr.trim().to_owned();
-        let mut net = Self {
-            relay,
-            _relay_stdout: stdout,
-            nodes: Vec::new(),
-            dir,
-            _temp: temp,
-            client: RelayClient::new(&api),
-        };
-        if addr.is_empty() {
-            bail!("the relay printed no address; see {}", net.dir.join("relay.log").display());
-        }
-        for i in 0..nodes {
-            let child = Command::new(node_bin)
-                .args(["join", "--relay", &addr, "--listen", "/ip4/127.0.0.1/tcp/0"])
-                .args(["--api", &free_loopback_addr()?])
-                .arg("--data-dir")
-                .arg(net.dir.join(format!("node-{i}")))
-                .env("RUST_LOG", &log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file(&net.dir, &format!("node-{i}.log"))?)
-                .spawn()
-                .with_context(|| format!("cannot start {}", node_bin.display()))?;
-            net.nodes.push(child);
-        }
-        net.wait_for_nodes()?;
-        Ok(net)
-    }
-
-    /// Waits until the relay holds every node's advert.
-    fn wait_for_nodes(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let known = self.client.status().map(|s| s.known_nodes).unwrap_or(0);
-            if known >= self.nodes.len() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "only {known} of {} nodes reached the relay within 120 s; logs in {}",
-                    self.nodes.len(),
-                    self.dir.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn node_pids(&self) -> Vec<u32> {
-        self.nodes.iter().map(Child::id).collect()
-    }
-
-    /// When each node started each lease (`history.jsonl`), by job id, in ms.
-    fn lease_starts(&self) -> HashMap<String, u64> {
-        let mut starts = HashMap::new();
-        for i in 0..self.nodes.len() {
-            let path = self.dir.join(format!("node-{i}")).join("history.jsonl");
-            let text = std::fs::read_to_string(path).unwrap_or_default();
-            for line in text.lines() {
-                let Ok(run) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-                if let (Some(id), Some(at)) = (run["job_id"].as_str(), run["started_ms"].as_u64()) {
-                    starts.entry(id.to_owned()).or_insert(at);
-                }
+/// When each node started each lease (`history.jsonl`), by job id, in ms.
+fn lease_starts(net: &Network) -> HashMap<String, u64> {
+    let mut starts = HashMap::new();
+    for i in 0..net.nodes.len() {
+        let path = net.dir.join(format!("node-{i}")).join("history.jsonl");
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(run) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            if let (Some(id), Some(at)) = (run["job_id"].as_str(), run["started_ms"].as_u64()) {
+                starts.entry(id.to_owned()).or_insert(at);
             }
         }
-        starts
     }
-
-    fn stop(&mut self) {
-        for child in self.nodes.iter_mut().chain(std::iter::once(&mut self.relay)) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    starts
 }
 
 /// Runs a few jobs first, so every node has compiled the guest before anything is timed.
@@ -354,7 +266,7 @@ fn latency_phase(
         samples.push(latency_sample(&net.client, spec)?);
     }
     let cpu = Cpu::read(net)?.since(&cpu_before, started.elapsed());
-    let starts = net.lease_starts();
+    let starts = lease_starts(net);
     let grant: Vec<f64> =
         samples.iter().map(|s| (s.granted_at as f64 - s.before_post).max(0.0)).collect();
     let (p50, p99) = (percentile(&grant, 0.50), percentile(&grant, 0.99));
@@ -640,31 +552,8 @@ fn vm_rss_mb(pid: u32) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
-/// The nearest-rank percentile `q` of `values`.
-fn percentile(values: &[f64], q: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn now_ms_f64() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(name);
-    std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
-}
-
-/// A free port on 127.0.0.1 (bound and released; the child binds it right after).
-fn free_loopback_addr() -> anyhow::Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.to_string())
 }
 
 /// The table and the notes under it.

@@ -1,0 +1,161 @@
+//! A relay and N nodes as release processes on loopback, for the benches (`network`,
+//! `believability`), which include this file with `#[path]`.
+
+// Each bench is its own crate and uses part of this module.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use studio_relay::client::RelayClient;
+
+/// How to start a [`Network`].
+pub(crate) struct Setup<'a> {
+    pub(crate) relay_bin: &'a Path,
+    pub(crate) node_bin: &'a Path,
+    pub(crate) nodes: usize,
+    /// Keep the data and logs directory after the run.
+    pub(crate) keep: bool,
+    /// Prefix of the temporary directory's name.
+    pub(crate) prefix: &'a str,
+    /// `RUST_LOG` of the relay and of each node.
+    pub(crate) relay_log: String,
+    pub(crate) node_log: String,
+    /// How long every node may take to reach the relay.
+    pub(crate) wait: Duration,
+}
+
+/// The processes, killed when dropped.
+pub(crate) struct Network {
+    pub(crate) relay: Child,
+    /// Kept open: the relay's stdout is a pipe it may write to again.
+    _relay_stdout: BufReader<ChildStdout>,
+    /// The relay's peer id, from the address it printed.
+    pub(crate) relay_peer_id: String,
+    pub(crate) nodes: Vec<Child>,
+    /// Each node's control API address.
+    pub(crate) node_apis: Vec<String>,
+    pub(crate) dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub(crate) client: RelayClient,
+}
+
+impl Network {
+    /// Starts the relay, then the nodes, and waits until the relay holds every node's advert.
+    pub(crate) fn start(setup: &Setup<'_>) -> anyhow::Result<Self> {
+        let temp = tempfile::Builder::new().prefix(setup.prefix).tempdir()?;
+        let (dir, temp) =
+            if setup.keep { (temp.keep(), None) } else { (temp.path().to_owned(), Some(temp)) };
+        let api = free_loopback_addr()?;
+        let mut relay = Command::new(setup.relay_bin)
+            .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api])
+            .arg("--data-dir")
+            .arg(dir.join("relay"))
+            .env("RUST_LOG", &setup.relay_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(&dir, "relay.log")?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", setup.relay_bin.display()))?;
+        let mut stdout = BufReader::new(relay.stdout.take().context("no relay stdout")?);
+        let mut addr = String::new();
+        stdout.read_line(&mut addr)?;
+        let addr = addr.trim().to_owned();
+        let relay_peer_id = addr.rsplit_once("/p2p/").map(|(_, id)| id.to_owned());
+        let mut net = Self {
+            relay,
+            _relay_stdout: stdout,
+            relay_peer_id: relay_peer_id.clone().unwrap_or_default(),
+            nodes: Vec::new(),
+            node_apis: Vec::new(),
+            dir,
+            _temp: temp,
+            client: RelayClient::new(&api),
+        };
+        if relay_peer_id.is_none() {
+            bail!("the relay printed no address; see {}", net.dir.join("relay.log").display());
+        }
+        for i in 0..setup.nodes {
+            let node_api = free_loopback_addr()?;
+            let child = Command::new(setup.node_bin)
+                .args(["join", "--relay", &addr, "--listen", "/ip4/127.0.0.1/tcp/0"])
+                .args(["--api", &node_api])
+                .arg("--data-dir")
+                .arg(net.dir.join(format!("node-{i}")))
+                .env("RUST_LOG", &setup.node_log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&net.dir, &format!("node-{i}.log"))?)
+                .spawn()
+                .with_context(|| format!("cannot start {}", setup.node_bin.display()))?;
+            net.nodes.push(child);
+            net.node_apis.push(node_api);
+        }
+        net.wait_for_nodes(setup.wait)?;
+        Ok(net)
+    }
+
+    /// Waits until the relay holds every node's advert.
+    fn wait_for_nodes(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let known = self.client.status().map(|s| s.known_nodes).unwrap_or(0);
+            if known >= self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "only {known} of {} nodes reached the relay within {limit:?}; logs in {}",
+                    self.nodes.len(),
+                    self.dir.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The nodes' process ids.
+    pub(crate) fn node_pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(Child::id).collect()
+    }
+
+    /// Kills every process (also done on drop).
+    pub(crate) fn stop(&mut self) {
+        for child in self.nodes.iter_mut().chain(std::iter::once(&mut self.relay)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The nearest-rank percentile `q` of `values` (NaN for none).
+pub(crate) fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(name);
+    std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))
+}
+
+/// A free port on 127.0.0.1, outside the range other nodes' `tcp/0` listeners draw from (at
+/// 100 nodes, 2 of them failed to start before the ports moved there).
+fn free_loopback_addr() -> anyhow::Result<String> {
+    Ok(format!("127.0.0.1:{}", aimatrix_cli_support::free_loopback_port()?))
+}
