@@ -27,7 +27,7 @@ mod loopback;
 
 use aimatrix_protocol::job::JobSpec;
 use anyhow::{bail, Context};
-use loopback::{percentile, Network, Setup};
+use loopback::{percentile, Cpu, Network, Setup};
 use studio_relay::api::types::{MintRequest, PostJobRequest};
 use studio_relay::client::{ClientError, RelayClient};
 
@@ -498,46 +498,6 @@ fn mint(client: &RelayClient, account: &str, amount: u64) -> anyhow::Result<()> 
     let memo = "network bench".to_owned();
     client.mint(&MintRequest { account: account.to_owned(), amount, memo, id: None })?;
     Ok(())
-}
-
-/// CPU time used by the relay, the nodes and this process, in seconds.
-struct Cpu {
-    relay_s: f64,
-    nodes_s: f64,
-    bench_s: f64,
-}
-
-impl Cpu {
-    fn read(net: &Network) -> anyhow::Result<Self> {
-        let nodes_s =
-            net.node_pids().iter().map(|p| cpu_s(&p.to_string())).sum::<Result<f64, _>>()?;
-        Ok(Self { relay_s: cpu_s(&net.relay.id().to_string())?, nodes_s, bench_s: cpu_s("self")? })
-    }
-
-    /// What was used since `before`, over `wall`, as a sentence.
-    fn since(&self, before: &Self, wall: Duration) -> String {
-        let cores = |now: f64, then: f64| (now - then) / wall.as_secs_f64();
-        let machine = std::thread::available_parallelism().map_or(0, usize::from);
-        format!(
-            "CPU in cores busy over {:.1} s: relay {:.2}, all nodes {:.2}, bench client {:.2} \
-             (machine has {machine})",
-            wall.as_secs_f64(),
-            cores(self.relay_s, before.relay_s),
-            cores(self.nodes_s, before.nodes_s),
-            cores(self.bench_s, before.bench_s),
-        )
-    }
-}
-
-/// utime + stime of `/proc/<pid>/stat`, in seconds (at the usual 100 ticks per second).
-fn cpu_s(pid: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    let fields: Vec<&str> =
-        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    // After the command name: state is field 3, utime 14 and stime 15.
-    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
 /// `VmRSS` of `/proc/<pid>/status`, in MB.

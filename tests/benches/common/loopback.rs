@@ -137,6 +137,46 @@ impl Drop for Network {
     }
 }
 
+/// CPU time used by the relay, the nodes and this process, in seconds.
+pub(crate) struct Cpu {
+    relay_s: f64,
+    nodes_s: f64,
+    bench_s: f64,
+}
+
+impl Cpu {
+    pub(crate) fn read(net: &Network) -> anyhow::Result<Self> {
+        let nodes_s =
+            net.node_pids().iter().map(|p| cpu_s(&p.to_string())).sum::<Result<f64, _>>()?;
+        Ok(Self { relay_s: cpu_s(&net.relay.id().to_string())?, nodes_s, bench_s: cpu_s("self")? })
+    }
+
+    /// What was used since `before`, over `wall`, as a sentence.
+    pub(crate) fn since(&self, before: &Self, wall: Duration) -> String {
+        let cores = |now: f64, then: f64| (now - then) / wall.as_secs_f64();
+        let machine = std::thread::available_parallelism().map_or(0, usize::from);
+        format!(
+            "CPU in cores busy over {:.1} s: relay {:.2}, all nodes {:.2}, bench client {:.2} \
+             (machine has {machine})",
+            wall.as_secs_f64(),
+            cores(self.relay_s, before.relay_s),
+            cores(self.nodes_s, before.nodes_s),
+            cores(self.bench_s, before.bench_s),
+        )
+    }
+}
+
+/// utime + stime of `/proc/<pid>/stat`, in seconds (at the usual 100 ticks per second).
+fn cpu_s(pid: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // After the command name: state is field 3, utime 14 and stime 15.
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+}
+
 /// The nearest-rank percentile `q` of `values` (NaN for none).
 pub(crate) fn percentile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
