@@ -969,16 +969,10 @@ impl RelayCore {
             match &l.status {
                 LeaseStatus::Returned(h) if winners.contains(&l.lease) => {
                     assert_eq!(*h, hash);
-                    let (amount, fee) = split_fee(job.spec.reward, fee_bps);
-                    ops.push(LedgerOp::Pay {
-                        id: TransferId::derive(job_id, "pay", &[l.node.as_bytes()]),
-                        reserve_id: TransferId::derive(job_id, "reserve", &[]),
-                        job_id,
-                        node: l.node,
-                        amount,
-                        fee,
-                    });
-                    job.paid += amount + fee;
+                    let id = TransferId::derive(job_id, "pay", &[l.node.as_bytes()]);
+                    let (op, amount, spent) = pay_op(job_id, l.node, id, job.spec.reward, fee_bps);
+                    ops.push(op);
+                    job.paid += spent;
                     l.paid = true;
                     receipts.push((l.lease, l.node, Verdict::Paid { amount }));
                 }
@@ -1275,6 +1269,20 @@ fn serves_ignoring_load(spec: &JobSpec, profile: &CapabilityProfile) -> bool {
         Ok(_) => true,
         Err(why) => why.iter().all(|m| matches!(m, Mismatch::AtCapacity { .. })),
     }
+}
+
+/// The ledger instruction paying `node` one `reward` from `job_id`'s escrow under transfer
+/// `id`: the amount the node gets, and what leaves the escrow (amount and relay fee).
+fn pay_op(
+    job_id: JobId,
+    node: NodeId,
+    id: TransferId,
+    reward: u64,
+    fee_bps: u16,
+) -> (LedgerOp, u64, u64) {
+    let (amount, fee) = split_fee(reward, fee_bps);
+    let reserve_id = TransferId::derive(job_id, "reserve", &[]);
+    (LedgerOp::Pay { id, reserve_id, job_id, node, amount, fee }, amount, amount + fee)
 }
 
 /// Splits a reward into the node's amount and the relay fee.

@@ -18,7 +18,7 @@ use super::{CommandError, JobState, LeaseStatus, RelayCore, RelayEvent, RelayJob
 use crate::hash::Digest;
 use crate::identity::NodeId;
 use crate::job::TrainingParams;
-use crate::ledger::{LedgerOp, TransferId};
+use crate::ledger::TransferId;
 use crate::messages::{Cancel, DenyReason, JobId, Message, RoundLease, Verdict};
 use crate::time::{secs, Millis};
 use crate::training::RoundMetrics;
@@ -462,21 +462,12 @@ impl RelayCore {
             }
             let verifier = rerun.node;
             let agrees = rerun.check.is_some() && rerun.check == original.check;
-            let (amount, fee) = super::split_fee(reward, fee_bps);
-            let round_bytes = round.to_le_bytes();
-            self.events.push_back(RelayEvent::Ledger(LedgerOp::Pay {
-                id: TransferId::derive(
-                    job_id,
-                    "verify",
-                    &[verifier.as_bytes(), &round_bytes, &v.lease.to_le_bytes()],
-                ),
-                reserve_id: TransferId::derive(job_id, "reserve", &[]),
-                job_id,
-                node: verifier,
-                amount,
-                fee,
-            }));
-            job.paid += amount + fee;
+            let parts: [&[u8]; 3] =
+                [verifier.as_bytes(), &round.to_le_bytes(), &v.lease.to_le_bytes()];
+            let id = TransferId::derive(job_id, "verify", &parts);
+            let (op, amount, spent) = super::pay_op(job_id, verifier, id, reward, fee_bps);
+            self.events.push_back(RelayEvent::Ledger(op));
+            job.paid += spent;
             if let Some(l) = job.leases.get_mut(&v.lease) {
                 l.paid = true;
             }
@@ -580,17 +571,11 @@ impl RelayCore {
         let mut receipts = Vec::new();
         for (node, lease) in &returned {
             if verdict.accepted.contains(node) {
-                let (amount, fee) = super::split_fee(reward, fee_bps);
-                let round_bytes = round.to_le_bytes();
-                self.events.push_back(RelayEvent::Ledger(LedgerOp::Pay {
-                    id: TransferId::derive(job_id, "pay", &[node.as_bytes(), &round_bytes]),
-                    reserve_id: TransferId::derive(job_id, "reserve", &[]),
-                    job_id,
-                    node: *node,
-                    amount,
-                    fee,
-                }));
-                job.paid += amount + fee;
+                let id =
+                    TransferId::derive(job_id, "pay", &[node.as_bytes(), &round.to_le_bytes()]);
+                let (op, amount, spent) = super::pay_op(job_id, *node, id, reward, fee_bps);
+                self.events.push_back(RelayEvent::Ledger(op));
+                job.paid += spent;
                 if let Some(l) = job.leases.get_mut(lease) {
                     l.paid = true;
                 }
