@@ -24,12 +24,15 @@ pub(crate) fn exp(x: f32) -> f32 {
     let k = (x * LOG2_E + 0.5).floor();
     let r = x - k * LN_2;
     // Taylor series of e^r to r^13 / 13!: the remainder is below 1e-17 for |r| <= 0.35.
+    // Written out rather than looped: in the sandbox every loop iteration also pays wasmtime's
+    // epoch check, and this runs ten times per sample. The operations are the loop's, in its
+    // order: term = term * r / n; sum += term.
     let mut term = 1.0_f64;
     let mut sum = 1.0_f64;
-    for n in 1..=13 {
-        term = term * r / f64::from(n);
-        sum += term;
+    macro_rules! terms {
+        ($($n:literal)*) => { $( term = term * r / $n; sum += term; )* };
     }
+    terms!(1.0 2.0 3.0 4.0 5.0 6.0 7.0 8.0 9.0 10.0 11.0 12.0 13.0);
     // k is in [-150, 129], so 2^k is a normal f64 and the exponent field cannot overflow.
     let scale = f64::from_bits(((k as i64 + 1023) as u64) << 52);
     (sum * scale) as f32
@@ -60,10 +63,10 @@ pub(crate) fn ln(x: f32) -> f32 {
     let s2 = s * s;
     let mut power = s;
     let mut sum = 0.0_f64;
-    for n in (1..=21).step_by(2) {
-        sum += power / f64::from(n);
-        power *= s2;
+    macro_rules! terms {
+        ($($n:literal)*) => { $( sum += power / $n; power *= s2; )* };
     }
+    terms!(1.0 3.0 5.0 7.0 9.0 11.0 13.0 15.0 17.0 19.0 21.0);
     (e as f64 * LN_2 + 2.0 * sum) as f32
 }
 

@@ -5,6 +5,7 @@
 //! loop, splitting a sum or adding threads changes the trained bits, and with them the hashes
 //! that replicas of a training job are compared by.
 
+use crate::kernel::{axpy, dot};
 use crate::math;
 use crate::model::Layout;
 use crate::{Dataset, Model};
@@ -106,9 +107,8 @@ pub fn train(
                 accumulate_gradient(&params, &layout, sample, label, &mut scratch, &mut grad);
             }
             let step = learning_rate / (end - start) as f32;
-            for (param, g) in params.iter_mut().zip(&grad) {
-                *param -= step * g;
-            }
+            // params -= step * grad, element by element.
+            axpy(&mut params, -step, &grad);
             start = end;
         }
     }
@@ -173,30 +173,6 @@ fn forward_into(
     softmax(&scratch.logits, &mut scratch.probs)
 }
 
-/// The dot product of `a` and `b` (up to the shorter length), summed in eight independent
-/// lanes combined in a fixed order: the same bits on every platform (no FMA contraction, no
-/// reassociation by the compiler), and loops the compiler can vectorize and unroll, natively
-/// and under wasm SIMD.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut lanes = [0.0_f32; 8];
-    let mut a_chunks = a.chunks_exact(8);
-    let mut b_chunks = b.chunks_exact(8);
-    for (x, y) in (&mut a_chunks).zip(&mut b_chunks) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = 0.0_f32;
-    for (x, y) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
-        tail += x * y;
-    }
-    let quads =
-        [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
-    ((quads[0] + quads[2]) + (quads[1] + quads[3])) + tail
-}
-
 /// Writes `softmax(logits)` into `probs`, subtracting the maximum first so `exp` cannot
 /// overflow.
 fn softmax(logits: &[f32], probs: &mut [f32]) -> Normaliser {
@@ -247,11 +223,8 @@ fn accumulate_gradient(
         grad[layout.b2 + o] += g;
         let at = layout.w2 + o * hidden;
         let weights = &params[at..at + hidden];
-        let row = &mut grad[at..at + hidden];
-        for j in 0..hidden {
-            row[j] += g * activations[j];
-            hidden_grad[j] += weights[j] * g;
-        }
+        axpy(&mut grad[at..at + hidden], g, activations);
+        axpy(hidden_grad, g, weights);
     }
     for (j, (&activation, &acc)) in activations.iter().zip(hidden_grad.iter()).enumerate() {
         // ReLU passes gradient only through units that were active.
@@ -259,10 +232,7 @@ fn accumulate_gradient(
             continue;
         }
         grad[layout.b1 + j] += acc;
-        let row = &mut grad[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs];
-        for (gw, x) in row.iter_mut().zip(input) {
-            *gw += acc * x;
-        }
+        axpy(&mut grad[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs], acc, input);
     }
 }
 
