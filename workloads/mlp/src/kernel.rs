@@ -47,6 +47,55 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in a_eights.remainder().iter().zip(b_eights.remainder()) {
         tail += x * y;
     }
+    reduce(low, high, tail)
+}
+
+/// `out[r] = bias[r] + dot(row r of matrix, x)` for each row, where row `r` is
+/// `matrix[r * x.len()..(r + 1) * x.len()]`: the same bits as calling [`dot`] per row.
+///
+/// Rows go four at a time, so each load of `x` serves four rows and a call does one pass
+/// instead of one per row (a wasm call pays a stack check and an epoch check on entry).
+///
+/// # Panics
+///
+/// If `matrix` is shorter than `out.len() * x.len()` or `bias` shorter than `out`.
+#[inline]
+pub(crate) fn matvec(matrix: &[f32], x: &[f32], bias: &[f32], out: &mut [f32]) {
+    let cols = x.len();
+    let (x_eights, x_tail) = x.as_chunks::<8>();
+    let eights = x_eights.len();
+    let groups = out.len() / 4;
+    for group in 0..groups {
+        let first = 4 * group;
+        let rows: [&[f32]; 4] =
+            std::array::from_fn(|i| &matrix[(first + i) * cols..(first + i + 1) * cols]);
+        let row_eights: [&[[f32; 8]]; 4] = rows.map(|row| &row.as_chunks::<8>().0[..eights]);
+        let mut low = [f32x4::ZERO; 4];
+        let mut high = [f32x4::ZERO; 4];
+        for (k, x8) in x_eights.iter().enumerate() {
+            let (x_low, x_high) = (quad(x8), quad(&x8[4..]));
+            for i in 0..4 {
+                let r8 = &row_eights[i][k];
+                low[i] += quad(r8) * x_low;
+                high[i] += quad(&r8[4..]) * x_high;
+            }
+        }
+        for i in 0..4 {
+            let mut tail = 0.0_f32;
+            for (m, v) in rows[i][8 * eights..].iter().zip(x_tail) {
+                tail += m * v;
+            }
+            out[first + i] = bias[first + i] + reduce(low[i], high[i], tail);
+        }
+    }
+    for r in 4 * groups..out.len() {
+        out[r] = bias[r] + dot(&matrix[r * cols..(r + 1) * cols], x);
+    }
+}
+
+/// Combines the eight lanes and the tail in [`dot`]'s order.
+#[inline(always)]
+fn reduce(low: f32x4, high: f32x4, tail: f32) -> f32 {
     let quads = (low + high).to_array();
     ((quads[0] + quads[2]) + (quads[1] + quads[3])) + tail
 }
@@ -120,6 +169,22 @@ mod tests {
         for n in 0..140 {
             let (a, b) = (values(n, 1), values(n + 3, 7));
             assert_eq!(dot(&a, &b).to_bits(), dot_reference(&a, &b).to_bits(), "length {n}");
+        }
+    }
+
+    #[test]
+    fn matvec_gives_each_row_the_bits_of_dot() {
+        for rows in 0..11 {
+            for cols in [0, 1, 7, 8, 9, 31, 32, 33, 64, 70] {
+                let matrix = values(rows * cols, 11);
+                let (x, bias) = (values(cols, 13), values(rows, 17));
+                let mut out = vec![f32::NAN; rows];
+                matvec(&matrix, &x, &bias, &mut out);
+                for (r, value) in out.iter().enumerate() {
+                    let expected = bias[r] + dot_reference(&matrix[r * cols..(r + 1) * cols], &x);
+                    assert_eq!(value.to_bits(), expected.to_bits(), "{rows}x{cols}, row {r}");
+                }
+            }
         }
     }
 

@@ -5,7 +5,7 @@
 //! loop, splitting a sum or adding threads changes the trained bits, and with them the hashes
 //! that replicas of a training job are compared by.
 
-use crate::kernel::{axpy, dot};
+use crate::kernel::{axpy, matvec};
 use crate::math;
 use crate::model::Layout;
 use crate::{Dataset, Model};
@@ -160,16 +160,12 @@ fn forward_into(
     input: &[f32],
     scratch: &mut Scratch,
 ) -> Normaliser {
-    let (inputs, hidden) = (layout.inputs, layout.hidden);
-    for (j, activation) in scratch.hidden.iter_mut().enumerate() {
-        let row = &params[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs];
-        let acc = params[layout.b1 + j] + dot(row, input);
-        *activation = if acc > 0.0 { acc } else { 0.0 };
+    // hidden = relu(b1 + W1 input), logits = b2 + W2 hidden; each row's sum is `dot`'s.
+    matvec(&params[layout.w1..], input, &params[layout.b1..], &mut scratch.hidden);
+    for activation in &mut scratch.hidden {
+        *activation = if *activation > 0.0 { *activation } else { 0.0 };
     }
-    for (o, logit) in scratch.logits.iter_mut().enumerate() {
-        let row = &params[layout.w2 + o * hidden..layout.w2 + (o + 1) * hidden];
-        *logit = params[layout.b2 + o] + dot(row, &scratch.hidden);
-    }
+    matvec(&params[layout.w2..], &scratch.hidden, &params[layout.b2..], &mut scratch.logits);
     softmax(&scratch.logits, &mut scratch.probs)
 }
 
