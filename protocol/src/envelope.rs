@@ -7,6 +7,7 @@
 //! expired or not-yet-valid message (with a configurable clock-skew tolerance), a bad
 //! signature, and a replay (bounded cache keyed by signer and nonce).
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 
@@ -224,6 +225,13 @@ impl Envelope {
     /// When a [`SignatureMemo`] is installed on this thread, a verdict already reached for the
     /// same signed bytes and signature is reused instead of checked again.
     pub fn verify_signature(&self) -> Result<(), VerifyError> {
+        self.verify_signature_keyed(&MemoKey::default())
+    }
+
+    /// [`Envelope::verify_signature`], keeping this envelope's key in an installed
+    /// [`SignatureMemo`] in `memo_key` once it is computed, so that a caller that holds one
+    /// decoded envelope for many receivers hashes its signed bytes once.
+    pub(crate) fn verify_signature_keyed(&self, memo_key: &MemoKey) -> Result<(), VerifyError> {
         let parts = SigningParts::new(
             self.domain,
             &self.signer,
@@ -238,9 +246,12 @@ impl Envelope {
             let sig = DalekSignature::from_bytes(&self.signature.0);
             key.verify(&parts.concat(), &sig).map_err(|_| VerifyError::BadSignature)
         };
-        memo::verdict(&self.signature, &parts.slices(), check)
+        memo::verdict(&self.signature, &parts.slices(), memo_key, check)
     }
 }
+
+/// An envelope's key in a [`SignatureMemo`], once computed (it depends only on the envelope).
+pub(crate) type MemoKey = Cell<Option<[u8; 32]>>;
 
 pub use memo::{SignatureMemo, SignatureMemoStats};
 
@@ -251,7 +262,7 @@ mod memo {
 
     use sha2::{Digest as _, Sha256};
 
-    use super::{Signature, VerifyError};
+    use super::{MemoKey, Signature, VerifyError};
 
     /// Verdicts kept by an installed memo: two generations, each at most half the capacity;
     /// when the young one fills up, the old one is dropped and the young one becomes old.
@@ -319,21 +330,26 @@ mod memo {
     }
 
     /// `check()`'s verdict on `signature` over the signed bytes (`signed`, concatenated), from
-    /// the memo when one is installed.
+    /// the memo when one is installed. The memo key is taken from `memo_key` when it holds
+    /// one (it must then be the key of these bytes), and left there when computed.
     pub(super) fn verdict(
         signature: &Signature,
         signed: &[&[u8]],
+        memo_key: &MemoKey,
         check: impl FnOnce() -> Result<(), VerifyError>,
     ) -> Result<(), VerifyError> {
         MEMO.with(|m| {
             let mut guard = m.borrow_mut();
             let Some(state) = guard.as_mut() else { return check() };
-            let mut hasher = Sha256::new();
-            hasher.update(signature.0);
-            for part in signed {
-                hasher.update(part);
-            }
-            let key: [u8; 32] = hasher.finalize().into();
+            let key = memo_key.get().unwrap_or_else(|| {
+                let mut hasher = Sha256::new();
+                hasher.update(signature.0);
+                for part in signed {
+                    hasher.update(part);
+                }
+                hasher.finalize().into()
+            });
+            memo_key.set(Some(key));
             if let Some(v) = state.young.get(&key).or_else(|| state.old.get(&key)) {
                 state.stats.hits += 1;
                 return v.clone();
@@ -612,8 +628,20 @@ impl Verifier {
         envelope: &Envelope,
         expected: &[Domain],
     ) -> Result<(), VerifyError> {
+        self.verify_keyed(now_ms, envelope, expected, &MemoKey::default())
+    }
+
+    /// [`Verifier::verify`], with the envelope's signature memo key kept in `memo_key` (see
+    /// [`Envelope::verify_signature_keyed`]).
+    pub(crate) fn verify_keyed(
+        &mut self,
+        now_ms: Millis,
+        envelope: &Envelope,
+        expected: &[Domain],
+        memo_key: &MemoKey,
+    ) -> Result<(), VerifyError> {
         self.check_unsigned_fields(now_ms, envelope, expected)?;
-        envelope.verify_signature()?;
+        envelope.verify_signature_keyed(memo_key)?;
         self.replay.purge_before(now_ms.saturating_sub(self.config.skew_tolerance_ms));
         self.replay.check_and_insert(envelope.signer, envelope.nonce, envelope.expires_at_ms)
     }

@@ -4,6 +4,7 @@
 //! [`open`] decodes, verifies and checks that the payload is the type its domain names.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,10 @@ use crate::identity::{Keypair, NodeId};
 use crate::job::JobSpec;
 use crate::matching::Mismatch;
 use crate::time::Millis;
+
+mod memo;
+
+pub use memo::{OfferMemo, OfferMemoStats};
 
 /// A job's id: 16 bytes chosen by the relay, shown as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -465,6 +470,63 @@ pub fn open(
     let message = Message::decode_payload(envelope.domain, &envelope.payload)
         .map_err(|error| RejectReason::Payload { domain: envelope.domain, error })?;
     Ok((envelope.signer, message))
+}
+
+/// A message as a node receives it: an offer comes shared, since many receivers may hold the
+/// same one (see [`OfferMemo`]).
+#[allow(
+    clippy::large_enum_variant,
+    reason = "`Other` is the message as `open` returns it; boxing it would allocate per message"
+)]
+pub(crate) enum Opened {
+    /// An offer.
+    Offer(Arc<Offer>),
+    /// Any other message.
+    Other(Message),
+}
+
+impl Opened {
+    /// The domain the message was signed under.
+    pub(crate) const fn domain(&self) -> Domain {
+        match self {
+            Self::Offer(_) => Domain::Offer,
+            Self::Other(m) => m.domain(),
+        }
+    }
+}
+
+/// [`open`], with offers shared: an offer envelope already decoded by an installed
+/// [`OfferMemo`] is not decoded again, but verified by `verifier` all the same.
+pub(crate) fn open_shared(
+    verifier: &mut Verifier,
+    now_ms: Millis,
+    bytes: &[u8],
+    expected: &[Domain],
+) -> Result<(NodeId, Opened), RejectReason> {
+    let decoded = match memo::lookup(bytes) {
+        memo::Lookup::Shared(shared) => {
+            let envelope = &shared.envelope;
+            verifier
+                .verify_keyed(now_ms, envelope, expected, &shared.memo_key)
+                .map_err(RejectReason::Verify)?;
+            let offer = shared
+                .offer
+                .clone()
+                .map_err(|error| RejectReason::Payload { domain: envelope.domain, error })?;
+            return Ok((envelope.signer, Opened::Offer(offer)));
+        }
+        memo::Lookup::Decoded(decoded) => decoded,
+        memo::Lookup::Off => codec::decode(bytes),
+    };
+    let envelope: Envelope = decoded.map_err(RejectReason::Envelope)?;
+    verifier.verify(now_ms, &envelope, expected).map_err(RejectReason::Verify)?;
+    let message = Message::decode_payload(envelope.domain, &envelope.payload)
+        .map_err(|error| RejectReason::Payload { domain: envelope.domain, error })?;
+    let opened = match message {
+        Message::Offer(offer) => Opened::Offer(Arc::new(offer)),
+        other => Opened::Other(other),
+    };
+    Ok((envelope.signer, opened))
 }
 
 /// Generates nonces that never repeat for one seed: a bijective mix of a counter.

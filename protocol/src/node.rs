@@ -10,6 +10,7 @@
 //! [`NodeCore::poll_transmit`], [`NodeCore::poll_event`], [`NodeCore::poll_timeout`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +20,9 @@ use crate::identity::{Keypair, NodeId};
 use crate::job::JobSpec;
 use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
-    open, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Outcome, Progress,
-    Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX, TAKEN_HINT_MAX,
+    open_shared, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Opened,
+    Outcome, Progress, Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
+    TAKEN_HINT_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::Millis;
@@ -77,8 +79,9 @@ impl Default for NodeConfig {
 pub struct KnownOffer {
     /// The relay that signed it.
     pub relay: NodeId,
-    /// The offer.
-    pub offer: Offer,
+    /// The offer, shared with every other holder of the same decoded offer (see
+    /// [`OfferMemo`](crate::messages::OfferMemo)); changed copy-on-write.
+    pub offer: Arc<Offer>,
     /// Last heard.
     pub seen_at_ms: Millis,
     /// Match against the node's profile when last heard (load included).
@@ -377,12 +380,12 @@ impl NodeCore {
 
     /// Bytes from the network: a gossip message (`from = None`) or a direct one from `from`.
     pub fn handle_message(&mut self, now: Millis, from: Option<NodeId>, bytes: &[u8]) {
-        let (signer, msg) = match open(&mut self.verifier, now, bytes, &NODE_ACCEPTS) {
+        let (signer, msg) = match open_shared(&mut self.verifier, now, bytes, &NODE_ACCEPTS) {
             Ok(x) => x,
             Err(reason) => return self.reject(from, reason),
         };
         if let Some(sender) = from {
-            if sender != signer && !matches!(msg, Message::Offer(_)) {
+            if sender != signer && !matches!(msg, Opened::Offer(_)) {
                 return self.reject(from, RejectReason::SenderMismatch { signer, sender });
             }
         }
@@ -390,8 +393,11 @@ impl NodeCore {
             let why = format!("{} from {signer}, which is not a trusted relay", msg.domain());
             return self.reject(from, RejectReason::Refused(why));
         }
+        let msg = match msg {
+            Opened::Offer(offer) => return self.on_offer(now, signer, offer),
+            Opened::Other(msg) => msg,
+        };
         match msg {
-            Message::Offer(offer) => self.on_offer(now, signer, offer),
             Message::Lease(lease) => self.on_lease(now, signer, lease),
             Message::LeaseDenied(d) => {
                 if d.taken.len() > TAKEN_HINT_MAX {
@@ -401,7 +407,7 @@ impl NodeCore {
                 // Hints apply only to offers from the same relay, like the denial itself.
                 for job_id in &d.taken {
                     if self.offers.get(job_id).is_some_and(|o| o.relay == signer) {
-                        self.offers.update(job_id, |o| o.offer.open_slots = 0);
+                        self.offers.update(job_id, close_slots);
                     }
                 }
                 if self.offers.get(&d.job_id).is_none_or(|o| o.relay != signer) {
@@ -422,7 +428,7 @@ impl NodeCore {
                         self.offers.update(&d.job_id, |o| {
                             o.claimed_at_ms = None;
                             // No slot now: wait for the next announcement before claiming again.
-                            o.offer.open_slots = 0;
+                            close_slots(o);
                             if refused.is_some() {
                                 o.refused = refused;
                             }
@@ -459,7 +465,7 @@ impl NodeCore {
         }
     }
 
-    fn on_offer(&mut self, now: Millis, relay: NodeId, offer: Offer) {
+    fn on_offer(&mut self, now: Millis, relay: NodeId, offer: Arc<Offer>) {
         let job_id = offer.job_id;
         if let Err(e) = offer.spec.validate() {
             let why = format!(
@@ -774,5 +780,12 @@ impl NodeCore {
     /// Jobs (by id) the node has joined as a training participant.
     pub fn training_jobs(&self) -> BTreeSet<JobId> {
         self.joined_training.iter().map(|(j, _, _)| *j).collect()
+    }
+}
+
+/// Marks a known offer as having no open slot (copying the offer only if it had one).
+fn close_slots(o: &mut KnownOffer) {
+    if o.offer.open_slots != 0 {
+        Arc::make_mut(&mut o.offer).open_slots = 0;
     }
 }

@@ -9,7 +9,7 @@ use aimatrix_protocol::envelope::SignatureMemo;
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::ledger::{EscrowBook, FEE_ACCOUNT};
-use aimatrix_protocol::messages::{JobId, Outcome, Usage};
+use aimatrix_protocol::messages::{JobId, OfferMemo, Outcome, Usage};
 use aimatrix_protocol::node::{NodeConfig, NodeCore};
 use aimatrix_protocol::relay::{RelayConfig, RelayCore};
 use aimatrix_protocol::time::Millis;
@@ -39,6 +39,9 @@ const DEADLINE_SLACK_MS: u64 = 2_000;
 const PROPAGATION_BUCKETS: usize = 60_001;
 /// Signature verdicts remembered across simulated receivers.
 const SIGNATURE_MEMO_CAPACITY: usize = 1 << 16;
+/// Decoded offers remembered across simulated receivers (an offer reaches every node within a
+/// few heartbeats; a few hundred are announced per simulated hour).
+const OFFER_MEMO_CAPACITY: usize = 1 << 12;
 
 /// How often the run samples its time series (and reports progress).
 const SAMPLE_INTERVAL_MS: u64 = 10_000;
@@ -317,6 +320,9 @@ impl Sim {
         // Every simulated receiver of an offer gets the same bytes; each still decodes and
         // verifies them with its own verifier, but the ed25519 check runs once per envelope.
         let memo = SignatureMemo::install(SIGNATURE_MEMO_CAPACITY);
+        // Likewise each offer's bytes are decoded once, and its receivers share the decoded
+        // offer: every core still verifies and judges it with its own state.
+        let _offers = OfferMemo::install(OFFER_MEMO_CAPACITY);
         let total_ms = self.end - EPOCH_MS;
         while let Some((at, event)) = self.queue.pop_until(self.end) {
             self.now = at;

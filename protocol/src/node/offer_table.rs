@@ -235,13 +235,13 @@ mod tests {
     fn known(n: u8, deadline_ms: Millis, reward: u64) -> KnownOffer {
         KnownOffer {
             relay: testkit::keypair(99).public(),
-            offer: Offer {
+            offer: std::sync::Arc::new(Offer {
                 job_id: JobId::from_digest(&Digest::of(&[n])),
                 spec: testkit::batch_spec(reward),
                 deadline_ms,
                 open_slots: 1,
                 preferred: Vec::new(),
-            },
+            }),
             seen_at_ms: 0,
             matched: Ok(crate::matching::Score(0)),
             claimed_at_ms: None,
@@ -274,7 +274,9 @@ mod tests {
                 }
                 4 => {
                     let slots = roll(2) as u32;
-                    table.update(&job_id, |o| o.offer.open_slots = slots);
+                    table.update(&job_id, |o| {
+                        std::sync::Arc::make_mut(&mut o.offer).open_slots = slots
+                    });
                 }
                 _ => table.time_out_claims(step, 100),
             }
