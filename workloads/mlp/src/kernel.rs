@@ -64,23 +64,23 @@ pub(crate) fn matvec(matrix: &[f32], x: &[f32], bias: &[f32], out: &mut [f32]) {
     let cols = x.len();
     let (x_eights, x_tail) = x.as_chunks::<8>();
     let eights = x_eights.len();
-    let groups = out.len() / 4;
+    let groups = out.len() / ROWS;
     for group in 0..groups {
-        let first = 4 * group;
-        let rows: [&[f32]; 4] =
+        let first = ROWS * group;
+        let rows: [&[f32]; ROWS] =
             std::array::from_fn(|i| &matrix[(first + i) * cols..(first + i + 1) * cols]);
-        let row_eights: [&[[f32; 8]]; 4] = rows.map(|row| &row.as_chunks::<8>().0[..eights]);
-        let mut low = [f32x4::ZERO; 4];
-        let mut high = [f32x4::ZERO; 4];
-        for (k, x8) in x_eights.iter().enumerate() {
+        let row_eights: [&[[f32; 8]]; ROWS] = rows.map(|row| &row.as_chunks::<8>().0[..eights]);
+        let mut low = [f32x4::ZERO; ROWS];
+        let mut high = [f32x4::ZERO; ROWS];
+        each_eight(x_eights, |k, x8| {
             let (x_low, x_high) = (quad(x8), quad(&x8[4..]));
-            for i in 0..4 {
+            for i in 0..ROWS {
                 let r8 = &row_eights[i][k];
                 low[i] += quad(r8) * x_low;
                 high[i] += quad(&r8[4..]) * x_high;
             }
-        }
-        for i in 0..4 {
+        });
+        for i in 0..ROWS {
             let mut tail = 0.0_f32;
             for (m, v) in rows[i][8 * eights..].iter().zip(x_tail) {
                 tail += m * v;
@@ -88,8 +88,83 @@ pub(crate) fn matvec(matrix: &[f32], x: &[f32], bias: &[f32], out: &mut [f32]) {
             out[first + i] = bias[first + i] + reduce(low[i], high[i], tail);
         }
     }
-    for r in 4 * groups..out.len() {
+    for r in ROWS * groups..out.len() {
         out[r] = bias[r] + dot(&matrix[r * cols..(r + 1) * cols], x);
+    }
+}
+
+/// Rows [`matvec`] computes at once.
+const ROWS: usize = 4;
+
+/// `row r of matrix += coeffs[r] * x` for each `r` in `rows` (ascending, no repeats), where row
+/// `r` is `matrix[r * x.len()..(r + 1) * x.len()]`: each element updated once, as [`axpy`]
+/// per row would. Rows go four at a time, so each load of `x` serves four rows.
+///
+/// # Panics
+///
+/// If `rows` is not ascending without repeats, or a row or coefficient is out of range.
+#[inline]
+pub(crate) fn outer_add(matrix: &mut [f32], rows: &[usize], coeffs: &[f32], x: &[f32]) {
+    let cols = x.len();
+    let (x_eights, x_tail) = x.as_chunks::<8>();
+    let whole = 8 * x_eights.len();
+    let mut groups = rows.chunks_exact(ROWS);
+    for group in &mut groups {
+        let ranges: [std::ops::Range<usize>; ROWS] =
+            std::array::from_fn(|i| group[i] * cols..(group[i] + 1) * cols);
+        let Ok(mut targets) = matrix.get_disjoint_mut(ranges) else {
+            panic!("outer_add: rows must be ascending, without repeats, and in range");
+        };
+        let coeff: [f32; ROWS] = std::array::from_fn(|i| coeffs[group[i]]);
+        for (row, &c) in targets.iter_mut().zip(&coeff) {
+            for (m, v) in row[whole..].iter_mut().zip(x_tail) {
+                *m += c * v;
+            }
+        }
+        let splat = coeff.map(f32x4::splat);
+        let mut eights = targets.map(|row| row.as_chunks_mut::<8>().0);
+        each_eight(x_eights, |k, x8| {
+            let (x_low, x_high) = (quad(x8), quad(&x8[4..]));
+            for i in 0..ROWS {
+                let r8 = &mut eights[i][k];
+                let low = (quad(r8) + splat[i] * x_low).to_array();
+                let high = (quad(&r8[4..]) + splat[i] * x_high).to_array();
+                r8[..4].copy_from_slice(&low);
+                r8[4..].copy_from_slice(&high);
+            }
+        });
+    }
+    for &r in groups.remainder() {
+        axpy(&mut matrix[r * cols..(r + 1) * cols], coeffs[r], x);
+    }
+}
+
+/// `v = if v > 0 { v } else { 0 }` for each value (NaN becomes 0), eight per loop iteration.
+#[inline]
+pub(crate) fn relu(values: &mut [f32]) {
+    let (eights, rest) = values.as_chunks_mut::<8>();
+    for eight in eights {
+        for v in eight {
+            *v = if *v > 0.0 { *v } else { 0.0 };
+        }
+    }
+    for v in rest {
+        *v = if *v > 0.0 { *v } else { 0.0 };
+    }
+}
+
+/// Calls `step(k, &eights[k])` for each `k` in order, four calls per loop iteration: in the
+/// sandbox each iteration also pays an epoch check, and a layer's row is only a few eights.
+#[inline(always)]
+fn each_eight(eights: &[[f32; 8]], mut step: impl FnMut(usize, &[f32; 8])) {
+    let (fours, rest) = eights.as_chunks::<4>();
+    for (f, four) in fours.iter().enumerate() {
+        for (h, eight) in four.iter().enumerate() {
+            step(4 * f + h, eight);
+        }
+    }
+    for (h, eight) in rest.iter().enumerate() {
+        step(4 * fours.len() + h, eight);
     }
 }
 
@@ -184,6 +259,26 @@ mod tests {
                     let expected = bias[r] + dot_reference(&matrix[r * cols..(r + 1) * cols], &x);
                     assert_eq!(value.to_bits(), expected.to_bits(), "{rows}x{cols}, row {r}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn outer_add_updates_the_listed_rows_as_axpy_would() {
+        for cols in [0, 3, 8, 13, 32, 64, 70] {
+            let x = values(cols, 19);
+            let coeffs = values(11, 23);
+            for rows in [vec![], vec![4], vec![0, 1, 2, 3], vec![0, 2, 3, 5, 6, 7, 9, 10]] {
+                let mut matrix = values(11 * cols, 29);
+                let mut expected = matrix.clone();
+                outer_add(&mut matrix, &rows, &coeffs, &x);
+                for &r in &rows {
+                    for (e, x) in expected[r * cols..(r + 1) * cols].iter_mut().zip(&x) {
+                        *e += coeffs[r] * x;
+                    }
+                }
+                let bits = |m: &[f32]| m.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&matrix), bits(&expected), "cols {cols}, rows {rows:?}");
             }
         }
     }

@@ -5,7 +5,7 @@
 //! loop, splitting a sum or adding threads changes the trained bits, and with them the hashes
 //! that replicas of a training job are compared by.
 
-use crate::kernel::{axpy, matvec};
+use crate::kernel::{axpy, matvec, outer_add, relu};
 use crate::math;
 use crate::model::Layout;
 use crate::{Dataset, Model};
@@ -125,6 +125,8 @@ struct Scratch {
     probs: Vec<f32>,
     /// During backprop, the gradient of the loss with respect to the hidden activations.
     hidden_grad: Vec<f32>,
+    /// During backprop, the hidden units that were active (ReLU passed them).
+    active: Vec<usize>,
 }
 
 impl Scratch {
@@ -134,6 +136,7 @@ impl Scratch {
             logits: vec![0.0; layout.outputs],
             probs: vec![0.0; layout.outputs],
             hidden_grad: vec![0.0; layout.hidden],
+            active: Vec::with_capacity(layout.hidden),
         }
     }
 }
@@ -162,9 +165,7 @@ fn forward_into(
 ) -> Normaliser {
     // hidden = relu(b1 + W1 input), logits = b2 + W2 hidden; each row's sum is `dot`'s.
     matvec(&params[layout.w1..], input, &params[layout.b1..], &mut scratch.hidden);
-    for activation in &mut scratch.hidden {
-        *activation = if *activation > 0.0 { *activation } else { 0.0 };
-    }
+    relu(&mut scratch.hidden);
     matvec(&params[layout.w2..], &scratch.hidden, &params[layout.b2..], &mut scratch.logits);
     softmax(&scratch.logits, &mut scratch.probs)
 }
@@ -208,7 +209,7 @@ fn accumulate_gradient(
     forward_into(params, layout, input, scratch);
     // d loss / d logits = softmax - one_hot(label).
     scratch.probs[label] -= 1.0;
-    let Scratch { hidden: activations, probs: logits_grad, hidden_grad, .. } = scratch;
+    let Scratch { hidden: activations, probs: logits_grad, hidden_grad, active, .. } = scratch;
     let activations = &activations[..hidden];
     let hidden_grad = &mut hidden_grad[..hidden];
     // One pass over the output rows gives both the w2 gradient and d loss / d hidden. Each
@@ -222,14 +223,16 @@ fn accumulate_gradient(
         axpy(&mut grad[at..at + hidden], g, activations);
         axpy(hidden_grad, g, weights);
     }
+    // ReLU passes gradient only through units that were active.
+    active.clear();
     for (j, (&activation, &acc)) in activations.iter().zip(hidden_grad.iter()).enumerate() {
-        // ReLU passes gradient only through units that were active.
-        if activation <= 0.0 {
-            continue;
+        if activation > 0.0 {
+            grad[layout.b1 + j] += acc;
+            active.push(j);
         }
-        grad[layout.b1 + j] += acc;
-        axpy(&mut grad[layout.w1 + j * inputs..layout.w1 + (j + 1) * inputs], acc, input);
     }
+    // w1 row j += d loss / d hidden[j] * input, for the active units.
+    outer_add(&mut grad[layout.w1..layout.w1 + hidden * inputs], active, hidden_grad, input);
 }
 
 #[cfg(test)]
