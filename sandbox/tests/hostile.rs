@@ -394,6 +394,46 @@ async fn deterministic_mode_gives_bitwise_identical_outputs() {
     assert_ne!(digests[2], digests[3], "ordinary runs see real clocks and randomness");
 }
 
+/// Relaxed SIMD lets a host pick its own answer for some inputs: `i32x4.relaxed_trunc_f32x4_s`
+/// of NaN and of 3e9 is 0 and `i32::MAX` (saturating) on AArch64, `i32::MIN` for both on x86.
+/// The guest exits 0 when it sees the saturating answers, 1 when it sees x86's.
+const RELAXED_TRUNC: &str = r#"(module
+  (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (local $v v128)
+    (local.set $v (i32x4.relaxed_trunc_f32x4_s (v128.const f32x4 nan 3e9 0 0)))
+    (if (i32.and
+          (i32.eqz (i32x4.extract_lane 0 (local.get $v)))
+          (i32.eq (i32x4.extract_lane 1 (local.get $v)) (i32.const 0x7fffffff)))
+      (then (call $exit (i32.const 0))))
+    (call $exit (i32.const 1))))"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deterministic_mode_gives_relaxed_simd_one_answer_on_every_host() {
+    let executor = WasmExecutor::new(WasmConfig::in_memory()).unwrap();
+    let mut codes = Vec::new();
+    for deterministic in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = PreparedJob::new(
+            JobWorkload::Wasm(ModuleSource::new("relaxed", wasm(RELAXED_TRUNC))),
+            dir.path(),
+            limits(),
+        );
+        job.deterministic = deterministic;
+        codes.push(exit_code(&executor.run(job, RunControl::default()).await.unwrap()));
+    }
+    assert_eq!(
+        codes[0], 0,
+        "deterministic mode saturates, as the specification's deterministic profile says"
+    );
+    if cfg!(target_arch = "x86_64") {
+        // Without deterministic mode the host's own instruction answers: proof that the
+        // deterministic answer is not simply what this host does anyway.
+        assert_eq!(codes[1], 1, "x86 answers i32::MIN outside deterministic mode");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn modules_are_compiled_once_and_reloaded_from_the_disk_cache() {
     let cache = tempfile::tempdir().unwrap();

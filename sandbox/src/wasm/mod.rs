@@ -12,8 +12,9 @@
 //! - **Stack**: [`ExecLimits::stack_bytes`](crate::ExecLimits::stack_bytes).
 //! - **Output**: stdout and stderr captured up to a cap; the outputs directory is watched against
 //!   its quota while the guest runs and collected safely afterwards ([`crate::outputs`]).
-//! - **Deterministic mode**: NaN canonicalization, and the clock and random imports replaced by
-//!   deterministic ones, so replicas produce bitwise-identical outputs.
+//! - **Deterministic mode**: NaN canonicalization, relaxed SIMD's deterministic profile, and the
+//!   clock and random imports replaced by deterministic ones, so replicas produce
+//!   bitwise-identical outputs.
 //! - **Compilation**: each module is compiled at most once per engine variant and kept
 //!   pre-linked ([`wasmtime::InstancePre`]) in memory and, compiled, on disk ([`cache`]).
 
@@ -237,7 +238,10 @@ fn engine_config(kind: EngineKind, stack_bytes: usize) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.consume_fuel(kind.fuel);
+    // Deterministic mode: one NaN bit pattern, and relaxed SIMD's deterministic profile
+    // (otherwise e.g. `relaxed_trunc` of NaN is 0 on AArch64 and i32::MIN on x86).
     config.cranelift_nan_canonicalization(kind.deterministic);
+    config.relaxed_simd_deterministic(kind.deterministic);
     config.max_wasm_stack(stack_bytes);
     // Only what WASI preview 1 core modules need.
     config.wasm_threads(false);
