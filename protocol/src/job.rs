@@ -577,22 +577,22 @@ impl JobSpec {
         v.check(
             (1..=bounds::MAX_REPLICATION).contains(&self.replication),
             "replication",
-            format!("must be between 1 and {}", bounds::MAX_REPLICATION),
+            format_args!("must be between 1 and {}", bounds::MAX_REPLICATION),
         );
         v.check(
             (1..=bounds::MAX_ATTEMPTS).contains(&self.max_attempts),
             "max_attempts",
-            format!("must be between 1 and {}", bounds::MAX_ATTEMPTS),
+            format_args!("must be between 1 and {}", bounds::MAX_ATTEMPTS),
         );
         v.check(
             (1..=bounds::MAX_DEADLINE_S).contains(&self.deadline_s),
             "deadline_s",
-            format!("must be between 1 and {} (30 days)", bounds::MAX_DEADLINE_S),
+            format_args!("must be between 1 and {} (30 days)", bounds::MAX_DEADLINE_S),
         );
         v.check(
             self.deadline_s >= self.limits.timeout_s,
             "deadline_s",
-            format!(
+            format_args!(
                 "is shorter than limits.timeout_s ({} s): no attempt could finish in time",
                 self.limits.timeout_s
             ),
@@ -656,14 +656,14 @@ impl JobSpec {
         for key in w.env.keys() {
             v.check(
                 !key.is_empty() && !key.contains(['=', '\0']),
-                &format!("workload.env.{key}"),
+                format_args!("workload.env.{key}"),
                 "an environment variable name must be non-empty and contain no '=' or NUL",
             );
         }
         v.check(
             self.inputs.len() <= bounds::MAX_INPUTS,
             "inputs",
-            format!("at most {} input files", bounds::MAX_INPUTS),
+            format_args!("at most {} input files", bounds::MAX_INPUTS),
         );
         let mut names = std::collections::BTreeSet::new();
         for (i, input) in self.inputs.iter().enumerate() {
@@ -673,13 +673,13 @@ impl JobSpec {
                 && input.name != "..";
             v.check(
                 ok,
-                &format!("inputs[{i}].name"),
+                format_args!("inputs[{i}].name"),
                 "must be a plain file name (no '/', '\\', '.' or '..')",
             );
             v.check(
                 names.insert(input.name.as_str()),
-                &format!("inputs[{i}].name"),
-                format!("{:?} is used by another input", input.name),
+                format_args!("inputs[{i}].name"),
+                format_args!("{:?} is used by another input", input.name),
             );
         }
     }
@@ -702,7 +702,7 @@ impl JobSpec {
         v.check(
             l.memory_mb <= r.memory_mb,
             "limits.memory_mb",
-            format!(
+            format_args!(
                 "({}) exceeds requirements.memory_mb ({}): a node must have at least the memory the job may use",
                 l.memory_mb, r.memory_mb
             ),
@@ -733,7 +733,7 @@ impl JobSpec {
             _ => v.check(
                 self.training.is_none(),
                 "training",
-                format!("only applies to kind = \"training\", not {:?}", self.kind.name()),
+                format_args!("only applies to kind = \"training\", not {:?}", self.kind.name()),
             ),
         }
         match (self.kind, &self.serving) {
@@ -755,7 +755,7 @@ impl JobSpec {
             }
             (_, Some(_)) => v.fail(
                 "serving",
-                format!("only applies to kind = \"serving\", not {:?}", self.kind.name()),
+                format_args!("only applies to kind = \"serving\", not {:?}", self.kind.name()),
             ),
             (_, None) => {}
         }
@@ -774,12 +774,12 @@ impl TrainingParams {
         v.check(
             (1..=bounds::MAX_PARTICIPANTS).contains(&self.participants),
             "training.participants",
-            format!("must be between 1 and {}", bounds::MAX_PARTICIPANTS),
+            format_args!("must be between 1 and {}", bounds::MAX_PARTICIPANTS),
         );
         v.check(
             (1..=bounds::MAX_ROUNDS).contains(&self.rounds),
             "training.rounds",
-            format!("must be between 1 and {}", bounds::MAX_ROUNDS),
+            format_args!("must be between 1 and {}", bounds::MAX_ROUNDS),
         );
         v.check(self.local_epochs >= 1, "training.local_epochs", "must be at least 1");
         v.check(
@@ -792,7 +792,7 @@ impl TrainingParams {
         v.check(
             self.quorum >= 1 && self.quorum <= self.participants,
             "training.quorum",
-            format!("must be between 1 and training.participants ({})", self.participants),
+            format_args!("must be between 1 and training.participants ({})", self.participants),
         );
         v.check(
             (0.0..=1.0).contains(&self.verify_share),
@@ -819,14 +819,16 @@ struct Validator {
 }
 
 impl Validator {
-    fn check(&mut self, ok: bool, field: &str, problem: impl Into<String>) {
+    /// Records `problem` with `field` unless `ok`. Both are formatted only then: a valid spec
+    /// (every offer a node hears) costs no string.
+    fn check(&mut self, ok: bool, field: impl fmt::Display, problem: impl fmt::Display) {
         if !ok {
             self.fail(field, problem);
         }
     }
 
-    fn fail(&mut self, field: &str, problem: impl Into<String>) {
-        self.errors.push(FieldError { field: field.to_owned(), problem: problem.into() });
+    fn fail(&mut self, field: impl fmt::Display, problem: impl fmt::Display) {
+        self.errors.push(FieldError { field: field.to_string(), problem: problem.to_string() });
     }
 
     fn finish(self) -> Result<(), SpecError> {
