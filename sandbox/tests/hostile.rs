@@ -373,19 +373,24 @@ const NOISY: &str = r#"(module
     (i32.store (i32.const 304) (i32.const 48))
     (drop (call $write (i32.load (i32.const 200)) (i32.const 300) (i32.const 1) (i32.const 400)))))"#;
 
+/// Runs `bytes` in a fresh job directory, in deterministic mode or not.
+async fn run_mode(executor: &WasmExecutor, bytes: Vec<u8>, deterministic: bool) -> ExecOutcome {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = PreparedJob::new(
+        JobWorkload::Wasm(ModuleSource::new("guest", bytes)),
+        dir.path(),
+        limits(),
+    );
+    job.deterministic = deterministic;
+    executor.run(job, RunControl::default()).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn deterministic_mode_gives_bitwise_identical_outputs() {
     let executor = WasmExecutor::new(WasmConfig::in_memory()).unwrap();
     let mut digests = Vec::new();
     for deterministic in [true, true, false, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut job = PreparedJob::new(
-            JobWorkload::Wasm(ModuleSource::new("n", wasm(NOISY))),
-            dir.path(),
-            limits(),
-        );
-        job.deterministic = deterministic;
-        let outcome = executor.run(job, RunControl::default()).await.unwrap();
+        let outcome = run_mode(&executor, wasm(NOISY), deterministic).await;
         assert_eq!(outcome.status, ExecStatus::Succeeded);
         assert_eq!(outcome.outputs.len(), 1);
         digests.push(outcome.outputs[0].sha256);
@@ -414,14 +419,7 @@ async fn deterministic_mode_gives_relaxed_simd_one_answer_on_every_host() {
     let executor = WasmExecutor::new(WasmConfig::in_memory()).unwrap();
     let mut codes = Vec::new();
     for deterministic in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut job = PreparedJob::new(
-            JobWorkload::Wasm(ModuleSource::new("relaxed", wasm(RELAXED_TRUNC))),
-            dir.path(),
-            limits(),
-        );
-        job.deterministic = deterministic;
-        codes.push(exit_code(&executor.run(job, RunControl::default()).await.unwrap()));
+        codes.push(exit_code(&run_mode(&executor, wasm(RELAXED_TRUNC), deterministic).await));
     }
     assert_eq!(
         codes[0], 0,
