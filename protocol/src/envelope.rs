@@ -8,7 +8,9 @@
 //! signature, and a replay (bounded cache keyed by signer and nonce).
 
 use std::cell::Cell;
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 
 use ed25519_dalek::{Signature as DalekSignature, Verifier as _};
@@ -519,9 +521,12 @@ impl Default for VerifyConfig {
 pub struct ReplayCache {
     capacity: usize,
     seen: HashMap<(NodeId, u64), Millis>,
-    by_expiry: BTreeSet<(Millis, NodeId, u64)>,
+    /// The same entries, the one expiring soonest on top (ties by signer and nonce). Only the
+    /// soonest is ever read or removed, so a heap in one vector serves where a tree would
+    /// scatter its nodes: a node's cache is touched on every message it receives.
+    by_expiry: BinaryHeap<Reverse<(Millis, NodeId, u64)>>,
     /// The first expiry in `by_expiry` (`Millis::MAX` when empty): a purge with nothing to do,
-    /// the usual case, reads this instead of the tree.
+    /// the usual case, reads this instead of the heap.
     earliest_ms: Millis,
     floor_ms: Millis,
 }
@@ -532,7 +537,7 @@ impl ReplayCache {
         Self {
             capacity: capacity.max(1),
             seen: HashMap::new(),
-            by_expiry: BTreeSet::new(),
+            by_expiry: BinaryHeap::new(),
             earliest_ms: Millis::MAX,
             floor_ms: 0,
         }
@@ -553,14 +558,18 @@ impl ReplayCache {
         if self.earliest_ms >= horizon_ms {
             return;
         }
-        while let Some(&(expiry, signer, nonce)) = self.by_expiry.first() {
+        while let Some(&Reverse((expiry, signer, nonce))) = self.by_expiry.peek() {
             if expiry >= horizon_ms {
                 break;
             }
-            self.by_expiry.pop_first();
+            self.by_expiry.pop();
             self.seen.remove(&(signer, nonce));
         }
-        self.earliest_ms = self.by_expiry.first().map_or(Millis::MAX, |e| e.0);
+        self.earliest_ms = self.first_expiry();
+    }
+
+    fn first_expiry(&self) -> Millis {
+        self.by_expiry.peek().map_or(Millis::MAX, |Reverse(e)| e.0)
     }
 
     /// Checks `(signer, nonce)` and records it; an error when it was seen or is too old.
@@ -570,30 +579,34 @@ impl ReplayCache {
         nonce: u64,
         expires_at_ms: Millis,
     ) -> Result<(), VerifyError> {
-        if self.seen.contains_key(&(signer, nonce)) {
-            return Err(VerifyError::Replayed { signer, nonce });
-        }
-        if expires_at_ms <= self.floor_ms {
-            return Err(VerifyError::ReplayWindowExceeded {
-                expires_at_ms,
-                floor_ms: self.floor_ms,
-            });
-        }
-        if self.seen.len() >= self.capacity {
-            if let Some((expiry, old_signer, old_nonce)) = self.by_expiry.pop_first() {
-                self.seen.remove(&(old_signer, old_nonce));
-                self.floor_ms = self.floor_ms.max(expiry);
-                self.earliest_ms = self.by_expiry.first().map_or(Millis::MAX, |e| e.0);
+        let too_old = |floor_ms| VerifyError::ReplayWindowExceeded { expires_at_ms, floor_ms };
+        if self.seen.len() < self.capacity {
+            // The usual case: the pair is looked up and recorded with one hash.
+            let Entry::Vacant(slot) = self.seen.entry((signer, nonce)) else {
+                return Err(VerifyError::Replayed { signer, nonce });
+            };
+            if expires_at_ms <= self.floor_ms {
+                return Err(too_old(self.floor_ms));
+            }
+            slot.insert(expires_at_ms);
+        } else {
+            if self.seen.contains_key(&(signer, nonce)) {
+                return Err(VerifyError::Replayed { signer, nonce });
             }
             if expires_at_ms <= self.floor_ms {
-                return Err(VerifyError::ReplayWindowExceeded {
-                    expires_at_ms,
-                    floor_ms: self.floor_ms,
-                });
+                return Err(too_old(self.floor_ms));
             }
+            if let Some(Reverse((expiry, old_signer, old_nonce))) = self.by_expiry.pop() {
+                self.seen.remove(&(old_signer, old_nonce));
+                self.floor_ms = self.floor_ms.max(expiry);
+                self.earliest_ms = self.first_expiry();
+            }
+            if expires_at_ms <= self.floor_ms {
+                return Err(too_old(self.floor_ms));
+            }
+            self.seen.insert((signer, nonce), expires_at_ms);
         }
-        self.seen.insert((signer, nonce), expires_at_ms);
-        self.by_expiry.insert((expires_at_ms, signer, nonce));
+        self.by_expiry.push(Reverse((expires_at_ms, signer, nonce)));
         self.earliest_ms = self.earliest_ms.min(expires_at_ms);
         assert_eq!(self.seen.len(), self.by_expiry.len());
         Ok(())
@@ -814,6 +827,77 @@ mod tests {
         // A format that writes byte vectors as sequences reads them back the same.
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), e);
+    }
+
+    /// The cache as its documentation states it, by scanning a list: what `ReplayCache` must
+    /// answer through any mix of inserts and purges, full or not.
+    struct ScanModel {
+        capacity: usize,
+        entries: Vec<(Millis, NodeId, u64)>,
+        floor_ms: Millis,
+    }
+
+    impl ScanModel {
+        fn purge_before(&mut self, horizon_ms: Millis) {
+            self.entries.retain(|e| e.0 >= horizon_ms);
+        }
+
+        fn check_and_insert(
+            &mut self,
+            signer: NodeId,
+            nonce: u64,
+            expires_at_ms: Millis,
+        ) -> Result<(), VerifyError> {
+            if self.entries.iter().any(|e| (e.1, e.2) == (signer, nonce)) {
+                return Err(VerifyError::Replayed { signer, nonce });
+            }
+            let too_old = |floor_ms| VerifyError::ReplayWindowExceeded { expires_at_ms, floor_ms };
+            if expires_at_ms <= self.floor_ms {
+                return Err(too_old(self.floor_ms));
+            }
+            if self.entries.len() >= self.capacity {
+                let soonest = self.entries.iter().copied().min().expect("full");
+                self.entries.retain(|e| *e != soonest);
+                self.floor_ms = self.floor_ms.max(soonest.0);
+                if expires_at_ms <= self.floor_ms {
+                    return Err(too_old(self.floor_ms));
+                }
+            }
+            self.entries.push((expires_at_ms, signer, nonce));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_cache_answers_as_a_scan_of_its_entries_would() {
+        let signers = [key(1).public(), key(2).public(), key(3).public()];
+        for capacity in [1, 3, 8, 1000] {
+            let mut cache = ReplayCache::new(capacity);
+            let mut model = ScanModel { capacity, entries: Vec::new(), floor_ms: 0 };
+            let mut state = u64::try_from(capacity).expect("small");
+            let mut roll = |n: u64| {
+                state = crate::messages::mix64(state);
+                state % n
+            };
+            let mut now = 1_000;
+            for _ in 0..5_000 {
+                now += roll(3);
+                if roll(4) == 0 {
+                    let horizon = now.saturating_sub(roll(50));
+                    cache.purge_before(horizon);
+                    model.purge_before(horizon);
+                } else {
+                    let signer = signers[roll(3) as usize];
+                    let (nonce, expires) = (roll(40), now + roll(60));
+                    assert_eq!(
+                        cache.check_and_insert(signer, nonce, expires),
+                        model.check_and_insert(signer, nonce, expires),
+                        "capacity {capacity}, now {now}"
+                    );
+                }
+                assert_eq!(cache.len(), model.entries.len());
+            }
+        }
     }
 
     #[test]
