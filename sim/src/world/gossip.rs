@@ -348,8 +348,9 @@ impl Sim {
     /// of each of its capability classes.
     pub(super) fn put_advert_in_dht(&mut self, i: u32, len: u64) {
         let kad = self.sc.network.kademlia.clone();
-        let Some(dht) = &self.overlay.dht else { return };
-        let up = |p: u32| self.nodes[p as usize].up && !self.cut_off(Endpoint::Node(p));
+        let Some(dht) = self.overlay.dht.as_mut() else { return };
+        let nodes = &self.nodes;
+        let up = |p: u32| nodes[p as usize].up && !nodes[p as usize].cut;
         let record = key_of(&advert_record_key(&self.nodes[i as usize].core.id()));
         let mut stores = vec![(record, CONTROL_BYTES + 32 + len, CONTROL_BYTES + 32 + len)];
         if !self.overlay.providing[i as usize] {

@@ -50,6 +50,10 @@ pub(super) struct Dht {
     tables: Vec<Vec<u32>>,
     /// Where each node's bucket `i` starts in its table (`i` in 0..=64; entry 64 is the end).
     bucket_starts: Vec<[u32; 65]>,
+    /// `candidate[p] == lookup_stamp` while peer `p` is a candidate of the lookup in progress
+    /// (a lookup merges hundreds of answers; scanning its candidates for each was quadratic).
+    candidate: Vec<u32>,
+    lookup_stamp: u32,
 }
 
 impl Dht {
@@ -88,7 +92,16 @@ impl Dht {
             tables.push(table);
             bucket_starts.push(starts);
         }
-        Self { k, alpha: alpha.max(1) as usize, keys, tables, bucket_starts }
+        let candidate = vec![0; keys.len()];
+        Self {
+            k,
+            alpha: alpha.max(1) as usize,
+            keys,
+            tables,
+            bucket_starts,
+            candidate,
+            lookup_stamp: 0,
+        }
     }
 
     /// The `k` contacts of `node` closest to `target`, closest first.
@@ -131,13 +144,22 @@ impl Dht {
 
     /// An iterative lookup of `target` started by `from`: query the `alpha` closest peers not
     /// yet asked, merge their answers, until the `k` closest peers heard of have all been asked.
-    pub(super) fn lookup(&self, from: u32, target: u64, up: impl Fn(u32) -> bool) -> Lookup {
+    pub(super) fn lookup(&mut self, from: u32, target: u64, up: impl Fn(u32) -> bool) -> Lookup {
         let mut result = Lookup::default();
         let mut answer = Vec::new();
         self.closest_known(from, target, &mut answer);
+        self.lookup_stamp = self.lookup_stamp.wrapping_add(1);
+        if self.lookup_stamp == 0 {
+            self.candidate.fill(0);
+            self.lookup_stamp = 1;
+        }
+        let stamp = self.lookup_stamp;
         // (distance, peer, asked, answered, round it was first heard of)
         let mut candidates: Vec<(u64, u32, bool, bool, u32)> =
             answer.iter().map(|&(d, p)| (d, p, false, false, 0)).collect();
+        for c in &candidates {
+            self.candidate[c.1 as usize] = stamp;
+        }
         loop {
             let round: Vec<u32> = candidates
                 .iter()
@@ -164,13 +186,21 @@ impl Dht {
                 self.closest_known(peer, target, &mut answer);
                 result.peers_returned += answer.len() as u64;
                 for &(d, p) in &answer {
-                    if p != from && !candidates.iter().any(|c| c.1 == p) {
+                    if p != from && self.candidate[p as usize] != stamp {
+                        self.candidate[p as usize] = stamp;
                         candidates.push((d, p, false, false, result.rounds));
                     }
                 }
             }
-            // Unanswered peers drop out of the closest set.
-            candidates.retain(|c| !c.2 || c.3);
+            // Unanswered peers drop out of the closest set (and may be heard of again).
+            let candidate = &mut self.candidate;
+            candidates.retain(|c| {
+                let keep = !c.2 || c.3;
+                if !keep {
+                    candidate[c.1 as usize] = 0;
+                }
+                keep
+            });
             candidates.sort_unstable();
         }
         result.hops = candidates.first().map_or(0, |c| c.4);
@@ -209,7 +239,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let n = 5_000u32;
         let keys: Vec<u64> = (0..n).map(|i| key_of(&i.to_le_bytes())).collect();
-        let dht = Dht::new(keys.clone(), 20, 3, &mut rng);
+        let mut dht = Dht::new(keys.clone(), 20, 3, &mut rng);
         let target = key_of(b"some record");
         let mut truth: Vec<(u64, u32)> = (0..n).map(|i| (keys[i as usize] ^ target, i)).collect();
         truth.sort_unstable();
