@@ -119,7 +119,9 @@ struct RelaySlot {
 }
 
 struct NodeSlot {
-    core: NodeCore,
+    /// Boxed: a propagation reads the driver's fields below (up, cut, access delay, uplink)
+    /// for every node it crosses; apart from the core, the slots of all nodes stay compact.
+    core: Box<NodeCore>,
     up: bool,
     incarnation: u32,
     behaviour: Behaviour,
@@ -229,7 +231,7 @@ impl Sim {
             ids.insert(core.id(), Endpoint::Node(i));
             let access_ms = rng.random_range(0..=sc.network.access_ms_max);
             nodes.push(NodeSlot {
-                core,
+                core: Box::new(core),
                 up: true,
                 incarnation: 0,
                 behaviour,
@@ -718,7 +720,7 @@ impl Sim {
             self.rng.random(),
         );
         let slot = &mut self.nodes[i as usize];
-        slot.core = core;
+        *slot.core = core;
         slot.up = true;
         self.nodes_up += 1;
         self.overlay.node_up(i);
