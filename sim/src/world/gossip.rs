@@ -59,6 +59,10 @@ pub(super) struct Overlay {
     window: VecDeque<u64>,
     published_since_heartbeat: u64,
     dist: Vec<Millis>,
+    /// The earliest copy of the propagation in progress on its way to each node: (arrival,
+    /// sender). A later copy of a node not yet reached never leaves the heap first, so it is
+    /// counted as a duplicate at once instead of being queued.
+    best: Vec<(Millis, u32)>,
     heap: BinaryHeap<Reverse<(Millis, u32, u32)>>,
     reached: Vec<u32>,
     pub(super) stats: OverlayStats,
@@ -90,6 +94,7 @@ impl Overlay {
             window: VecDeque::new(),
             published_since_heartbeat: 0,
             dist: Vec::new(),
+            best: Vec::new(),
             heap: BinaryHeap::new(),
             reached: Vec::new(),
             stats: OverlayStats {
@@ -226,10 +231,13 @@ impl Sim {
         let n = self.nodes.len();
         let mut heap = std::mem::take(&mut self.overlay.heap);
         let mut dist = std::mem::take(&mut self.overlay.dist);
+        let mut best = std::mem::take(&mut self.overlay.best);
         let mut reached = std::mem::take(&mut self.overlay.reached);
         heap.clear();
         dist.clear();
         dist.resize(n, NEVER);
+        best.clear();
+        best.resize(n, (NEVER, NO_PEER));
         reached.clear();
         let (mut copies, mut duplicates, mut iwant) = (0u64, 0u64, 0u64);
         self.overlay.stats.publishes += 1;
@@ -253,6 +261,7 @@ impl Sim {
         for i in first {
             copies += 1;
             if let Some(at) = self.transit(from, Endpoint::Node(i), len, now) {
+                best[i as usize] = (at, NO_PEER);
                 heap.push(Reverse((at, i, NO_PEER)));
             }
         }
@@ -274,9 +283,13 @@ impl Sim {
                 let Some(at) = self.transit(Endpoint::Node(u), Endpoint::Node(v), len, t) else {
                     continue;
                 };
-                if dist[v as usize] == NEVER {
+                if dist[v as usize] != NEVER {
+                    duplicates += 1;
+                } else if (at, u) < best[v as usize] {
+                    best[v as usize] = (at, u);
                     heap.push(Reverse((at, v, u)));
-                } else {
+                } else if self.nodes[v as usize].up {
+                    // Behind an earlier copy: popped, it would have found `v` reached.
                     duplicates += 1;
                 }
             }
@@ -326,6 +339,7 @@ impl Sim {
         s.iwant += iwant;
         self.overlay.heap = heap;
         self.overlay.dist = dist;
+        self.overlay.best = best;
         self.overlay.reached = reached;
     }
 
