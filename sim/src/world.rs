@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 
 use aimatrix_protocol::capability::{CapabilityProfile, GpuInfo, GpuVendor, GIB};
-use aimatrix_protocol::envelope::SignatureMemo;
+use aimatrix_protocol::envelope::{SignatureMemo, VerifyConfig};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::ledger::{EscrowBook, FEE_ACCOUNT};
@@ -37,6 +37,9 @@ const SWEEP_INTERVAL_MS: u64 = 60_000;
 const DEADLINE_SLACK_MS: u64 = 2_000;
 /// Offer propagation is histogrammed per ms up to this bound (later arrivals land in the last bucket).
 const PROPAGATION_BUCKETS: usize = 60_001;
+/// Replay-cache entries a relay keeps per node: about two live adverts each, and the node's
+/// claims, progress reports and results, with room to spare.
+const RELAY_REPLAY_ENTRIES_PER_NODE: usize = 4;
 /// Signature verdicts remembered across simulated receivers.
 const SIGNATURE_MEMO_CAPACITY: usize = 1 << 16;
 /// Decoded offers remembered across simulated receivers (an offer reaches every node within a
@@ -195,9 +198,22 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(sc.seed);
         let mut relays = Vec::new();
         let mut ids = HashMap::new();
+        // A relay sized for its network: room for every node's advert, and a replay cache
+        // above the envelopes it must remember at once. Each node's adverts live twice the
+        // advert interval (plus the clock-skew tolerance), so about two per node are live; with
+        // the default capacity (100,000) a relay of 100,000 nodes evicts live entries, raises
+        // its floor past the expiry of every claim and result, and refuses them all.
+        let defaults = RelayConfig::default();
         let relay_cfg = RelayConfig {
-            max_adverts: RelayConfig::default().max_adverts.max(sc.nodes as usize * 2),
-            ..RelayConfig::default()
+            max_adverts: defaults.max_adverts.max(sc.nodes as usize * 2),
+            verify: VerifyConfig {
+                replay_cache_capacity: defaults
+                    .verify
+                    .replay_cache_capacity
+                    .max(sc.nodes as usize * RELAY_REPLAY_ENTRIES_PER_NODE),
+                ..defaults.verify
+            },
+            ..defaults
         };
         for r in 0..sc.relays {
             let core =
