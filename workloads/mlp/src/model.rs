@@ -144,7 +144,7 @@ fn xavier_limit(fan_in: usize, fan_out: usize) -> f32 {
 }
 
 /// Where each block starts in `Model::params`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub(crate) inputs: usize,
     pub(crate) hidden: usize,
@@ -157,7 +157,10 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    pub(crate) fn new(inputs: usize, hidden: usize, outputs: usize) -> Self {
+    /// The digits network's layout ([`INPUTS`] → [`HIDDEN`] → [`OUTPUTS`]).
+    pub(crate) const DIGITS: Self = Self::new(INPUTS, HIDDEN, OUTPUTS);
+
+    pub(crate) const fn new(inputs: usize, hidden: usize, outputs: usize) -> Self {
         let w1 = 0;
         let b1 = w1 + hidden * inputs;
         let w2 = b1 + hidden;
