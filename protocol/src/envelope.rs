@@ -495,8 +495,14 @@ pub struct VerifyConfig {
     pub skew_tolerance_ms: u64,
     /// Longest lifetime (`expires_at - issued_at`) accepted.
     pub max_lifetime_ms: u64,
-    /// Entries the replay cache keeps.
+    /// Entries each replay cache keeps.
     pub replay_cache_capacity: usize,
+    /// Domains whose envelopes go to a replay cache of their own (of the same capacity),
+    /// apart from every other domain's. A cache that fills up refuses messages expiring before
+    /// the entries it evicted; kept apart, a flood of these (a relay's adverts: two live per
+    /// node, from any key that signs one) cannot make the receiver refuse the others (claims
+    /// and results, which expire sooner). Empty: one cache for everything.
+    pub own_replay_cache: &'static [Domain],
 }
 
 impl Default for VerifyConfig {
@@ -506,6 +512,7 @@ impl Default for VerifyConfig {
             skew_tolerance_ms: 30_000,
             max_lifetime_ms: 24 * 3600 * 1000,
             replay_cache_capacity: 100_000,
+            own_replay_cache: &[],
         }
     }
 }
@@ -618,12 +625,18 @@ impl ReplayCache {
 pub struct Verifier {
     config: VerifyConfig,
     replay: ReplayCache,
+    /// The cache for the domains in `config.own_replay_cache`.
+    own_replay: ReplayCache,
 }
 
 impl Verifier {
     /// A verifier with `config`.
     pub fn new(config: VerifyConfig) -> Self {
-        Self { replay: ReplayCache::new(config.replay_cache_capacity), config }
+        Self {
+            replay: ReplayCache::new(config.replay_cache_capacity),
+            own_replay: ReplayCache::new(config.replay_cache_capacity),
+            config,
+        }
     }
 
     /// The limits in force.
@@ -655,8 +668,13 @@ impl Verifier {
     ) -> Result<(), VerifyError> {
         self.check_unsigned_fields(now_ms, envelope, expected)?;
         envelope.verify_signature_keyed(memo_key)?;
-        self.replay.purge_before(now_ms.saturating_sub(self.config.skew_tolerance_ms));
-        self.replay.check_and_insert(envelope.signer, envelope.nonce, envelope.expires_at_ms)
+        let replay = if self.config.own_replay_cache.contains(&envelope.domain) {
+            &mut self.own_replay
+        } else {
+            &mut self.replay
+        };
+        replay.purge_before(now_ms.saturating_sub(self.config.skew_tolerance_ms));
+        replay.check_and_insert(envelope.signer, envelope.nonce, envelope.expires_at_ms)
     }
 
     /// Size, domain, lifetime and clock checks, without the signature or the replay cache.
@@ -916,5 +934,58 @@ mod tests {
         assert!(matches!(cache.check_and_insert(a, 2, 200), Err(VerifyError::Replayed { .. })));
         cache.purge_before(250);
         assert_eq!(cache.len(), 1);
+    }
+
+    /// A verifier holding two entries per cache, adverts in a cache of their own or not.
+    fn small_verifier(own: &'static [Domain]) -> Verifier {
+        Verifier::new(VerifyConfig {
+            replay_cache_capacity: 2,
+            own_replay_cache: own,
+            ..VerifyConfig::default()
+        })
+    }
+
+    fn signed(k: &Keypair, domain: Domain, nonce: u64, expires: Millis) -> Envelope {
+        let header = EnvelopeHeader { domain, nonce, issued_at_ms: 1_000, expires_at_ms: expires };
+        Envelope::sign(k, header, b"payload".to_vec())
+    }
+
+    #[test]
+    fn a_flood_in_a_domain_with_its_own_cache_leaves_the_others_alone() {
+        let now = 2_000;
+        // Five adverts that live long fill a two-entry cache and raise its floor past the
+        // claim's expiry.
+        let flood: Vec<Envelope> = (0..5)
+            .map(|n| signed(&key(10 + n), Domain::Advert, 1, 900_000 + u64::from(n)))
+            .collect();
+        let claim = signed(&key(1), Domain::Claim, 7, 60_000);
+
+        let mut shared = small_verifier(&[]);
+        for advert in &flood {
+            shared.verify(now, advert, &[Domain::Advert]).unwrap();
+        }
+        assert!(matches!(
+            shared.verify(now, &claim, &[Domain::Claim]),
+            Err(VerifyError::ReplayWindowExceeded { .. })
+        ));
+
+        let mut apart = small_verifier(&[Domain::Advert]);
+        for advert in &flood {
+            apart.verify(now, advert, &[Domain::Advert]).unwrap();
+        }
+        apart.verify(now, &claim, &[Domain::Claim]).unwrap();
+        // Both caches still refuse replays.
+        assert!(matches!(
+            apart.verify(now, &claim, &[Domain::Claim]),
+            Err(VerifyError::Replayed { .. })
+        ));
+        assert!(matches!(
+            apart.verify(now, &flood[4], &[Domain::Advert]),
+            Err(VerifyError::Replayed { .. })
+        ));
+        assert!(matches!(
+            apart.verify(now, &flood[0], &[Domain::Advert]),
+            Err(VerifyError::ReplayWindowExceeded { .. })
+        ));
     }
 }

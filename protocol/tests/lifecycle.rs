@@ -5,13 +5,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use aimatrix_protocol::envelope::VerifyConfig;
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::job::{
     Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
 };
 use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
-use aimatrix_protocol::messages::{DenyReason, JobId, Outcome, OutputDigest, Usage, Verdict};
+use aimatrix_protocol::messages::{
+    self, Advert, DenyReason, JobId, Message, Outcome, OutputDigest, Usage, Verdict,
+};
 use aimatrix_protocol::node::{AcceptMode, NodeConfig, NodeCore, NodeEvent};
 use aimatrix_protocol::relay::training::RoundVerdict;
 use aimatrix_protocol::relay::{
@@ -77,8 +80,12 @@ fn wrong_output() -> Outcome {
 
 impl Net {
     fn new(behaviour: &[Behaviour]) -> Self {
+        Self::with_relay_config(RelayConfig::default(), behaviour)
+    }
+
+    fn with_relay_config(relay_config: RelayConfig, behaviour: &[Behaviour]) -> Self {
         let relay_key = testkit::keypair(1_000);
-        let relay = RelayCore::new(relay_key.clone(), RelayConfig::default(), 7);
+        let relay = RelayCore::new(relay_key.clone(), relay_config, 7);
         let nodes = behaviour
             .iter()
             .enumerate()
@@ -332,6 +339,34 @@ fn happy_path_pays_the_node_that_ran_the_job() {
         net.nodes[paid[0]].offers().all(|o| o.offer.job_id != job),
         "with its receipt the node forgets the offer"
     );
+}
+
+#[test]
+fn a_flood_of_adverts_does_not_make_the_relay_refuse_claims_and_results() {
+    // A relay whose replay caches hold 16 entries hears 200 adverts that live a day (strangers
+    // or a big network, alike to the relay) before the job: claims and results, which expire
+    // sooner, are still accepted (`Net` panics on any rejected message).
+    let defaults = RelayConfig::default();
+    let config = RelayConfig {
+        verify: VerifyConfig { replay_cache_capacity: 16, ..defaults.verify },
+        ..defaults
+    };
+    let mut net = Net::with_relay_config(config, &[Behaviour::Honest { ms: 5_000 }; 3]);
+    // Nodes without wasm: the relay does not name them for the (wasm) job.
+    let mut profile = testkit::profile();
+    profile.runtimes.wasm = false;
+    for n in 0..200 {
+        let advert = Message::Advert(Advert { seq: 1, profile: profile.clone() });
+        let key = testkit::keypair(5_000 + n);
+        // Each expiring a little later than the last, as a network's adverts over time: the
+        // advert cache evicts the soonest and accepts the rest.
+        let bytes = messages::seal(&key, &advert, n, net.now, 20 * 3_600_000 + n).unwrap();
+        net.relay.handle_message(net.now, None, &bytes);
+    }
+    let job = net.post(testkit::batch_spec(10));
+    net.run_until_final(job);
+    let state = &net.relay.job(&job).unwrap().state;
+    assert!(matches!(state, JobState::Completed { .. }), "{state:?}");
 }
 
 #[test]

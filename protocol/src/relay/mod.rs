@@ -59,7 +59,9 @@ pub struct RelayConfig {
     /// counts as busy for other offers, and after it the offer is announced again, to a wider
     /// set (at most every `reannounce_interval_ms`).
     pub targeted_wait_ms: u64,
-    /// Envelope verification limits.
+    /// Envelope verification limits. By default adverts have a replay cache of their own:
+    /// with one cache, a relay hearing more than about 45,000 nodes (two live adverts each)
+    /// filled it with adverts and then refused every claim and result as too old.
     pub verify: VerifyConfig,
 }
 
@@ -74,7 +76,7 @@ impl Default for RelayConfig {
             round_start_wait_ms: 10_000,
             max_adverts: 100_000,
             targeted_wait_ms: 1_000,
-            verify: VerifyConfig::default(),
+            verify: VerifyConfig { own_replay_cache: &[Domain::Advert], ..VerifyConfig::default() },
         }
     }
 }
