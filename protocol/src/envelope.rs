@@ -260,23 +260,14 @@ pub use memo::{SignatureMemo, SignatureMemoStats};
 /// Memoised signature verdicts for a driver that runs many receivers in one thread.
 mod memo {
     use std::cell::RefCell;
-    use std::collections::HashMap;
 
     use sha2::{Digest as _, Sha256};
 
     use super::{MemoKey, Signature, VerifyError};
-
-    /// Verdicts kept by an installed memo: two generations, each at most half the capacity;
-    /// when the young one fills up, the old one is dropped and the young one becomes old.
-    struct State {
-        young: HashMap<[u8; 32], Result<(), VerifyError>>,
-        old: HashMap<[u8; 32], Result<(), VerifyError>>,
-        generation_max: usize,
-        stats: SignatureMemoStats,
-    }
+    use crate::thread_memo::{Installed, SlotCell};
 
     thread_local! {
-        static MEMO: RefCell<Option<State>> = const { RefCell::new(None) };
+        static MEMO: SlotCell<[u8; 32], Result<(), VerifyError>> = const { RefCell::new(None) };
     }
 
     /// Counters of an installed memo.
@@ -303,31 +294,19 @@ mod memo {
     /// (and restores one installed before, if any).
     #[must_use = "the memo is uninstalled when dropped"]
     pub struct SignatureMemo {
-        previous: Option<State>,
+        installed: Installed<[u8; 32], Result<(), VerifyError>>,
     }
 
     impl SignatureMemo {
         /// Installs a memo of at most `capacity` verdicts (at least 2) on this thread.
         pub fn install(capacity: usize) -> Self {
-            let state = State {
-                young: HashMap::new(),
-                old: HashMap::new(),
-                generation_max: (capacity / 2).max(1),
-                stats: SignatureMemoStats::default(),
-            };
-            Self { previous: MEMO.with(|m| m.borrow_mut().replace(state)) }
+            Self { installed: Installed::install(&MEMO, capacity) }
         }
 
         /// Hits and misses so far.
         pub fn stats(&self) -> SignatureMemoStats {
-            MEMO.with(|m| m.borrow().as_ref().map(|s| s.stats).unwrap_or_default())
-        }
-    }
-
-    impl Drop for SignatureMemo {
-        fn drop(&mut self) {
-            let previous = self.previous.take();
-            MEMO.with(|m| *m.borrow_mut() = previous);
+            let (hits, misses) = self.installed.counts();
+            SignatureMemoStats { hits, misses }
         }
     }
 
@@ -352,16 +331,13 @@ mod memo {
                 hasher.finalize().into()
             });
             memo_key.set(Some(key));
-            if let Some(v) = state.young.get(&key).or_else(|| state.old.get(&key)) {
-                state.stats.hits += 1;
-                return v.clone();
+            if let Some(v) = state.get(&key) {
+                let v = v.clone();
+                state.hits += 1;
+                return v;
             }
-            state.stats.misses += 1;
             let v = check();
-            if state.young.len() >= state.generation_max {
-                state.old = std::mem::take(&mut state.young);
-            }
-            state.young.insert(key, v.clone());
+            state.insert(key, v.clone());
             v
         })
     }

@@ -37,6 +37,7 @@ pub mod node;
 mod outbox;
 pub mod relay;
 pub mod testkit;
+mod thread_memo;
 pub mod time;
 pub mod training;
 

@@ -1,13 +1,13 @@
 //! Memoised decoding of offer envelopes, for a driver that runs many receivers in one thread.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use super::Offer;
 use crate::codec::{self, DecodeError};
 use crate::envelope::{Domain, Envelope, MemoKey};
+use crate::thread_memo::{Installed, SlotCell};
 
 /// One offer envelope, decoded once for every receiver of its bytes.
 pub(super) struct SharedOffer {
@@ -53,17 +53,8 @@ impl Probe {
     }
 }
 
-/// Offers kept by an installed memo: two generations, each at most half the capacity; when the
-/// young one fills up, the old one is dropped and the young one becomes old.
-struct State {
-    young: HashMap<Probe, Rc<SharedOffer>>,
-    old: HashMap<Probe, Rc<SharedOffer>>,
-    generation_max: usize,
-    stats: OfferMemoStats,
-}
-
 thread_local! {
-    static MEMO: RefCell<Option<State>> = const { RefCell::new(None) };
+    static MEMO: SlotCell<Probe, Rc<SharedOffer>> = const { RefCell::new(None) };
 }
 
 /// Counters of an installed offer memo.
@@ -90,31 +81,19 @@ pub struct OfferMemoStats {
 /// installed before, if any).
 #[must_use = "the memo is uninstalled when dropped"]
 pub struct OfferMemo {
-    previous: Option<State>,
+    installed: Installed<Probe, Rc<SharedOffer>>,
 }
 
 impl OfferMemo {
     /// Installs a memo of at most `capacity` offers (at least 2) on this thread.
     pub fn install(capacity: usize) -> Self {
-        let state = State {
-            young: HashMap::new(),
-            old: HashMap::new(),
-            generation_max: (capacity / 2).max(1),
-            stats: OfferMemoStats::default(),
-        };
-        Self { previous: MEMO.with(|m| m.borrow_mut().replace(state)) }
+        Self { installed: Installed::install(&MEMO, capacity) }
     }
 
     /// Hits and misses so far.
     pub fn stats(&self) -> OfferMemoStats {
-        MEMO.with(|m| m.borrow().as_ref().map(|s| s.stats).unwrap_or_default())
-    }
-}
-
-impl Drop for OfferMemo {
-    fn drop(&mut self) {
-        let previous = self.previous.take();
-        MEMO.with(|m| *m.borrow_mut() = previous);
+        let (hits, misses) = self.installed.counts();
+        OfferMemoStats { hits, misses }
     }
 }
 
@@ -125,12 +104,12 @@ pub(super) fn lookup(bytes: &[u8]) -> Lookup {
         let mut guard = m.borrow_mut();
         let Some(state) = guard.as_mut() else { return Lookup::Off };
         let probe = Probe::of(bytes);
-        let found = state.young.get(&probe).or_else(|| state.old.get(&probe));
         let mut replaceable = true;
-        if let Some(shared) = found {
+        if let Some(shared) = state.get(&probe) {
             if *shared.bytes == *bytes {
-                state.stats.hits += 1;
-                return Lookup::Shared(shared.clone());
+                let shared = shared.clone();
+                state.hits += 1;
+                return Lookup::Shared(shared);
             }
             // Other bytes with the same probe (an altered copy of an offer): the first one
             // decoded keeps the place.
@@ -140,7 +119,6 @@ pub(super) fn lookup(bytes: &[u8]) -> Lookup {
             Ok(e) if e.domain == Domain::Offer && replaceable => e,
             other => return Lookup::Decoded(other),
         };
-        state.stats.misses += 1;
         // What `Message::decode_payload` does for an offer.
         let offer = codec::decode::<Offer>(&envelope.payload).map(Arc::new);
         let shared = Rc::new(SharedOffer {
@@ -149,10 +127,7 @@ pub(super) fn lookup(bytes: &[u8]) -> Lookup {
             memo_key: MemoKey::default(),
             offer,
         });
-        if state.young.len() >= state.generation_max {
-            state.old = std::mem::take(&mut state.young);
-        }
-        state.young.insert(probe, shared.clone());
+        state.insert(probe, shared.clone());
         Lookup::Shared(shared)
     })
 }
