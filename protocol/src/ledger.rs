@@ -175,6 +175,11 @@ impl EscrowBook {
         self.balances.get(account).copied().unwrap_or(0)
     }
 
+    /// Every account's available balance, in account-name order.
+    pub fn balances(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.balances.iter().map(|(account, balance)| (account.as_str(), *balance))
+    }
+
     /// Credits held in open reservations.
     pub fn held(&self) -> u64 {
         self.reservations.values().filter(|r| r.open).map(|r| r.held).sum()
