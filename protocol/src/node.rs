@@ -331,6 +331,20 @@ impl NodeCore {
         offers.into_iter().chain(advert).min()
     }
 
+    /// When [`NodeCore::handle_timeout`] must next be called for the node to act (advertise,
+    /// forget a stale claim, claim again): [`NodeCore::poll_timeout`] without the deadlines of
+    /// offers the node has not claimed. Expiring such an offer only forgets it, and every input
+    /// forgets the offers past their deadline before it is handled, so a driver that sleeps
+    /// through those deadlines sees the node send and decide exactly the same; only
+    /// [`NodeCore::offers`] lists the expired offers until the next input. The simulator wakes
+    /// its nodes here (half of a run's events were these expiries); the node binary, which
+    /// lists offers to its owner, wakes at [`NodeCore::poll_timeout`].
+    pub fn poll_action_timeout(&self) -> Option<Millis> {
+        let offers = self.offers.next_slot_due(self.cfg.claim_timeout_ms);
+        let advert = (!self.draining).then_some(self.next_advert_ms);
+        offers.into_iter().chain(advert).min()
+    }
+
     /// Replaces the hardware/policy profile (load is computed) and re-advertises.
     pub fn set_profile(&mut self, now: Millis, mut profile: CapabilityProfile) {
         profile.load.running_jobs = self.profile.load.running_jobs;
@@ -380,6 +394,8 @@ impl NodeCore {
 
     /// Bytes from the network: a gossip message (`from = None`) or a direct one from `from`.
     pub fn handle_message(&mut self, now: Millis, from: Option<NodeId>, bytes: &[u8]) {
+        // A driver may have slept through deadlines (see `poll_action_timeout`).
+        self.offers.expire(now);
         let (signer, msg) = match open_shared(&mut self.verifier, now, bytes, &NODE_ACCEPTS) {
             Ok(x) => x,
             Err(reason) => return self.reject(from, reason),
@@ -588,6 +604,7 @@ impl NodeCore {
         if self.draining {
             return Err(NodeCommandError::Draining);
         }
+        self.offers.expire(now);
         if self.leases.keys().any(|(j, _)| *j == job_id) {
             return Err(NodeCommandError::AlreadyClaimed(job_id));
         }
@@ -721,6 +738,7 @@ impl NodeCore {
         outcome: Outcome,
         usage: Usage,
     ) -> Result<(), NodeCommandError> {
+        self.offers.expire(now);
         let held = self
             .leases
             .remove(&(job_id, lease))

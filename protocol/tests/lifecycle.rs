@@ -497,6 +497,35 @@ fn manual_nodes_list_offers_and_claim_on_accept() {
     assert_eq!(net.balance(0), 10);
 }
 
+#[test]
+fn a_node_woken_only_to_act_forgets_an_unclaimed_offer_on_its_next_input() {
+    let relay_key = testkit::keypair(1_000);
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let cfg = NodeConfig {
+        accept: AcceptMode::Manual,
+        trusted_relays: vec![relay_key.public()],
+        advert_interval_ms: 10 * 3_600_000,
+        ..NodeConfig::default()
+    };
+    net.nodes[0] = NodeCore::new(testkit::keypair(0), cfg, testkit::profile(), 5);
+    net.nodes[0].handle_timeout(net.now);
+    let job = net.post(testkit::batch_spec(10));
+    let deadline = net.nodes[0].offers().next().unwrap().offer.deadline_ms;
+    let next_advert = net.now + 10 * 3_600_000;
+    assert_eq!(net.nodes[0].poll_timeout(), Some(deadline));
+    assert_eq!(net.nodes[0].poll_action_timeout(), Some(next_advert), "no wake-up to forget it");
+    // Past the deadline, the first input forgets the offer before it is handled.
+    net.nodes[0].handle_message(deadline, None, b"not an envelope");
+    assert_eq!(net.nodes[0].offers().count(), 0);
+    assert!(net.nodes[0].accept(deadline, job).is_err());
+    // A claimed offer's expiry frees a slot: the node is woken for it.
+    let job = net.post(testkit::batch_spec(10));
+    let deadline = net.nodes[0].offers().next().unwrap().offer.deadline_ms;
+    net.nodes[0].accept(net.now, job).unwrap();
+    let claim_timeout = net.now + NodeConfig::default().claim_timeout_ms;
+    assert_eq!(net.nodes[0].poll_action_timeout(), Some(claim_timeout.min(deadline)));
+}
+
 fn training_spec(participants: u32, quorum: u32, rounds: u32) -> JobSpec {
     let mut spec = testkit::batch_spec(3);
     spec.kind = JobKind::Training;

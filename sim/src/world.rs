@@ -561,7 +561,9 @@ impl Sim {
                 if !s.up {
                     return;
                 }
-                (s.core.poll_timeout(), &mut s.timer_at)
+                // Not at the deadline of every offer heard: a node forgets those on its next
+                // input, and only a claimed offer's expiry makes it act.
+                (s.core.poll_action_timeout(), &mut s.timer_at)
             }
         };
         // Whatever is due now was handled by this call; what is due again runs a ms later.

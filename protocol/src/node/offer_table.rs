@@ -40,6 +40,9 @@ pub(super) struct OfferTable {
     by_deadline: BTreeSet<(Millis, JobId)>,
     by_claim_time: BTreeSet<(Millis, JobId)>,
     claimable: BTreeSet<ClaimRank>,
+    /// The first deadline in `by_deadline` (`Millis::MAX` when empty): every input checks for
+    /// expired offers, and reading this field spares the tree walk when none is due.
+    earliest_deadline: Millis,
 }
 
 impl OfferTable {
@@ -51,6 +54,7 @@ impl OfferTable {
             by_deadline: BTreeSet::new(),
             by_claim_time: BTreeSet::new(),
             claimable: BTreeSet::new(),
+            earliest_deadline: Millis::MAX,
         }
     }
 
@@ -141,8 +145,25 @@ impl OfferTable {
         deadline.into_iter().chain(claim).min()
     }
 
+    /// The earliest instant a claim times out or a claimed offer expires: the changes that
+    /// free a slot. The expiry of an offer with no claim in flight only forgets it.
+    pub(super) fn next_slot_due(&self, claim_timeout_ms: u64) -> Option<Millis> {
+        let claim = self.by_claim_time.first().map(|(t, _)| t.saturating_add(claim_timeout_ms));
+        // Claims in flight are few (at most the node's slots): a look-up each.
+        let deadline = self
+            .by_claim_time
+            .iter()
+            .filter_map(|(_, job_id)| self.offers.get(job_id))
+            .map(|e| e.known.offer.deadline_ms)
+            .min();
+        claim.into_iter().chain(deadline).min()
+    }
+
     /// Forgets every offer whose deadline is at or before `now`.
     pub(super) fn expire(&mut self, now: Millis) {
+        if self.earliest_deadline > now {
+            return;
+        }
         while let Some(&(deadline, job_id)) = self.by_deadline.first() {
             if deadline > now {
                 break;
@@ -170,6 +191,7 @@ impl OfferTable {
 
     fn index(&mut self, keys: Keys) {
         self.by_deadline.insert(keys.deadline);
+        self.earliest_deadline = self.earliest_deadline.min(keys.deadline.0);
         if let Some(k) = keys.claim_time {
             self.by_claim_time.insert(k);
         }
@@ -180,6 +202,9 @@ impl OfferTable {
 
     fn unindex(&mut self, keys: Keys) {
         self.by_deadline.remove(&keys.deadline);
+        if keys.deadline.0 == self.earliest_deadline {
+            self.earliest_deadline = self.by_deadline.first().map_or(Millis::MAX, |(t, _)| *t);
+        }
         if let Some(k) = keys.claim_time {
             self.by_claim_time.remove(&k);
         }
@@ -191,6 +216,11 @@ impl OfferTable {
     /// Asserts the indexes agree with the offers in size (a cheap check on every change).
     fn check(&self, job_id: &JobId) {
         assert_eq!(self.offers.len(), self.by_deadline.len(), "deadline index of {job_id}");
+        debug_assert_eq!(
+            self.earliest_deadline,
+            self.by_deadline.first().map_or(Millis::MAX, |(t, _)| *t),
+            "earliest deadline after a change of {job_id}"
+        );
         assert!(self.by_claim_time.len() <= self.offers.len(), "claim index of {job_id}");
         assert!(self.claimable.len() <= self.offers.len(), "claim order of {job_id}");
     }
@@ -292,6 +322,12 @@ mod tests {
                 .chain(all.iter().map(|o| o.offer.deadline_ms))
                 .min();
             assert_eq!(table.next_due(100), due);
+            let slot_due = all
+                .iter()
+                .filter(|o| o.claimed_at_ms.is_some())
+                .flat_map(|o| [o.claimed_at_ms.map_or(0, |t| t + 100), o.offer.deadline_ms])
+                .min();
+            assert_eq!(table.next_slot_due(100), slot_due);
             let mut order: Vec<ClaimRank> = all.iter().filter_map(|o| claim_rank(&me, o)).collect();
             order.sort_unstable();
             let walked: Vec<ClaimRank> = std::iter::successors(table.next_claimable(None), |r| {
