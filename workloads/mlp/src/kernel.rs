@@ -59,7 +59,10 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// # Panics
 ///
 /// If `matrix` is shorter than `out.len() * x.len()` or `bias` shorter than `out`.
-#[inline]
+// Always inlined (here and in `outer_add`): the digits copy of the training loop then sees
+// its constant lengths inside, and LLVM unrolls for them (left to itself, it called one
+// generic copy from both training loops).
+#[inline(always)]
 pub(crate) fn matvec(matrix: &[f32], x: &[f32], bias: &[f32], out: &mut [f32]) {
     let cols = x.len();
     let (x_eights, x_tail) = x.as_chunks::<8>();
@@ -103,7 +106,7 @@ const ROWS: usize = 4;
 /// # Panics
 ///
 /// If `rows` is not ascending without repeats, or a row or coefficient is out of range.
-#[inline]
+#[inline(always)]
 pub(crate) fn outer_add(matrix: &mut [f32], rows: &[usize], coeffs: &[f32], x: &[f32]) {
     let cols = x.len();
     let (x_eights, x_tail) = x.as_chunks::<8>();
@@ -158,10 +161,13 @@ pub(crate) fn relu(values: &mut [f32]) {
 #[inline(always)]
 fn each_eight(eights: &[[f32; 8]], mut step: impl FnMut(usize, &[f32; 8])) {
     let (fours, rest) = eights.as_chunks::<4>();
-    for (f, four) in fours.iter().enumerate() {
-        for (h, eight) in four.iter().enumerate() {
-            step(4 * f + h, eight);
-        }
+    for (f, [e0, e1, e2, e3]) in fours.iter().enumerate() {
+        // Written out, not a loop over the four: for wasm, LLVM turned that inner loop into
+        // one of eight iterations of one step each, an epoch check per step.
+        step(4 * f, e0);
+        step(4 * f + 1, e1);
+        step(4 * f + 2, e2);
+        step(4 * f + 3, e3);
     }
     for (h, eight) in rest.iter().enumerate() {
         step(4 * fours.len() + h, eight);
