@@ -315,6 +315,16 @@ mod tests {
         data
     }
 
+    /// [`clusters`] stretched to the digits model's 64 features (a digits-shaped dataset).
+    fn wide_clusters(per_class: usize, seed: u64) -> Dataset {
+        let data = clusters(per_class, seed);
+        Dataset {
+            features: 64,
+            samples: data.samples.iter().cycle().take(data.len() * 64).copied().collect(),
+            labels: data.labels,
+        }
+    }
+
     fn bits(model: &Model) -> Vec<u32> {
         model.params.iter().map(|p| p.to_bits()).collect()
     }
@@ -332,13 +342,8 @@ mod tests {
 
     #[test]
     fn training_twice_gives_bitwise_identical_params() {
-        let data = clusters(30, 2);
         let model = Model::init(11);
-        let wide = Dataset {
-            features: 64,
-            samples: data.samples.iter().cycle().take(data.len() * 64).copied().collect(),
-            labels: data.labels.clone(),
-        };
+        let wide = wide_clusters(30, 2);
         let a = train(&model, &wide, 3, 0.1, 7);
         let b = train(&model, &wide, 3, 0.1, 7);
         assert_eq!(bits(&a), bits(&b));
@@ -360,12 +365,7 @@ mod tests {
         // delta by recomputing it: every build of this crate, on every platform, must train
         // to the same bits. If you changed the arithmetic on purpose, update the constant and
         // say in the changelog that deltas from older nodes will no longer match.
-        let data = clusters(40, 6);
-        let wide = Dataset {
-            features: 64,
-            samples: data.samples.iter().cycle().take(data.len() * 64).copied().collect(),
-            labels: data.labels.clone(),
-        };
+        let wide = wide_clusters(40, 6);
         let trained = train(&Model::init(3), &wide, 2, 0.05, 16);
         assert_eq!(
             fingerprint(&trained),
@@ -377,12 +377,7 @@ mod tests {
 
     #[test]
     fn the_digits_copy_of_the_loop_gives_the_generic_loops_bits() {
-        let data = clusters(40, 9);
-        let wide = Dataset {
-            features: 64,
-            samples: data.samples.iter().cycle().take(data.len() * 64).copied().collect(),
-            labels: data.labels.clone(),
-        };
+        let wide = wide_clusters(40, 9);
         let model = Model::init(5);
         assert_eq!(Layout::of(&model), Layout::DIGITS);
         // `train` takes the constant-layout copy; a layout the compiler cannot see through
