@@ -144,6 +144,17 @@ pub fn check_leases(job: &RelayJob) -> Result<(), String> {
     Ok(())
 }
 
+/// Records that a job ended: `ended` is the job's "has ended" flag, `None` when the run never
+/// posted it. A job ends at most once.
+pub fn check_end(job_id: &impl fmt::Display, ended: Option<&mut bool>) -> Result<(), String> {
+    let Some(ended) = ended else { return Err(format!("job {job_id} ended but was never posted")) };
+    if *ended {
+        return Err(format!("job {job_id} ended a second time"));
+    }
+    *ended = true;
+    Ok(())
+}
+
 /// A job not yet ended must be reserving, or open before its deadline (`slack_ms` allows for
 /// the relay's timer to run).
 pub fn check_not_lost(job: Option<&RelayJob>, now: Millis, slack_ms: u64) -> Result<(), String> {
@@ -164,6 +175,7 @@ pub fn check_not_lost(job: Option<&RelayJob>, now: Millis, slack_ms: u64) -> Res
 mod tests {
     use super::*;
     use aimatrix_protocol::ledger::TransferId;
+    use aimatrix_protocol::messages::{self, Advert, Claim, Message};
     use aimatrix_protocol::relay::{RelayConfig, RelayCore};
     use aimatrix_protocol::testkit;
 
@@ -216,6 +228,37 @@ mod tests {
         };
         let err = check_batch_payment(relay.job(&id).unwrap(), &pay).unwrap_err();
         assert!(err.contains("paid"), "{err}");
+    }
+
+    #[test]
+    fn a_second_end_and_the_end_of_an_unposted_job_fire() {
+        let mut ended = false;
+        assert!(check_end(&"j1", Some(&mut ended)).is_ok());
+        assert!(ended);
+        assert!(check_end(&"j1", Some(&mut ended)).unwrap_err().contains("second time"));
+        assert!(check_end(&"j2", None).unwrap_err().contains("never posted"));
+    }
+
+    #[test]
+    fn an_active_lease_beyond_the_replication_factor_fires() {
+        let (mut relay, id) = open_job(1);
+        // A real grant through the relay (a node advertises, then claims), then a second
+        // active lease injected beside it.
+        let node = testkit::keypair(1);
+        let advert = Message::Advert(Advert { seq: 1, profile: testkit::profile() });
+        let claim = Message::Claim(Claim { job_id: id });
+        for (nonce, msg) in [(1, advert), (2, claim)] {
+            let bytes = messages::seal(&node, &msg, nonce, 1_000, 60_000).unwrap();
+            relay.handle_message(1_000, Some(node.public()), &bytes);
+        }
+        let mut job = relay.job(&id).unwrap().clone();
+        assert!(check_leases(&job).is_ok());
+        let mut extra = job.leases.values().next().expect("a lease was granted").clone();
+        extra.lease += 1;
+        extra.node = testkit::keypair(2).public();
+        job.leases.insert(extra.lease, extra);
+        let err = check_leases(&job).unwrap_err();
+        assert!(err.contains("2 active leases, replication 1"), "{err}");
     }
 
     #[test]

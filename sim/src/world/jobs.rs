@@ -204,16 +204,12 @@ impl Sim {
 
     fn job_ended(&mut self, job_id: JobId, end: End) {
         let now = self.now;
-        let Some(p) = self.jobs.get_mut(&job_id) else {
-            return self
-                .fail(Invariant::EndsOnce, format!("job {job_id} ended but was never posted"));
-        };
-        if p.ended {
-            return self
-                .fail(Invariant::EndsOnce, format!("job {job_id} ended a second time ({end:?})"));
+        let posted = self.jobs.get_mut(&job_id);
+        let posted_at = posted.as_ref().map(|p| p.posted_at);
+        if let Err(why) = invariants::check_end(&job_id, posted.map(|p| &mut p.ended)) {
+            return self.fail(Invariant::EndsOnce, format!("{why} ({end:?})"));
         }
-        p.ended = true;
-        let since_post = now - p.posted_at;
+        let since_post = now - posted_at.unwrap_or(now);
         let j = &mut self.summary.jobs;
         match end {
             End::Completed => {
