@@ -466,7 +466,17 @@ pub fn open(
     expected: &[Domain],
 ) -> Result<(NodeId, Message), RejectReason> {
     let envelope: Envelope = codec::decode(bytes).map_err(RejectReason::Envelope)?;
-    verifier.verify(now_ms, &envelope, expected).map_err(RejectReason::Verify)?;
+    open_envelope(verifier, now_ms, &envelope, expected)
+}
+
+/// [`open`] after the envelope frame is decoded: verify, then decode the payload.
+fn open_envelope(
+    verifier: &mut Verifier,
+    now_ms: Millis,
+    envelope: &Envelope,
+    expected: &[Domain],
+) -> Result<(NodeId, Message), RejectReason> {
+    verifier.verify(now_ms, envelope, expected).map_err(RejectReason::Verify)?;
     let message = Message::decode_payload(envelope.domain, &envelope.payload)
         .map_err(|error| RejectReason::Payload { domain: envelope.domain, error })?;
     Ok((envelope.signer, message))
@@ -519,14 +529,12 @@ pub(crate) fn open_shared(
         memo::Lookup::Off => codec::decode(bytes),
     };
     let envelope: Envelope = decoded.map_err(RejectReason::Envelope)?;
-    verifier.verify(now_ms, &envelope, expected).map_err(RejectReason::Verify)?;
-    let message = Message::decode_payload(envelope.domain, &envelope.payload)
-        .map_err(|error| RejectReason::Payload { domain: envelope.domain, error })?;
+    let (signer, message) = open_envelope(verifier, now_ms, &envelope, expected)?;
     let opened = match message {
         Message::Offer(offer) => Opened::Offer(Arc::new(offer)),
         other => Opened::Other(other),
     };
-    Ok((envelope.signer, opened))
+    Ok((signer, opened))
 }
 
 /// Generates nonces that never repeat for one seed: a bijective mix of a counter.

@@ -198,11 +198,12 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(sc.seed);
         let mut relays = Vec::new();
         let mut ids = HashMap::new();
-        // A relay sized for its network: room for every node's advert, and a replay cache
-        // above the envelopes it must remember at once. Each node's adverts live twice the
+        // A relay sized for its network: room for every node's advert, and replay caches
+        // above the envelopes they must remember at once. Each node's adverts live twice the
         // advert interval (plus the clock-skew tolerance), so about two per node are live; with
-        // the default capacity (100,000) a relay of 100,000 nodes evicts live entries, raises
-        // its floor past the expiry of every claim and result, and refuses them all.
+        // the default capacity (100,000) the relay's advert cache fills past 50,000 nodes and
+        // then refuses adverts expiring before the ones it evicted (late or reordered copies).
+        // Before adverts had a cache of their own, a full cache refused every claim and result.
         let defaults = RelayConfig::default();
         let relay_cfg = RelayConfig {
             max_adverts: defaults.max_adverts.max(sc.nodes as usize * 2),

@@ -204,12 +204,11 @@ impl Sim {
 
     fn job_ended(&mut self, job_id: JobId, end: End) {
         let now = self.now;
-        let posted = self.jobs.get_mut(&job_id);
-        let posted_at = posted.as_ref().map(|p| p.posted_at);
-        if let Err(why) = invariants::check_end(&job_id, posted.map(|p| &mut p.ended)) {
+        let ended = self.jobs.get_mut(&job_id).map(|p| &mut p.ended);
+        if let Err(why) = invariants::check_end(&job_id, ended) {
             return self.fail(Invariant::EndsOnce, format!("{why} ({end:?})"));
         }
-        let since_post = now - posted_at.unwrap_or(now);
+        let since_post = now - self.jobs[&job_id].posted_at;
         let j = &mut self.summary.jobs;
         match end {
             End::Completed => {
