@@ -1,5 +1,6 @@
 //! Deterministic lifecycle tests: one `RelayCore` and several `NodeCore`s on a simulated clock,
-//! messages delivered in order, the ledger instructions applied to an `EscrowBook`.
+//! messages delivered in order, the ledger instructions applied to the ledger state machine
+//! the Studio relay ships (`LedgerState`).
 
 #![allow(clippy::unwrap_used)] // test harness: a panic is a test failure
 
@@ -11,17 +12,18 @@ use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::job::{
     Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
 };
-use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
+use aimatrix_protocol::ledger::{LedgerOp, LedgerState, Op};
 use aimatrix_protocol::messages::{
     self, Advert, DenyReason, JobId, Message, Outcome, OutputDigest, Usage, Verdict,
 };
 use aimatrix_protocol::node::{AcceptMode, NodeConfig, NodeCore, NodeEvent};
 use aimatrix_protocol::relay::training::RoundVerdict;
+use aimatrix_protocol::relay::training::DELTA_DIGEST_FILE;
 use aimatrix_protocol::relay::{
     JobState, LeaseStatus, RelayConfig, RelayCore, RelayEvent, RelayJob,
 };
 use aimatrix_protocol::time::Millis;
-use aimatrix_protocol::{codec, testkit, training, Topic, Transmit};
+use aimatrix_protocol::{codec, testkit, Topic, Transmit};
 
 const REQUESTER: &str = "requester";
 const FUNDS: u64 = 1_000;
@@ -47,7 +49,7 @@ struct Net {
     down: BTreeSet<usize>,
     /// (finish at, node index, job, lease)
     running: Vec<(Millis, usize, JobId, u32)>,
-    book: EscrowBook,
+    ledger: LedgerState,
     relay_events: Vec<RelayEvent>,
     node_events: Vec<(usize, NodeEvent)>,
     /// Training: rounds closed and waiting for aggregation.
@@ -60,7 +62,7 @@ fn right_output() -> Outcome {
     Outcome::succeeded(vec![
         OutputDigest { name: "out.txt".into(), digest: Digest::of(b"right"), size_bytes: 5 },
         OutputDigest {
-            name: training::DELTA_DIGEST_FILE.into(),
+            name: DELTA_DIGEST_FILE.into(),
             digest: Digest::of(b"right delta"),
             size_bytes: 65,
         },
@@ -71,7 +73,7 @@ fn wrong_output() -> Outcome {
     Outcome::succeeded(vec![
         OutputDigest { name: "out.txt".into(), digest: Digest::of(b"wrong"), size_bytes: 5 },
         OutputDigest {
-            name: training::DELTA_DIGEST_FILE.into(),
+            name: DELTA_DIGEST_FILE.into(),
             digest: Digest::of(b"wrong delta"),
             size_bytes: 65,
         },
@@ -97,8 +99,10 @@ impl Net {
                 NodeCore::new(testkit::keypair(i as u64), cfg, testkit::profile(), 100 + i as u64)
             })
             .collect();
-        let mut book = EscrowBook::new();
-        book.mint(REQUESTER, FUNDS);
+        let mut ledger = LedgerState::new();
+        let mint =
+            Op::Mint { id: 1, account: REQUESTER.into(), amount: FUNDS, memo: String::new() };
+        ledger.apply(mint, &mut Vec::new()).unwrap();
         let mut net = Self {
             now: 1_000_000,
             relay,
@@ -106,7 +110,7 @@ impl Net {
             behaviour: behaviour.to_vec(),
             down: BTreeSet::new(),
             running: Vec::new(),
-            book,
+            ledger,
             relay_events: Vec::new(),
             node_events: Vec::new(),
             closed_rounds: Vec::new(),
@@ -177,16 +181,17 @@ impl Net {
                 break;
             }
         }
-        self.book.assert_conserved();
+        let violations = self.ledger.violations();
+        assert!(violations.is_empty(), "the ledger's invariants broke: {violations:?}");
     }
 
     fn on_relay_event(&mut self, e: RelayEvent) {
         match &e {
             RelayEvent::Ledger(op) => {
-                let result = self.book.apply(op);
+                let result = self.ledger.apply_instruction(op);
                 if let LedgerOp::Reserve { job_id, .. } = op {
                     match result {
-                        Ok(()) => self.relay.reserve_confirmed(self.now, *job_id).unwrap(),
+                        Ok(_) => self.relay.reserve_confirmed(self.now, *job_id).unwrap(),
                         Err(err) => {
                             self.relay.reserve_failed(self.now, *job_id, err.to_string()).unwrap()
                         }
@@ -266,7 +271,12 @@ impl Net {
     }
 
     fn balance(&self, i: usize) -> u64 {
-        self.book.balance(&self.nodes[i].id().account_name())
+        self.available(&self.nodes[i].id().account_name())
+    }
+
+    /// An account's available credits in the ledger.
+    fn available(&self, account: &str) -> u64 {
+        u64::try_from(self.ledger.account(account).available()).unwrap()
     }
 
     fn paid_receipts(&self, i: usize) -> u64 {
@@ -333,8 +343,8 @@ fn happy_path_pays_the_node_that_ran_the_job() {
     assert_eq!(net.balance(paid[0]), 10);
     assert_eq!(net.paid_receipts(paid[0]), 10, "the receipt matches the ledger");
     assert_eq!(net.nodes[paid[0]].earned(), 10);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
-    assert_eq!(net.book.held(), 0, "the reservation is closed");
+    assert_eq!(net.available(REQUESTER), FUNDS - 10);
+    assert_eq!(net.ledger.held(), 0, "the reservation is closed");
     assert!(
         net.nodes[paid[0]].offers().all(|o| o.offer.job_id != job),
         "with its receipt the node forgets the offer"
@@ -393,7 +403,7 @@ fn a_node_that_vanishes_mid_lease_is_replaced_and_never_paid() {
     net.settle();
     assert_eq!(net.balance(0), 0);
     assert_eq!(net.balance(1), 10);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
+    assert_eq!(net.available(REQUESTER), FUNDS - 10);
     let late = net.node_events.iter().any(|(i, e)| {
         *i == 0
             && matches!(e, NodeEvent::ReceiptReceived { receipt, .. }
@@ -421,7 +431,7 @@ fn a_liar_under_replication_two_is_not_paid() {
     assert_eq!(net.balance(0), 0, "the liar is not paid");
     assert_eq!(net.balance(1), 10);
     assert_eq!(net.balance(2), 10);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 20);
+    assert_eq!(net.available(REQUESTER), FUNDS - 20);
     assert_eq!(net.relay.job(&job).unwrap().leases.len(), 3, "a third replica broke the tie");
 }
 
@@ -438,7 +448,7 @@ fn a_job_that_exhausts_its_attempts_is_refunded() {
         "{state:?}"
     );
     assert_eq!(net.relay.job(&job).unwrap().leases.len(), 2);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS, "fully refunded");
+    assert_eq!(net.available(REQUESTER), FUNDS, "fully refunded");
     assert!((0..3).all(|i| net.balance(i) == 0));
     assert!(net
         .relay_events
@@ -459,7 +469,7 @@ fn a_job_past_its_deadline_is_refunded_and_its_leases_cancelled() {
         matches!(state, JobState::Failed { reason } if reason.contains("deadline")),
         "{state:?}"
     );
-    assert_eq!(net.book.balance(REQUESTER), FUNDS);
+    assert_eq!(net.available(REQUESTER), FUNDS);
     assert!(net.node_events.iter().any(|(_, e)| matches!(e, NodeEvent::CancelJob { .. })));
 }
 
@@ -598,7 +608,7 @@ fn training_rounds_admit_joiners_at_the_boundary_and_pay_accepted_updates() {
     // 5 accepted updates at 3 credits; escrow was 3 × 3 participants × 2 rounds = 18.
     let earned: u64 = (0..3).map(|i| net.balance(i)).sum();
     assert_eq!(earned, 15);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 15, "unused escrow refunded");
+    assert_eq!(net.available(REQUESTER), FUNDS - 15, "unused escrow refunded");
 }
 
 #[test]
@@ -622,7 +632,7 @@ fn training_drops_a_silent_participant_and_does_not_pay_rejected_updates() {
     assert_eq!(net.balance(0), 3);
     assert_eq!(net.balance(1), 0, "the silent participant is not paid");
     assert_eq!(net.balance(2), 0, "the rejected update is not paid");
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 3);
+    assert_eq!(net.available(REQUESTER), FUNDS - 3);
 }
 
 /// Every update a round closed with is accepted.
@@ -653,7 +663,7 @@ fn a_share_of_updates_is_re_run_on_another_participant_and_the_re_runs_are_paid(
     assert!(history.iter().all(|r| r.accepted == 3 && r.rejected.is_empty()), "{history:?}");
     let earned: u64 = (0..3).map(|i| net.balance(i)).sum();
     assert_eq!(earned, 30);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 30);
+    assert_eq!(net.available(REQUESTER), FUNDS - 30);
 }
 
 #[test]
@@ -692,7 +702,7 @@ fn a_re_run_that_disagrees_voids_the_update_and_drops_its_sender() {
     assert_eq!(paid_updates, 1);
     // Every re-run that came back is paid (3), plus the surviving update: 4 × 3 credits.
     assert_eq!(j.paid, 12);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 12, "the rest of the escrow is refunded");
+    assert_eq!(net.available(REQUESTER), FUNDS - 12, "the rest of the escrow is refunded");
 }
 
 #[test]
@@ -819,8 +829,8 @@ fn assert_paid_once(net: &Net, job: JobId) {
     assert_eq!((net.balance(0), net.balance(1)), (10, 0));
     assert_eq!(net.paid_receipts(0), 10, "the receipt reached the node");
     assert_eq!(net.nodes[0].earned(), 10);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
-    assert_eq!(net.book.held(), 0, "the escrow is released");
+    assert_eq!(net.available(REQUESTER), FUNDS - 10);
+    assert_eq!(net.ledger.held(), 0, "the escrow is released");
 }
 
 #[test]
@@ -867,8 +877,8 @@ fn a_lease_that_expires_while_the_relay_is_down_is_reoffered_after_the_restart()
     assert!(matches!(net.relay.job(&job).unwrap().state, JobState::Completed { .. }));
     assert_eq!((net.balance(0), net.balance(1)), (0, 10));
     assert_eq!(net.ledger_ops(), (1, 1, 1));
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10);
-    assert_eq!(net.book.held(), 0);
+    assert_eq!(net.available(REQUESTER), FUNDS - 10);
+    assert_eq!(net.ledger.held(), 0);
 }
 
 #[test]
@@ -877,7 +887,7 @@ fn a_job_restored_while_reserving_asks_for_the_same_reservation_again() {
     let job = net.relay.post_job(net.now, REQUESTER, testkit::batch_spec(10)).unwrap();
     // The driver applies the reservation; the relay stops before it is confirmed.
     let Some(RelayEvent::Ledger(reserve)) = net.relay.poll_event() else { panic!("no reserve") };
-    net.book.apply(&reserve).unwrap();
+    net.ledger.apply_instruction(&reserve).unwrap();
     net.relay_events.push(RelayEvent::Ledger(reserve.clone()));
     // A changed margin must not change the op: the ledger refuses an id reused differently.
     let cfg = RelayConfig { reserve_margin_ms: 1, ..RelayConfig::default() };
@@ -893,8 +903,8 @@ fn a_job_restored_while_reserving_asks_for_the_same_reservation_again() {
     let state = &net.relay.job(&job).unwrap().state;
     assert!(matches!(state, JobState::Completed { .. }), "{state:?}");
     assert_eq!(net.balance(0), 10);
-    assert_eq!(net.book.balance(REQUESTER), FUNDS - 10, "the escrow was taken once");
-    assert_eq!(net.book.held(), 0);
+    assert_eq!(net.available(REQUESTER), FUNDS - 10, "the escrow was taken once");
+    assert_eq!(net.ledger.held(), 0);
 }
 
 #[test]
@@ -1010,7 +1020,7 @@ fn nodes_named_in_a_recent_offer_are_not_named_for_the_next_one() {
         let job = net.relay.post_job(net.now, REQUESTER, testkit::batch_spec(10)).unwrap();
         while let Some(e) = net.relay.poll_event() {
             if let RelayEvent::Ledger(op) = e {
-                net.book.apply(&op).unwrap();
+                net.ledger.apply_instruction(&op).unwrap();
                 net.relay.reserve_confirmed(net.now, job).unwrap();
             }
         }

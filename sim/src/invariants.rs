@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use aimatrix_protocol::ledger::{EscrowBook, LedgerOp};
+use aimatrix_protocol::ledger::{LedgerOp, LedgerState};
 use aimatrix_protocol::relay::{JobState, LeaseStatus, RelayJob};
 use aimatrix_protocol::time::Millis;
 use serde::Serialize;
@@ -76,31 +76,33 @@ impl fmt::Display for Violation {
 }
 
 /// Credits conserved: the sum over every account that can hold credits (`accounts`, in
-/// ascending order) plus what is held in open reservations equals what was minted.
+/// ascending order) plus what is held in open reservations equals what was minted. Credits in
+/// an account not listed (one the run never knew of) are missing from the sum.
 pub fn check_conserved<'a>(
-    book: &EscrowBook,
+    ledger: &LedgerState,
     accounts: impl Iterator<Item = &'a String>,
     minted: u64,
 ) -> Result<(), String> {
-    // The book lists its accounts in the same order: one merged walk of both lists, instead
+    // The ledger lists its accounts in the same order: one merged walk of both lists, instead
     // of a look-up by name per account (this runs after every ledger operation).
-    let mut book_balances = book.balances().peekable();
-    let mut balances = 0u64;
+    let mut ledger_accounts = ledger.accounts().iter().peekable();
+    let mut balances = 0i128;
     let mut previous: Option<&str> = None;
     for account in accounts {
         let account = account.as_str();
         assert!(previous.is_none_or(|p| p < account), "accounts in ascending order");
         previous = Some(account);
-        while book_balances.next_if(|(name, _)| *name < account).is_some() {}
-        if let Some((_, balance)) = book_balances.next_if(|(name, _)| *name == account) {
-            balances += balance;
+        while ledger_accounts.next_if(|(name, _)| name.as_str() < account).is_some() {}
+        if let Some((_, a)) = ledger_accounts.next_if(|(name, _)| name.as_str() == account) {
+            balances += a.available();
         }
     }
-    let total = balances + book.held();
-    if total == minted {
+    let held = ledger.held() as i128;
+    let total = balances + held;
+    if total == i128::from(minted) {
         Ok(())
     } else {
-        Err(format!("balances {balances} + held {} = {total}, minted {minted}", book.held()))
+        Err(format!("balances {balances} + held {held} = {total}, minted {minted}"))
     }
 }
 
@@ -174,7 +176,7 @@ pub fn check_not_lost(job: Option<&RelayJob>, now: Millis, slack_ms: u64) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aimatrix_protocol::ledger::TransferId;
+    use aimatrix_protocol::ledger::{Op, TransferId};
     use aimatrix_protocol::messages::{self, Advert, Claim, Message};
     use aimatrix_protocol::relay::{RelayConfig, RelayCore};
     use aimatrix_protocol::testkit;
@@ -188,30 +190,36 @@ mod tests {
         (relay, id)
     }
 
+    fn mint(ledger: &mut LedgerState, account: &str, amount: u64) {
+        let id = ledger.last_seq().into();
+        let op = Op::Mint { id, account: account.into(), amount, memo: String::new() };
+        ledger.apply(op, &mut Vec::new()).unwrap();
+    }
+
     #[test]
     fn conservation_fires_when_a_credit_is_invented() {
-        let mut book = EscrowBook::new();
-        book.mint("a", 10);
+        let mut ledger = LedgerState::new();
+        mint(&mut ledger, "a", 10);
         let accounts = ["a".to_owned()];
-        assert!(check_conserved(&book, accounts.iter(), 10).is_ok());
-        assert!(check_conserved(&book, accounts.iter(), 9).is_err());
+        assert!(check_conserved(&ledger, accounts.iter(), 10).is_ok());
+        assert!(check_conserved(&ledger, accounts.iter(), 9).is_err());
     }
 
     #[test]
     fn conservation_counts_exactly_the_listed_accounts() {
-        let mut book = EscrowBook::new();
+        let mut ledger = LedgerState::new();
         for (account, amount) in [("b", 1), ("d", 10), ("f", 100), ("h", 1_000)] {
-            book.mint(account, amount);
+            mint(&mut ledger, account, amount);
         }
         let listed = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
         let all = listed(&["a", "b", "c", "d", "f", "g", "h", "i"]);
-        assert!(check_conserved(&book, all.iter(), 1_111).is_ok());
+        assert!(check_conserved(&ledger, all.iter(), 1_111).is_ok());
         // Credits in an account the run does not know of are missing from the sum.
         let some = listed(&["b", "c", "f", "h"]);
-        let err = check_conserved(&book, some.iter(), 1_111).unwrap_err();
+        let err = check_conserved(&ledger, some.iter(), 1_111).unwrap_err();
         assert!(err.starts_with("balances 1101 "), "{err}");
-        assert!(check_conserved(&book, listed(&["d"]).iter(), 10).is_ok());
-        assert!(check_conserved(&book, listed(&[]).iter(), 0).is_ok());
+        assert!(check_conserved(&ledger, listed(&["d"]).iter(), 10).is_ok());
+        assert!(check_conserved(&ledger, listed(&[]).iter(), 0).is_ok());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! over a simulated network. One clock, one event queue (ties broken by scheduling order) and
 //! one seeded ChaCha RNG decide everything, so a seed and a [`Scenario`] replay a run exactly.
 //! Execution is simulated (duration and success by hardware class and node behaviour), the
-//! relays' ledger instructions are applied to an [`aimatrix_protocol::ledger::EscrowBook`], and
+//! relays' ledger instructions are applied to the ledger state machine the Studio relay ships
+//! ([`aimatrix_protocol::ledger::LedgerState`]), and
 //! invariants ([`invariants`]) are checked after every step. Announcements travel over a
 //! modelled gossipsub mesh and adverts are stored in a modelled Kademlia DHT (or, for
 //! comparison, go straight to every subscriber: [`scenario::GossipMode`]); links have latency,

@@ -8,7 +8,7 @@ use aimatrix_protocol::capability::{CapabilityProfile, GpuInfo, GpuVendor, GIB};
 use aimatrix_protocol::envelope::{SignatureMemo, VerifyConfig};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
-use aimatrix_protocol::ledger::{EscrowBook, FEE_ACCOUNT};
+use aimatrix_protocol::ledger::{LedgerState, Op, FEE_ACCOUNT};
 use aimatrix_protocol::messages::{JobId, OfferMemo, Outcome, Usage};
 use aimatrix_protocol::node::{NodeConfig, NodeCore};
 use aimatrix_protocol::relay::{RelayConfig, RelayCore};
@@ -158,7 +158,8 @@ pub struct Sim {
     nodes: Vec<NodeSlot>,
     ids: HashMap<NodeId, Endpoint>,
     node_cfg: NodeConfig,
-    book: EscrowBook,
+    /// The ledger state machine the Studio relay ships, in memory.
+    ledger: LedgerState,
     accounts: BTreeSet<String>,
     minted: u64,
     jobs: BTreeMap<JobId, PostedJob>,
@@ -259,12 +260,21 @@ impl Sim {
                 cut: false,
             });
         }
-        let mut book = EscrowBook::new();
+        let mut ledger = LedgerState::new();
         let mut accounts = BTreeSet::from([FEE_ACCOUNT.to_owned()]);
         let mut minted = 0;
         for r in 0..sc.relays {
             let account = requester(r);
-            book.mint(&account, sc.workload.requester_funds);
+            let amount = sc.workload.requester_funds;
+            let mint = Op::Mint {
+                id: u128::from(r),
+                account: account.clone(),
+                amount,
+                memo: String::new(),
+            };
+            if let Err(e) = ledger.apply(mint, &mut Vec::new()) {
+                panic!("minting the requester's funds: {e}");
+            }
             minted += sc.workload.requester_funds;
             accounts.insert(account);
         }
@@ -299,7 +309,7 @@ impl Sim {
             nodes,
             ids,
             node_cfg,
-            book,
+            ledger,
             accounts,
             minted,
             jobs: BTreeMap::new(),

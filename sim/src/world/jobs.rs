@@ -114,12 +114,12 @@ impl Sim {
 
     fn apply_ledger(&mut self, r: u32, op: &LedgerOp) {
         let now = self.now;
-        let result = self.book.apply(op);
+        let result = self.ledger.apply_instruction(op);
         match op {
             LedgerOp::Reserve { job_id, .. } => {
                 let relay = &mut self.relays[r as usize].core;
                 let answer = match result {
-                    Ok(()) => relay.reserve_confirmed(now, *job_id),
+                    Ok(_) => relay.reserve_confirmed(now, *job_id),
                     Err(e) => relay.reserve_failed(now, *job_id, e.to_string()),
                 };
                 if let Err(e) = answer {
@@ -168,7 +168,8 @@ impl Sim {
                 self.summary.credits.refunded += amount;
             }
         }
-        if let Err(why) = invariants::check_conserved(&self.book, self.accounts.iter(), self.minted)
+        if let Err(why) =
+            invariants::check_conserved(&self.ledger, self.accounts.iter(), self.minted)
         {
             self.fail(Invariant::CreditsConserved, why);
         }

@@ -8,6 +8,8 @@
 //! timeout, voids the rest back to the requester. Every accepted operation is an immutable,
 //! append-only log entry; caller-chosen ids make every operation idempotent.
 //!
+//! The state machine ([`LedgerState`]: accounts, reservations, the rules of every operation)
+//! is `aimatrix_protocol::ledger`'s, shared with the simulator; this module makes it durable.
 //! [`Ledger`] owns a writer thread that takes operations from a bounded queue in batches, applies
 //! each batch in memory, writes the log entries and touched balances in one atomic sled batch,
 //! flushes once and only then acknowledges each operation (group commit). Opening replays the
@@ -24,7 +26,6 @@
 //! # Ok::<(), studio_relay::ledger::LedgerError>(())
 //! ```
 
-mod state;
 mod store;
 mod writer;
 
@@ -33,7 +34,7 @@ use std::sync::mpsc;
 
 use aimatrix_protocol::ledger::LedgerOp;
 
-pub use state::{
+pub use aimatrix_protocol::ledger::{
     add_leg, Account, Applied, Closed, Entry, LedgerState, Leg, LegKind, Op, OpError, Reservation,
     ACCOUNT_NAME_LEN_MAX, ESCROW_ACCOUNT, FEE_ACCOUNT, ISSUANCE_ACCOUNT,
 };
@@ -260,33 +261,5 @@ impl Ledger {
 impl Drop for Ledger {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-impl From<&LedgerOp> for Op {
-    fn from(op: &LedgerOp) -> Self {
-        match op {
-            LedgerOp::Reserve { id, job_id, requester, amount, timeout_at_ms } => Self::Reserve {
-                id: id.0,
-                job_id: job_id.0,
-                requester: requester.clone(),
-                amount: *amount,
-                timeout_at_ms: *timeout_at_ms,
-            },
-            LedgerOp::Pay { id, reserve_id, job_id, node, amount, fee } => Self::Pay {
-                id: id.0,
-                reserve_id: reserve_id.0,
-                job_id: job_id.0,
-                node: node.account_name(),
-                amount: *amount,
-                fee: *fee,
-            },
-            LedgerOp::Release { id, reserve_id, job_id, amount } => Self::Release {
-                id: id.0,
-                reserve_id: reserve_id.0,
-                job_id: job_id.0,
-                amount: *amount,
-            },
-        }
     }
 }

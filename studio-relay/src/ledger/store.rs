@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::state::{Account, Entry, LedgerState};
 use super::LedgerError;
+use super::{Account, Entry, LedgerState};
 
 /// Layout version stored under `m/format`.
 const FORMAT: &[u8] = b"aimatrix-ledger/1";
@@ -220,7 +220,7 @@ pub(crate) fn scan(db: &sled::Db, paths: &Paths, was_recovered: bool) -> Scan {
             break;
         }
         for l in &record.entry.legs {
-            super::state::add_leg(&mut sums, l);
+            super::add_leg(&mut sums, l);
         }
         head = Head { seq: record.entry.seq, chain };
         if wanted.contains(&head.seq) {

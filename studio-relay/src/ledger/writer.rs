@@ -2,8 +2,8 @@
 
 use std::sync::mpsc;
 
-use super::state::{Applied, Entry, LedgerState, Op};
 use super::store::Store;
+use super::{Applied, Entry, LedgerState, Op};
 use super::{AuditReport, LedgerError, BATCH_LEN_MAX};
 
 /// What the writer is asked to do.

@@ -1,19 +1,21 @@
 //! The ledger's state machine: accounts, reservations and the rules for each operation.
 //!
-//! Pure and deterministic: no clock, no storage. The writer thread feeds it operations and
-//! persists the [`Entry`] each accepted operation yields; recovery and audit replay those entries
-//! through a fresh state to recompute every balance.
+//! Pure and deterministic: no clock, no storage. The relay's writer thread (in `studio-relay`)
+//! feeds it operations and persists the [`Entry`] each accepted operation yields; recovery and
+//! audit replay those entries through a fresh state to recompute every balance. The simulator
+//! and the lifecycle tests apply the cores' instructions to it in memory.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::LedgerOp;
+
 /// The account minted credits come from. Its balance is the negative of all credits in existence.
 pub const ISSUANCE_ACCOUNT: &str = "issuance";
 /// The account that holds reserved credits between a reservation and its posts or void.
 pub const ESCROW_ACCOUNT: &str = "escrow";
-/// The relay's fee account (the same name the protocol's `EscrowBook` uses).
-pub const FEE_ACCOUNT: &str = aimatrix_protocol::ledger::FEE_ACCOUNT;
+pub use super::FEE_ACCOUNT;
 
 /// Longest account name accepted, in bytes.
 pub const ACCOUNT_NAME_LEN_MAX: usize = 128;
@@ -388,6 +390,17 @@ impl LedgerState {
         let seq = entry.seq;
         out.push(entry);
         Ok(Applied::Recorded(seq))
+    }
+
+    /// Applies a core's instruction and keeps no log: for drivers that hold the ledger only in
+    /// memory (the simulator, the lifecycle tests).
+    pub fn apply_instruction(&mut self, op: &LedgerOp) -> Result<Applied, OpError> {
+        self.apply(Op::from(op), &mut Vec::new())
+    }
+
+    /// Credits held in open reservations (the escrow account's pending credits).
+    pub fn held(&self) -> u128 {
+        self.account(ESCROW_ACCOUNT).credits_pending
     }
 
     /// Voids every open reservation whose timeout is before `now_ms`; pushes one entry each.
