@@ -9,8 +9,8 @@ use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::job::{ContentRef, JobSpec};
 use aimatrix_protocol::messages::{JobId, Lease, Outcome, OutputDigest, Usage};
-use aimatrix_protocol::training;
 use aimatrix_sandbox::{ExecOutcome, ExecStatus, Executor, JobWorkload, RunControl};
+use aimatrix_training::{StepInput, StepPlan, RESIDUAL_FILE};
 use anyhow::{bail, Context};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
@@ -71,17 +71,11 @@ async fn run(
     updates: &mpsc::Sender<RunUpdate>,
 ) -> anyhow::Result<(Outcome, Usage, String)> {
     let spec = &lease.spec;
-    let round = match (&lease.round, &spec.training) {
-        (Some(round), Some(params)) => Some((round, params)),
-        (Some(_), None) => bail!("the relay leased a training round of a job with no [training]"),
-        (None, _) => None,
-    };
-    for digest in content_digests(spec) {
+    let residual = residual_path(ctx, lease.job_id);
+    let step = aimatrix_training::plan_step(lease, residual.exists())?;
+    let step_content = step.iter().flat_map(|plan| plan.content());
+    for digest in content_digests(spec).into_iter().chain(step_content) {
         fetch(ctx, digest).await?;
-    }
-    if let Some((round, _)) = round {
-        fetch(ctx, round.model).await.context("the round's model")?;
-        fetch(ctx, round.data).await.context("the round's chunk of the dataset")?;
     }
     std::fs::create_dir_all(&ctx.work_root)
         .with_context(|| format!("cannot create {}", ctx.work_root.display()))?;
@@ -102,19 +96,17 @@ async fn run(
     if spec.replication > 1 {
         job.deterministic = true;
     }
-    if let Some((round, params)) = round {
+    if let Some(plan) = &step {
         let inputs = work.path().join(aimatrix_sandbox::INPUTS_DIR);
-        let blob = |d: Digest| ctx.blob_dir.join(d.to_hex());
-        prepare::copy_input(&blob(round.model), &inputs, training::MODEL_FILE, &mut names)?;
-        prepare::copy_input(&blob(round.data), &inputs, training::CHUNK_FILE, &mut names)?;
-        let residual = residual_path(ctx, lease.job_id);
-        // A verifying re-run of another participant's update trains without this node's
-        // memory (the delta digest it is checked by does not depend on it).
-        if params.error_feedback() && !round.verify && residual.exists() {
-            prepare::copy_input(&residual, &inputs, training::RESIDUAL_FILE, &mut names)?;
+        for (name, input) in &plan.inputs {
+            let from = match input {
+                StepInput::Content(digest) => ctx.blob_dir.join(digest.to_hex()),
+                StepInput::Residual => residual.clone(),
+            };
+            prepare::copy_input(&from, &inputs, name, &mut names)?;
         }
-        job.args.extend(params.step_args());
-        job.deterministic = true;
+        job.args.extend(plan.args.iter().cloned());
+        job.deterministic |= plan.deterministic;
     }
     let executor = match &job.workload {
         JobWorkload::Wasm(_) => ctx.wasm.clone(),
@@ -140,10 +132,10 @@ async fn run(
     let status = exec.status.to_string();
     let outcome = match exec.status {
         ExecStatus::Succeeded => {
-            if round.is_some_and(|(r, _)| !r.verify) {
+            if step.as_ref().is_some_and(|plan| plan.keep_residual) {
                 keep_residual(ctx, lease.job_id, &exec, work.path()).await?;
             }
-            upload(ctx, lease, &exec, work.path()).await?
+            upload(ctx, lease, step.as_ref(), &exec, work.path()).await?
         }
         ExecStatus::Cancelled => Outcome::HandedBack { reason: "the run was cancelled".into() },
         _ => exec.to_protocol(),
@@ -164,10 +156,10 @@ async fn keep_residual(
     exec: &ExecOutcome,
     work_dir: &Path,
 ) -> anyhow::Result<()> {
-    if !exec.outputs.iter().any(|f| f.name == training::RESIDUAL_FILE) {
+    if !exec.outputs.iter().any(|f| f.name == RESIDUAL_FILE) {
         return Ok(());
     }
-    let from = work_dir.join(aimatrix_sandbox::OUTPUTS_DIR).join(training::RESIDUAL_FILE);
+    let from = work_dir.join(aimatrix_sandbox::OUTPUTS_DIR).join(RESIDUAL_FILE);
     let bytes = tokio::fs::read(&from).await.context("cannot read the step's residual")?;
     write_atomic(&ctx.training_dir, &residual_path(ctx, job_id), &bytes).await
 }
@@ -214,6 +206,7 @@ async fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> anyhow::Result<(
 async fn upload(
     ctx: &RunContext,
     lease: &Lease,
+    step: Option<&StepPlan>,
     exec: &ExecOutcome,
     work_dir: &Path,
 ) -> anyhow::Result<Outcome> {
@@ -226,7 +219,7 @@ async fn upload(
     });
     let outputs_dir = work_dir.join(aimatrix_sandbox::OUTPUTS_DIR);
     // A training participant's residual is its own memory, kept by `keep_residual`.
-    let private = |name: &str| lease.round.is_some() && name == training::RESIDUAL_FILE;
+    let private = |name: &str| step.is_some_and(|plan| plan.is_private(name));
     for file in exec.outputs.iter().filter(|f| !private(&f.name)) {
         // Only files the collector vetted (regular, inside the outputs, within quota).
         let bytes = tokio::fs::read(outputs_dir.join(&file.name))

@@ -528,7 +528,7 @@ impl RelayCore {
 
     /// Accepts a training job with its data: the digests of its chunks (one per participant
     /// seat, stored where participants can fetch them) and of its evaluation set (see
-    /// [`crate::training::prepare_data`]).
+    /// `aimatrix_training::prepare_data`).
     pub fn post_training_job(
         &mut self,
         now: Millis,
@@ -916,7 +916,7 @@ impl RelayCore {
                 lease.status = LeaseStatus::Returned(result_hash);
                 lease.check = outputs
                     .iter()
-                    .find(|o| round.is_some() && o.name == crate::training::DELTA_DIGEST_FILE)
+                    .find(|o| round.is_some() && o.name == training::DELTA_DIGEST_FILE)
                     .map(|o| o.digest);
             }
             Outcome::Failed { reason } | Outcome::HandedBack { reason } => {

@@ -21,7 +21,22 @@ use crate::job::TrainingParams;
 use crate::ledger::TransferId;
 use crate::messages::{Cancel, DenyReason, JobId, Message, RoundLease, Verdict};
 use crate::time::{secs, Millis};
-use crate::training::RoundMetrics;
+
+/// The SHA-256 of the uncompressed delta, in the training step's outputs: a verifying re-run
+/// of the same round on another node must return a file of this name with the same digest.
+/// The rest of the guest's contract (its inputs, its update) is `aimatrix-training`'s.
+pub const DELTA_DIGEST_FILE: &str = "delta.sha256";
+
+/// A round's numbers, recorded with the job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundMetrics {
+    /// Mean cross-entropy of the new model on the evaluation set.
+    pub loss: f32,
+    /// Accuracy of the new model on the evaluation set, 0 to 1.
+    pub accuracy: f32,
+    /// Update bytes received this round.
+    pub bytes_received: u64,
+}
 
 /// Where a round stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

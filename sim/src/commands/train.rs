@@ -27,15 +27,16 @@ use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::job::{
     Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
 };
-use aimatrix_protocol::ledger::{EscrowBook, LedgerOp, TransferId};
+use aimatrix_protocol::ledger::{LedgerOp, LedgerState, Op, TransferId};
 use aimatrix_protocol::messages::{JobId, Lease, Outcome, OutputDigest, Usage};
 use aimatrix_protocol::node::{NodeConfig, NodeCore, NodeEvent};
-use aimatrix_protocol::relay::training::{RoundVerdict, TrainingData};
+use aimatrix_protocol::relay::training::TrainingData;
 use aimatrix_protocol::relay::{RelayConfig, RelayCore, RelayEvent};
 use aimatrix_protocol::time::Millis;
-use aimatrix_protocol::{testkit, training, Topic, Transmit};
+use aimatrix_protocol::{testkit, Topic, Transmit};
 use aimatrix_sandbox::wasm::{ModuleSource, WasmConfig, WasmExecutor};
 use aimatrix_sandbox::{ExecLimits, ExecStatus, Executor, JobWorkload, PreparedJob, RunControl};
+use aimatrix_training::{StepInput, TrainingParamsExt, CHUNK_FILE, RESIDUAL_FILE, UPDATE_FILE};
 use anyhow::{bail, Context};
 use rand::rngs::ChaCha8Rng;
 use rand::{RngExt, SeedableRng};
@@ -45,7 +46,7 @@ use serde::Serialize;
 mod queue;
 use queue::EventQueue;
 
-const REQUESTER: &str = "digits requester";
+const REQUESTER: &str = "digits-requester";
 /// Credits paid per accepted update.
 const REWARD: u64 = 10;
 /// Simulated time a training step takes on a node: this, plus up to as much again.
@@ -391,7 +392,8 @@ struct World {
     index: HashMap<NodeId, usize>,
     /// The relay's content store (and what nodes fetch from it), by digest.
     store: HashMap<Digest, Vec<u8>>,
-    book: EscrowBook,
+    /// The ledger state machine the Studio relay ships, in memory.
+    ledger: LedgerState,
     sandbox: Sandbox,
     spec: JobSpec,
     params: TrainingParams,
@@ -447,8 +449,7 @@ impl World {
             max_norm_ratio: args.max_norm_ratio,
             holdout: Some(ContentRef::Digest(Digest::of(&holdout))),
         };
-        let prepared = training::prepare_data(&params, &model, &dataset, Some(&holdout))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let prepared = aimatrix_training::prepare_data(&params, &model, &dataset, Some(&holdout))?;
         let mut spec = testkit::batch_spec(REWARD);
         spec.kind = JobKind::Training;
         spec.name = "digits".into();
@@ -504,7 +505,7 @@ impl World {
             nodes,
             index,
             store,
-            book: EscrowBook::new(),
+            ledger: LedgerState::new(),
             sandbox: Sandbox::new(args.wasm_cache.as_deref())?,
             params,
             holdout,
@@ -532,7 +533,9 @@ impl World {
             seed: args.seed,
             spec,
         };
-        world.book.mint(REQUESTER, world.spec.escrow().unwrap_or(0));
+        let amount = world.spec.escrow().unwrap_or(0);
+        let mint = Op::Mint { id: 1, account: REQUESTER.into(), amount, memo: String::new() };
+        world.ledger.apply(mint, &mut Vec::new()).context("minting the requester's credits")?;
         // Let the nodes advertise before the job is posted.
         world.step_timers();
         world.flush()?;
@@ -683,7 +686,7 @@ impl World {
         let now = self.now;
         match e {
             RelayEvent::Ledger(op) => {
-                let result = self.book.apply(&op);
+                let result = self.ledger.apply_instruction(&op).map(|_| ());
                 match &op {
                     LedgerOp::Reserve { job_id, .. } => match result {
                         Ok(()) => self.relay.reserve_confirmed(now, *job_id)?,
@@ -706,7 +709,8 @@ impl World {
                         self.credits_refunded += amount;
                     }
                 }
-                self.book.assert_conserved();
+                let violations = self.ledger.violations();
+                assert!(violations.is_empty(), "the ledger's invariants broke: {violations:?}");
             }
             RelayEvent::RoundStarted { participants, round, .. } => {
                 tracing::debug!(round, at = now, "round started with {}", participants.len());
@@ -750,40 +754,47 @@ impl World {
             self.leases_dropped += 1;
             return Ok(());
         }
-        let fetch = |d: &Digest, what: &str| {
-            self.store.get(d).cloned().with_context(|| format!("the relay has no {what} {d}"))
-        };
-        let model = fetch(&round.model, "model")?;
-        let mut chunk = fetch(&round.data, "chunk")?;
-        let byzantine = self.nodes[i].byzantine;
-        if byzantine && self.attack == Attack::LabelFlip {
-            let data = Dataset::decode(&chunk).context("the chunk does not decode")?;
-            chunk = split::flip_labels(&data).encode();
+        let node = &mut self.nodes[i];
+        let plan = aimatrix_training::plan_step(lease, node.residual.is_some())?
+            .context("a training round's lease plans a step")?;
+        let mut inputs: Vec<(&str, Vec<u8>)> = Vec::with_capacity(plan.inputs.len());
+        for (name, input) in &plan.inputs {
+            let bytes = match input {
+                StepInput::Content(d) => self
+                    .store
+                    .get(d)
+                    .cloned()
+                    .with_context(|| format!("the relay has no {name} {d}"))?,
+                StepInput::Residual => node.residual.clone().unwrap_or_default(),
+            };
+            inputs.push((name, bytes));
         }
-        let mut inputs =
-            vec![(training::MODEL_FILE, model.as_slice()), (training::CHUNK_FILE, &chunk)];
-        // A verifying re-run trains without (and keeps no) error-feedback memory, as a node does.
-        let residual = if round.verify { None } else { self.nodes[i].residual.take() };
+        let byzantine = node.byzantine;
+        if byzantine && self.attack == Attack::LabelFlip {
+            for (name, bytes) in &mut inputs {
+                if *name == CHUNK_FILE {
+                    let data = Dataset::decode(bytes).context("the chunk does not decode")?;
+                    *bytes = split::flip_labels(&data).encode();
+                }
+            }
+        }
         if round.verify {
             let node = self.nodes[i].core.id();
             let parts: [&[u8]; 3] =
                 [node.as_bytes(), &round.round.to_le_bytes(), &lease.lease.to_le_bytes()];
             self.rerun_transfers.insert(TransferId::derive(lease.job_id, "verify", &parts));
         }
-        if let (true, Some(r)) = (self.params.error_feedback(), &residual) {
-            inputs.push((training::RESIDUAL_FILE, r));
-        }
+        let inputs: Vec<(&str, &[u8])> = inputs.iter().map(|(n, b)| (*n, b.as_slice())).collect();
         let limits = ExecLimits::from_spec(&lease.spec.limits);
-        let outcome = match self.sandbox.run(&inputs, self.params.step_args(), limits)? {
+        let outcome = match self.sandbox.run(&inputs, plan.args.clone(), limits)? {
             Err(why) => Outcome::Failed { reason: why },
             Ok(mut files) => {
-                let kept = files.remove(training::RESIDUAL_FILE);
-                if !round.verify {
+                let kept = files.remove(RESIDUAL_FILE);
+                if plan.keep_residual {
                     self.nodes[i].residual = kept;
                 }
-                let mut update = files
-                    .remove(training::UPDATE_FILE)
-                    .context("train-step wrote no update.bin")?;
+                let mut update =
+                    files.remove(UPDATE_FILE).context("train-step wrote no update.bin")?;
                 if byzantine {
                     update = self.attack_update(&update)?;
                 }
@@ -799,11 +810,7 @@ impl World {
                         size_bytes: b.len() as u64,
                     })
                     .collect();
-                outputs.push(OutputDigest {
-                    name: training::UPDATE_FILE.into(),
-                    digest,
-                    size_bytes,
-                });
+                outputs.push(OutputDigest { name: UPDATE_FILE.into(), digest, size_bytes });
                 outputs.sort_by(|a, b| a.name.cmp(&b.name));
                 Outcome::succeeded(outputs)
             }
@@ -843,39 +850,26 @@ impl World {
     ) -> anyhow::Result<()> {
         let model_bytes = self.store.get(&model).context("the round's model is not stored")?;
         let holdout = self.store.get(&self.holdout).context("the evaluation set is not stored")?;
-        let mut senders = Vec::new();
-        let mut bytes: Vec<&[u8]> = Vec::new();
-        let mut rejected = Vec::new();
-        for (node, lease, _) in updates {
-            match self.update_of.get(lease).and_then(|d| self.store.get(d)) {
-                Some(b) => {
-                    senders.push(*node);
-                    bytes.push(b);
-                }
-                None => rejected.push((*node, "the result has no update.bin".to_owned())),
-            }
-        }
-        let judged = training::judge_round(&self.params, model_bytes, holdout, &bytes)
-            .map_err(|e| anyhow::anyhow!("judging round {round}: {e}"))?;
-        let mut accepted = Vec::new();
-        for (node, verdict) in senders.iter().zip(judged.verdicts) {
-            match verdict {
-                Ok(()) => accepted.push(*node),
-                Err(why) => rejected.push((*node, why)),
-            }
-        }
-        let new_model = Digest::of(&judged.model);
-        self.store.insert(new_model, judged.model);
+        let sent: Vec<(NodeId, Option<&Vec<u8>>)> = updates
+            .iter()
+            .map(|(node, lease, _)| {
+                (*node, self.update_of.get(lease).and_then(|d| self.store.get(d)))
+            })
+            .collect();
+        let judged = aimatrix_training::judge_round(&self.params, model_bytes, holdout, &sent)
+            .with_context(|| format!("judging round {round}"))?;
+        let verdict = judged.verdict;
+        self.store.insert(verdict.new_model, judged.model);
         let row = RoundRow {
             round,
             participants: self.round_participants,
             received: updates.len(),
             dropped: std::mem::take(&mut self.dropped_in_round),
-            accepted: accepted.len(),
-            rejected: rejected.len(),
-            bytes: judged.metrics.bytes_received,
-            test_loss: judged.metrics.loss,
-            test_accuracy: judged.metrics.accuracy,
+            accepted: verdict.accepted.len(),
+            rejected: verdict.rejected.len(),
+            bytes: verdict.metrics.bytes_received,
+            test_loss: verdict.metrics.loss,
+            test_accuracy: verdict.metrics.accuracy,
         };
         if self.print_rows {
             println!(
@@ -892,8 +886,7 @@ impl World {
             );
         }
         self.rows.push(row);
-        self.last_accepted = accepted.iter().copied().collect();
-        let verdict = RoundVerdict { accepted, rejected, new_model, metrics: judged.metrics };
+        self.last_accepted = verdict.accepted.iter().copied().collect();
         self.relay.round_aggregated(self.now, job_id, round, verdict)?;
         Ok(())
     }
@@ -938,9 +931,10 @@ impl World {
             credits_escrowed: escrow,
             credits_paid: self.credits_paid,
             credits_refunded: self.credits_refunded,
-            escrow_balanced: self.book.held() == 0
+            escrow_balanced: self.ledger.held() == 0
                 && self.credits_paid + self.credits_refunded == escrow
-                && self.book.balance(REQUESTER) == escrow - self.credits_paid,
+                && self.ledger.account(REQUESTER).available()
+                    == i128::from(escrow - self.credits_paid),
             relay_rejections: self.relay_rejections,
             simulated_s: self.elapsed_s(),
             per_round: rows.clone(),

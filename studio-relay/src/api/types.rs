@@ -7,6 +7,7 @@ use aimatrix_protocol::job::JobSpec;
 use aimatrix_protocol::messages::OutputDigest;
 use aimatrix_protocol::relay::training::{RoundPhase, TrainingState};
 use aimatrix_protocol::relay::{JobState, LeaseStatus, RelayJob};
+use aimatrix_training::TrainingParamsExt;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{Account, AuditReport, Entry, LegKind, Op};

@@ -1,8 +1,8 @@
 //! The relay's side of training jobs: the data split at post, the judging of each closed round
 //! (off the event loop), and the final model and metrics CSV.
 //!
-//! The decisions are `aimatrix_protocol::training`'s (the simulator calls the same functions);
-//! this module only moves bytes between the content store and the core.
+//! The decisions are `aimatrix_training`'s (the simulator calls the same functions); this module
+//! only moves bytes between the content store and the core.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,8 +12,8 @@ use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::job::{ContentRef, JobSpec};
 use aimatrix_protocol::messages::{JobId, OutputDigest};
-use aimatrix_protocol::relay::training::{RoundVerdict, TrainingData, TrainingState};
-use aimatrix_protocol::training::{self, RoundMetrics};
+use aimatrix_protocol::relay::training::{RoundMetrics, RoundVerdict, TrainingData, TrainingState};
+use aimatrix_training::update_digest;
 use studio_relay::api::ApiError;
 use studio_relay::store::BlobStore;
 
@@ -49,8 +49,8 @@ pub(crate) fn prepare(blobs: &BlobStore, spec: &JobSpec) -> Result<TrainingData,
         Some(h) => Some(read(blobs, "training.holdout", h)?),
         None => None,
     };
-    let prepared = training::prepare_data(params, &model, &dataset, holdout.as_deref())
-        .map_err(ApiError::Invalid)?;
+    let prepared = aimatrix_training::prepare_data(params, &model, &dataset, holdout.as_deref())
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
     let store = |bytes: &[u8]| {
         blobs.put(bytes).map_err(|e| ApiError::Internal(format!("cannot store training data: {e}")))
     };
@@ -83,10 +83,7 @@ impl RoundInput {
         let updates = updates
             .iter()
             .map(|(node, lease, _)| {
-                let file = outputs
-                    .and_then(|o| o.get(lease))
-                    .and_then(|files| files.iter().find(|f| f.name == training::UPDATE_FILE))
-                    .map(|f| f.digest);
+                let file = outputs.and_then(|o| o.get(lease)).and_then(|f| update_digest(f));
                 (*node, file)
             })
             .collect();
@@ -109,7 +106,8 @@ pub(crate) struct RoundOutput {
 }
 
 /// Judges a round: reads the model, evaluation set and updates from the store, runs
-/// [`training::judge_round`] and stores the new model. Blocking: run it off the event loop.
+/// [`aimatrix_training::judge_round`] and stores the new model. Blocking: run it off the event
+/// loop.
 pub(crate) fn judge(blobs: &Arc<BlobStore>, input: RoundInput) -> RoundOutput {
     let (job_id, round) = (input.job_id, input.round);
     RoundOutput { job_id, round, verdict: judge_inner(blobs, input) }
@@ -123,30 +121,18 @@ fn judge_inner(blobs: &BlobStore, input: RoundInput) -> Result<RoundVerdict, Str
     };
     let model = get(&input.model, "round's model")?;
     let holdout = get(&input.holdout, "evaluation set")?;
-    let mut missing = Vec::new();
-    let mut updates = Vec::with_capacity(input.updates.len());
-    for (node, file) in &input.updates {
-        match file.map(|d| blobs.get(&d)) {
-            Some(Ok(Some(bytes))) => updates.push((*node, bytes)),
-            _ => missing.push((
-                *node,
-                format!("the result has no readable {} output", training::UPDATE_FILE),
-            )),
-        }
-    }
-    let bytes: Vec<&[u8]> = updates.iter().map(|(_, b)| b.as_slice()).collect();
-    let judged = training::judge_round(&input.params, &model, &holdout, &bytes)?;
-    let new_model =
+    // An update the store cannot give back is judged as missing.
+    let updates: Vec<(NodeId, Option<Vec<u8>>)> = input
+        .updates
+        .iter()
+        .map(|(node, file)| (*node, file.and_then(|d| blobs.get(&d).ok().flatten())))
+        .collect();
+    let judged = aimatrix_training::judge_round(&input.params, &model, &holdout, &updates)
+        .map_err(|e| e.to_string())?;
+    let stored =
         blobs.put(&judged.model).map_err(|e| format!("cannot store the new model: {e}"))?;
-    let mut accepted = Vec::new();
-    let mut rejected = missing;
-    for ((node, _), verdict) in updates.iter().zip(judged.verdicts) {
-        match verdict {
-            Ok(()) => accepted.push(*node),
-            Err(why) => rejected.push((*node, why)),
-        }
-    }
-    Ok(RoundVerdict { accepted, rejected, new_model, metrics: judged.metrics })
+    assert_eq!(stored, judged.verdict.new_model, "the store names content by its SHA-256");
+    Ok(judged.verdict)
 }
 
 /// The per-round metrics of a training job as CSV, one line per aggregated round.
