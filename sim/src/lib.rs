@@ -24,6 +24,7 @@ pub mod invariants;
 mod queue;
 pub mod scenario;
 pub mod stats;
+pub mod training;
 mod world;
 
 pub use scenario::Scenario;
