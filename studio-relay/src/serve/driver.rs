@@ -48,6 +48,20 @@ enum Internal {
     RoundJudged(RoundOutput),
 }
 
+/// One input to a step of the loop.
+enum Input {
+    /// From the network.
+    Net(NetEvent),
+    /// From the HTTP API.
+    Command(ApiCommand),
+    /// From a background task of the driver.
+    Internal(Internal),
+    /// The core's timer is due.
+    Timeout,
+    /// Time to persist and forget old finished jobs.
+    Housekeeping,
+}
+
 /// The relay driver.
 pub(crate) struct Relay {
     core: RelayCore,
@@ -146,47 +160,59 @@ impl Relay {
                 Some(at) => Duration::from_millis(at.saturating_sub(now)),
                 None => Duration::from_secs(3600),
             };
-            tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = events.recv() => match event {
-                    Some(event) => self.on_net_event(event),
+                    Some(event) => Input::Net(event),
                     None => {
                         tracing::error!("the network task stopped; shutting down");
                         break;
                     }
                 },
-                Some(command) = commands.recv() => self.on_command(command),
-                Some(msg) = internal.recv() => match msg {
-                    Internal::Advert(bytes) => self.core.handle_message(now_ms(), None, &bytes),
-                    Internal::RoundJudged(output) => self.on_round_judged(output),
-                },
-                () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
-                _ = housekeeping.tick() => self.housekeeping(),
-            }
+                Some(command) = commands.recv() => Input::Command(command),
+                Some(msg) = internal.recv() => Input::Internal(msg),
+                () = tokio::time::sleep(sleep) => Input::Timeout,
+                _ = housekeeping.tick() => Input::Housekeeping,
+            };
             // Take everything already waiting, so one step (one ledger commit, one job-store
             // flush) serves many messages and posts under load.
-            for _ in 0..STEP_INPUTS_MAX {
-                match events.try_recv() {
-                    Ok(event) => self.on_net_event(event),
-                    Err(_) => break,
-                }
-            }
-            for _ in 0..STEP_INPUTS_MAX {
-                match commands.try_recv() {
-                    Ok(command) => self.on_command(command),
-                    Err(_) => break,
-                }
-            }
-            let now = now_ms();
-            if self.core.poll_timeout().is_some_and(|at| at <= now) {
-                self.core.handle_timeout(now);
-            }
-            self.pump(now);
+            let mut inputs = vec![first];
+            inputs.extend(
+                std::iter::from_fn(|| events.try_recv().ok()).take(STEP_INPUTS_MAX).map(Input::Net),
+            );
+            inputs.extend(
+                std::iter::from_fn(|| commands.try_recv().ok())
+                    .take(STEP_INPUTS_MAX)
+                    .map(Input::Command),
+            );
+            self.step(inputs);
         }
         self.persist();
         if !self.out.flush(Duration::from_secs(5)).await {
             tracing::warn!("some messages to nodes could not be delivered before exit");
         }
+    }
+
+    /// One turn of the loop: takes `inputs` in order, fires the core's timer if it is due, then
+    /// drains the core (one ledger group commit, one job-store flush for the whole batch).
+    fn step(&mut self, inputs: Vec<Input>) {
+        for input in inputs {
+            match input {
+                Input::Net(event) => self.on_net_event(event),
+                Input::Command(command) => self.on_command(command),
+                Input::Internal(Internal::Advert(bytes)) => {
+                    self.core.handle_message(now_ms(), None, &bytes);
+                }
+                Input::Internal(Internal::RoundJudged(output)) => self.on_round_judged(output),
+                Input::Timeout => self.core.handle_timeout(now_ms()),
+                Input::Housekeeping => self.housekeeping(),
+            }
+        }
+        let now = now_ms();
+        if self.core.poll_timeout().is_some_and(|at| at <= now) {
+            self.core.handle_timeout(now);
+        }
+        self.pump(now);
     }
 
     fn spawn_ledger_expiry(&self, shutdown: CancellationToken) {
