@@ -62,6 +62,28 @@ enum Input {
     Housekeeping,
 }
 
+/// An API command waiting for the end of its step to be answered.
+///
+/// The core changes state as soon as an input is handled (a result marks a job completed),
+/// but what the driver keeps beside it (a job's outputs, the ledger's confirmation, the job
+/// record) is recorded only when [`Relay::pump`] drains the core's events. Every answer waits
+/// for that pump, so none shows the core ahead of the driver: a job is never seen completed
+/// before its outputs are recorded, a post is answered once its escrow is reserved, a cancel
+/// once the release is durable. Queries are not answered by pumping early: one pump per step
+/// keeps one ledger commit and one job-store flush for a whole batch of inputs.
+enum Waiting {
+    /// A post the core took; refused if the ledger refuses its escrow.
+    Post { id: JobId, reply: oneshot::Sender<Result<JobId, ApiError>> },
+    /// A cancel, already done in the core.
+    Cancel { result: Result<(), ApiError>, reply: oneshot::Sender<Result<(), ApiError>> },
+    /// One job's view.
+    Job { id: JobId, reply: oneshot::Sender<Option<JobView>> },
+    /// Every job's view.
+    Jobs { reply: oneshot::Sender<Vec<JobView>> },
+    /// The relay's status.
+    Status { reply: oneshot::Sender<RelayStatusView> },
+}
+
 /// The relay driver.
 pub(crate) struct Relay {
     core: RelayCore,
@@ -83,8 +105,8 @@ pub(crate) struct Relay {
     out: Outbound,
     /// Ledger instructions of the current step, applied as one group commit.
     ledger_ops: Vec<LedgerOp>,
-    /// Posts waiting for their reservation to be applied before they are answered.
-    posts: Vec<(JobId, oneshot::Sender<Result<JobId, ApiError>>)>,
+    /// API commands taken this step, answered once the step's core events are recorded.
+    waiting: Vec<Waiting>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
 }
@@ -114,7 +136,7 @@ impl Relay {
             connected: BTreeSet::new(),
             out,
             ledger_ops: Vec::new(),
-            posts: Vec::new(),
+            waiting: Vec::new(),
             internal_tx,
             internal_rx: Some(internal_rx),
         }
@@ -311,19 +333,15 @@ impl Relay {
             ApiCommand::PostJob { req, reply } => {
                 let req = *req;
                 match self.post_job(req.spec, &req.account) {
-                    // Answered once its reservation is applied, at the end of this step.
-                    Ok(id) => self.posts.push((id, reply)),
+                    Ok(id) => self.waiting.push(Waiting::Post { id, reply }),
+                    // Refused before the core saw it: nothing to wait for.
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
             }
-            ApiCommand::Job { id, reply } => {
-                let _ = reply.send(self.job_view(&id));
-            }
-            ApiCommand::Jobs { reply } => {
-                let _ = reply.send(self.job_views());
-            }
+            ApiCommand::Job { id, reply } => self.waiting.push(Waiting::Job { id, reply }),
+            ApiCommand::Jobs { reply } => self.waiting.push(Waiting::Jobs { reply }),
             ApiCommand::CancelJob { id, reply } => {
                 let result = self.core.cancel_job(now_ms(), id).map_err(|e| match e {
                     aimatrix_protocol::relay::CommandError::UnknownJob(_) => {
@@ -331,11 +349,9 @@ impl Relay {
                     }
                     other => ApiError::Invalid(other.to_string()),
                 });
-                let _ = reply.send(result);
+                self.waiting.push(Waiting::Cancel { result, reply });
             }
-            ApiCommand::Status { reply } => {
-                let _ = reply.send(self.status_view());
-            }
+            ApiCommand::Status { reply } => self.waiting.push(Waiting::Status { reply }),
         }
     }
 
@@ -384,20 +400,39 @@ impl Relay {
         Ok(id)
     }
 
-    /// Answers the posts of this step: refused when the ledger refused the escrow.
-    fn answer_posts(&mut self) {
-        for (id, reply) in std::mem::take(&mut self.posts) {
-            let answer = match self.core.job(&id).map(|j| &j.state) {
-                Some(aimatrix_protocol::relay::JobState::Refused { reason }) => Err(
-                    ApiError::InsufficientFunds(format!("the ledger refused the escrow: {reason}")),
-                ),
-                _ => Ok(id),
-            };
-            let _ = reply.send(answer);
+    /// Answers the API commands taken since the last pump, in the order they came.
+    fn answer_waiting(&mut self) {
+        for waiting in std::mem::take(&mut self.waiting) {
+            match waiting {
+                Waiting::Post { id, reply } => {
+                    let answer = match self.core.job(&id).map(|j| &j.state) {
+                        Some(aimatrix_protocol::relay::JobState::Refused { reason }) => {
+                            Err(ApiError::InsufficientFunds(format!(
+                                "the ledger refused the escrow: {reason}"
+                            )))
+                        }
+                        _ => Ok(id),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Waiting::Cancel { result, reply } => {
+                    let _ = reply.send(result);
+                }
+                Waiting::Job { id, reply } => {
+                    let _ = reply.send(self.job_view(&id));
+                }
+                Waiting::Jobs { reply } => {
+                    let _ = reply.send(self.job_views());
+                }
+                Waiting::Status { reply } => {
+                    let _ = reply.send(self.status_view());
+                }
+            }
         }
     }
 
-    /// Drains the core's outputs until it has nothing more to say, then persists changed jobs.
+    /// Drains the core's outputs until it has nothing more to say, persists changed jobs, then
+    /// answers the waiting API commands.
     fn pump(&mut self, now: Millis) {
         loop {
             let mut progressed = false;
@@ -418,7 +453,7 @@ impl Relay {
             }
         }
         self.persist();
-        self.answer_posts();
+        self.answer_waiting();
     }
 
     fn send(&mut self, transmit: Transmit) {
@@ -708,5 +743,123 @@ impl Relay {
             self.ledger_refused,
             self.ledger_expired.load(std::sync::atomic::Ordering::Relaxed),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver's steps over a real core, ledger, job store and libp2p swarm on loopback; the
+    //! node is played by signing its messages with its key and handing them in as net events.
+
+    #![allow(clippy::unwrap_used)]
+
+    use aimatrix_net::{NetConfig, Role};
+    use aimatrix_protocol::hash::Digest;
+    use aimatrix_protocol::identity::Keypair;
+    use aimatrix_protocol::messages::{self, Advert, Claim, JobResult, Message, Usage};
+    use aimatrix_protocol::relay::RelayConfig;
+    use aimatrix_protocol::{testkit, Topic};
+    use studio_relay::api::types::{OutputView, PostJobRequest};
+
+    use super::*;
+
+    const REQUESTER: &str = "studio";
+
+    struct Harness {
+        relay: Relay,
+        node: Keypair,
+        nonce: u64,
+        /// Kept open so the swarm keeps running.
+        _events: mpsc::Receiver<NetEvent>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let key = testkit::keypair(1_000);
+            let mut cfg = NetConfig::new(key.clone(), Role::Relay);
+            cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+            let (net, events) = aimatrix_net::spawn(cfg).await.unwrap();
+            let ledger = Arc::new(Ledger::open(&dir.path().join("ledger")).unwrap());
+            ledger.mint(1, REQUESTER, 1_000, "test credits").unwrap();
+            let blobs = Arc::new(BlobStore::open(&dir.path().join("blobs")).unwrap());
+            blobs.put(b"test module").unwrap();
+            let jobs = JobStore::open(&dir.path().join("jobs")).unwrap();
+            let core = RelayCore::new(key, RelayConfig::default(), 7);
+            let address = "/ip4/127.0.0.1/tcp/7700".parse().unwrap();
+            let relay = Relay::new(core, net, ledger, blobs, jobs, address);
+            Self { relay, node: testkit::keypair(1), nonce: 0, _events: events, _dir: dir }
+        }
+
+        /// `msg` signed by the node, handed in as gossip: a claim or a result really comes as a
+        /// direct request, whose responder only the swarm can make; the core goes by the
+        /// signer either way.
+        fn signed_by_node(&mut self, msg: &Message) -> Input {
+            self.nonce += 1;
+            let bytes = messages::seal(&self.node, msg, self.nonce, now_ms(), 60_000).unwrap();
+            Input::Net(NetEvent::Gossip { topic: Topic::Adverts, bytes, source: None })
+        }
+
+        /// Posts a batch job in one step and returns its id.
+        fn post(&mut self) -> JobId {
+            let (reply, answer) = oneshot::channel();
+            let req = PostJobRequest { spec: testkit::batch_spec(10), account: REQUESTER.into() };
+            self.relay
+                .step(vec![Input::Command(ApiCommand::PostJob { req: Box::new(req), reply })]);
+            answer.blocking_recv().unwrap().unwrap()
+        }
+
+        /// The node advertises itself and claims `job`; returns the lease it was granted.
+        fn lease(&mut self, job: JobId) -> u32 {
+            let advert = Message::Advert(Advert { seq: 1, profile: testkit::profile() });
+            let claim = Message::Claim(Claim { job_id: job });
+            let inputs = vec![self.signed_by_node(&advert), self.signed_by_node(&claim)];
+            self.relay.step(inputs);
+            let node = self.node.public();
+            let leases = &self.relay.core.job(&job).unwrap().leases;
+            let lease = leases.values().find(|l| l.node == node && l.status == LeaseStatus::Active);
+            lease.unwrap_or_else(|| panic!("no lease granted: {leases:?}")).lease
+        }
+    }
+
+    /// A query taken in the same step as the result that completes the job is answered with
+    /// the job's outputs (issue 16: it was answered between the two, completed with none).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_is_never_seen_completed_without_its_outputs() {
+        let mut h = Harness::start().await;
+        let job = tokio::task::block_in_place(|| h.post());
+        let lease = tokio::task::block_in_place(|| h.lease(job));
+        let stdout = OutputDigest {
+            name: "/stdout".into(),
+            digest: Digest::of(b"hello world\n"),
+            size_bytes: 12,
+        };
+        let result = Message::Result(JobResult {
+            job_id: job,
+            lease,
+            outcome: Outcome::succeeded(vec![stdout.clone()]),
+            usage: Usage::default(),
+        });
+        let (job_reply, job_answer) = oneshot::channel();
+        let (jobs_reply, jobs_answer) = oneshot::channel();
+        let inputs = vec![
+            h.signed_by_node(&result),
+            Input::Command(ApiCommand::Job { id: job, reply: job_reply }),
+            Input::Command(ApiCommand::Jobs { reply: jobs_reply }),
+        ];
+        tokio::task::block_in_place(|| h.relay.step(inputs));
+
+        let expected = vec![OutputView {
+            name: "/stdout".into(),
+            sha256: stdout.digest.to_hex(),
+            bytes: stdout.size_bytes,
+        }];
+        let view = job_answer.await.unwrap().unwrap();
+        assert_eq!(view.state, "completed", "{view:?}");
+        assert_eq!(view.outputs, expected, "the Job answer shows the outputs");
+        let listed = jobs_answer.await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].state.as_str(), &listed[0].outputs), ("completed", &expected));
     }
 }
