@@ -18,7 +18,7 @@ use aimatrix_protocol::Transmit;
 use libp2p::{Multiaddr, PeerId};
 use studio_relay::api::types::{JobView, RelayStatusView};
 use studio_relay::api::{ApiCommand, ApiError};
-use studio_relay::ledger::{Ledger, LedgerError, Op};
+use studio_relay::ledger::{Ledger, LedgerError, Op, OpError};
 use studio_relay::store::{BlobStore, JobRecord, JobStore};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,8 @@ pub(crate) struct Relay {
     ledger_ops: Vec<LedgerOp>,
     /// API commands taken this step, answered once the step's core events are recorded.
     waiting: Vec<Waiting>,
+    /// What the posters of jobs whose escrow the ledger refused since the last pump are told.
+    escrow_refusals: HashMap<JobId, ApiError>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
 }
@@ -137,6 +139,7 @@ impl Relay {
             out,
             ledger_ops: Vec::new(),
             waiting: Vec::new(),
+            escrow_refusals: HashMap::new(),
             internal_tx,
             internal_rx: Some(internal_rx),
         }
@@ -405,13 +408,9 @@ impl Relay {
         for waiting in std::mem::take(&mut self.waiting) {
             match waiting {
                 Waiting::Post { id, reply } => {
-                    let answer = match self.core.job(&id).map(|j| &j.state) {
-                        Some(aimatrix_protocol::relay::JobState::Refused { reason }) => {
-                            Err(ApiError::InsufficientFunds(format!(
-                                "the ledger refused the escrow: {reason}"
-                            )))
-                        }
-                        _ => Ok(id),
+                    let answer = match self.escrow_refusals.remove(&id) {
+                        Some(refusal) => Err(refusal),
+                        None => Ok(id),
                     };
                     let _ = reply.send(answer);
                 }
@@ -429,6 +428,8 @@ impl Relay {
                 }
             }
         }
+        // Refusals of jobs restored while reserving: nobody is waiting for them.
+        self.escrow_refusals.clear();
     }
 
     /// Drains the core's outputs until it has nothing more to say, persists changed jobs, then
@@ -623,11 +624,9 @@ impl Relay {
                         tracing::error!("job {job_id}: cannot confirm its reservation: {e}");
                     }
                 }
-                (LedgerOp::Reserve { .. }, Err(e)) => {
-                    let reason = match e {
-                        LedgerError::Rejected(op_error) => op_error.to_string(),
-                        other => format!("the ledger is unavailable: {other}"),
-                    };
+                (LedgerOp::Reserve { requester, .. }, Err(e)) => {
+                    let (reason, refusal) = escrow_refusal(job_id, requester, e);
+                    self.escrow_refusals.insert(job_id, refusal);
                     if let Err(e) = self.core.reserve_failed(now, job_id, reason) {
                         tracing::error!("job {job_id}: cannot refuse its reservation: {e}");
                     }
@@ -746,6 +745,42 @@ impl Relay {
     }
 }
 
+/// Why the ledger refused the escrow of `job_id`: the reason the job records, and what its
+/// poster is told. 402 only when the requester cannot pay; 503 when the ledger cannot write
+/// (an outage: the requester did nothing wrong and may retry); 400 for any other refusal, such
+/// as an account name the ledger does not allow. The job is refused in every case and nothing
+/// is charged: the ledger acknowledged no reservation for it.
+fn escrow_refusal(job_id: JobId, requester: &str, err: LedgerError) -> (String, ApiError) {
+    match err {
+        LedgerError::Rejected(why @ OpError::InsufficientFunds { .. }) => {
+            let reason = why.to_string();
+            let refusal = ApiError::InsufficientFunds(format!(
+                "the ledger refused the escrow of job {job_id}: {reason}; the job was refused and \
+                 nothing was charged. Add credits with `studio-relay ledger mint {requester} \
+                 <amount>`"
+            ));
+            (reason, refusal)
+        }
+        LedgerError::Rejected(why) => {
+            let reason = why.to_string();
+            let refusal = ApiError::Invalid(format!(
+                "the ledger refused the escrow of job {job_id}: {reason}; the job was refused and \
+                 nothing was charged"
+            ));
+            (reason, refusal)
+        }
+        outage => {
+            let reason = format!("the ledger is unavailable: {outage}");
+            let refusal = ApiError::LedgerUnavailable(format!(
+                "the relay's ledger cannot write right now ({outage}); job {job_id} was refused \
+                 and nothing was charged. Retry later; if it persists, the relay's operator \
+                 finds the cause in the relay's log"
+            ));
+            (reason, refusal)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The driver's steps over a real core, ledger, job store and libp2p swarm on loopback; the
@@ -803,10 +838,8 @@ mod tests {
 
         /// Posts a batch job in one step and returns its id.
         fn post(&mut self) -> JobId {
-            let (reply, answer) = oneshot::channel();
-            let req = PostJobRequest { spec: testkit::batch_spec(10), account: REQUESTER.into() };
-            self.relay
-                .step(vec![Input::Command(ApiCommand::PostJob { req: Box::new(req), reply })]);
+            let (input, answer) = post_command(REQUESTER);
+            self.relay.step(vec![input]);
             answer.blocking_recv().unwrap().unwrap()
         }
 
@@ -821,6 +854,13 @@ mod tests {
             let lease = leases.values().find(|l| l.node == node && l.status == LeaseStatus::Active);
             lease.unwrap_or_else(|| panic!("no lease granted: {leases:?}")).lease
         }
+    }
+
+    /// A post of a batch job escrowing 10 credits (reward 10, replication 1) from `account`.
+    fn post_command(account: &str) -> (Input, oneshot::Receiver<Result<JobId, ApiError>>) {
+        let (reply, answer) = oneshot::channel();
+        let req = PostJobRequest { spec: testkit::batch_spec(10), account: account.into() };
+        (Input::Command(ApiCommand::PostJob { req: Box::new(req), reply }), answer)
     }
 
     /// A query taken in the same step as the result that completes the job is answered with
@@ -861,5 +901,61 @@ mod tests {
         let listed = jobs_answer.await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].state.as_str(), &listed[0].outputs), ("completed", &expected));
+    }
+
+    /// Two posts in one step that the account can pay one at a time: both pass the balance
+    /// check at intake, the ledger refuses the second escrow, and only that is a 402.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_escrow_the_ledger_refuses_for_funds_is_a_402() {
+        let mut h = Harness::start().await;
+        h.relay.ledger.mint(2, "tight", 15, "enough for one job").unwrap();
+        let (first, first_answer) = post_command("tight");
+        let (second, second_answer) = post_command("tight");
+        tokio::task::block_in_place(|| h.relay.step(vec![first, second]));
+        let first = first_answer.await.unwrap().unwrap();
+        let refused = second_answer.await.unwrap().unwrap_err();
+        assert!(matches!(refused, ApiError::InsufficientFunds(_)), "{refused:?}");
+        assert_eq!(refused.status(), axum::http::StatusCode::PAYMENT_REQUIRED);
+        assert!(refused.to_string().contains("ledger mint tight"), "{refused}");
+        let account = h.relay.ledger.balance("tight").unwrap();
+        assert_eq!((account.available(), account.debits_pending), (5, 10), "one escrow held");
+        let states: Vec<String> = h.relay.job_views().into_iter().map(|v| v.state).collect();
+        assert_eq!(states.len(), 2);
+        assert!(states.contains(&"open".to_owned()) && states.contains(&"refused".to_owned()));
+        assert_eq!(h.relay.job_view(&first).unwrap().state, "open");
+    }
+
+    #[test]
+    fn an_escrow_refusal_says_whose_fault_it_is() {
+        let job = JobId([7; 16]);
+        let short = LedgerError::Rejected(OpError::InsufficientFunds {
+            account: "studio".into(),
+            need: 30,
+            available: 10,
+            short: 20,
+        });
+        let (reason, refusal) = escrow_refusal(job, "studio", short);
+        assert_eq!(reason, "insufficient funds: studio needs 30, has 10 available (short by 20)");
+        assert!(matches!(refusal, ApiError::InsufficientFunds(_)), "{refusal:?}");
+
+        let bad_name =
+            LedgerError::Rejected(OpError::BadAccount { name: "escrow".into(), why: "reserved" });
+        let (_, refusal) = escrow_refusal(job, "escrow", bad_name);
+        assert!(matches!(refusal, ApiError::Invalid(_)), "{refusal:?}");
+        assert_eq!(refusal.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(refusal.to_string().contains("\"escrow\" is not allowed here"), "{refusal}");
+
+        for outage in [LedgerError::Closed, LedgerError::Storage("disk full".into())] {
+            let shown = outage.to_string();
+            let (reason, refusal) = escrow_refusal(job, "studio", outage);
+            assert!(reason.contains(&shown), "{reason}");
+            assert!(matches!(refusal, ApiError::LedgerUnavailable(_)), "{refusal:?}");
+            assert_eq!(refusal.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+            let message = refusal.to_string();
+            assert!(
+                message.contains(&shown) && message.contains("nothing was charged"),
+                "{message}"
+            );
+        }
     }
 }
