@@ -375,7 +375,8 @@ impl Relay {
         }
         let Some(escrow) = spec.escrow() else {
             return Err(ApiError::Invalid(
-                "reward × replication × max_attempts is too large to escrow; lower one of them"
+                "the job's escrow (reward × replication; for training, reward × updates per round × \
+                 rounds) is too large; lower one of them"
                     .into(),
             ));
         };
@@ -387,7 +388,8 @@ impl Relay {
         if available < i128::from(escrow) {
             return Err(ApiError::InsufficientFunds(format!(
                 "account {account:?} has {available} credits available and this job needs \
-                 {escrow} (reward × replication × attempts); nothing was posted. Add credits \
+                 {escrow} (its escrow: reward × replication; for training, reward × updates per \
+                 round × rounds); nothing was posted. Add credits \
                  with `studio-relay ledger mint {account} <amount>`"
             )));
         }
