@@ -117,6 +117,10 @@ pub enum ApiError {
     /// The relay cannot take the request now (503); retry.
     #[error("{0}; retry in a moment")]
     Busy(String),
+    /// The relay's ledger cannot record anything now (503): an outage of the relay, not a
+    /// refusal of the request; nothing was charged.
+    #[error("{0}")]
+    LedgerUnavailable(String),
     /// The relay failed (500); see its log.
     #[error("{0} (see the relay's log)")]
     Internal(String),
@@ -129,7 +133,7 @@ impl ApiError {
             Self::InsufficientFunds(_) => StatusCode::PAYMENT_REQUIRED,
             Self::Invalid(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Busy(_) | Self::LedgerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

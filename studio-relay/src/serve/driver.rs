@@ -18,7 +18,7 @@ use aimatrix_protocol::Transmit;
 use libp2p::{Multiaddr, PeerId};
 use studio_relay::api::types::{JobView, RelayStatusView};
 use studio_relay::api::{ApiCommand, ApiError};
-use studio_relay::ledger::{Ledger, LedgerError, Op};
+use studio_relay::ledger::{Ledger, LedgerError, Op, OpError};
 use studio_relay::store::{BlobStore, JobRecord, JobStore};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,42 @@ enum Internal {
     RoundJudged(RoundOutput),
 }
 
+/// One input to a step of the loop.
+enum Input {
+    /// From the network.
+    Net(NetEvent),
+    /// From the HTTP API.
+    Command(ApiCommand),
+    /// From a background task of the driver.
+    Internal(Internal),
+    /// The core's timer is due.
+    Timeout,
+    /// Time to persist and forget old finished jobs.
+    Housekeeping,
+}
+
+/// An API command waiting for the end of its step to be answered.
+///
+/// The core changes state as soon as an input is handled (a result marks a job completed),
+/// but what the driver keeps beside it (a job's outputs, the ledger's confirmation, the job
+/// record) is recorded only when [`Relay::pump`] drains the core's events. Every answer waits
+/// for that pump, so none shows the core ahead of the driver: a job is never seen completed
+/// before its outputs are recorded, a post is answered once its escrow is reserved, a cancel
+/// once the release is durable. Queries are not answered by pumping early: one pump per step
+/// keeps one ledger commit and one job-store flush for a whole batch of inputs.
+enum Waiting {
+    /// A post the core took; refused if the ledger refuses its escrow.
+    Post { id: JobId, reply: oneshot::Sender<Result<JobId, ApiError>> },
+    /// A cancel, already done in the core.
+    Cancel { result: Result<(), ApiError>, reply: oneshot::Sender<Result<(), ApiError>> },
+    /// One job's view.
+    Job { id: JobId, reply: oneshot::Sender<Option<JobView>> },
+    /// Every job's view.
+    Jobs { reply: oneshot::Sender<Vec<JobView>> },
+    /// The relay's status.
+    Status { reply: oneshot::Sender<RelayStatusView> },
+}
+
 /// The relay driver.
 pub(crate) struct Relay {
     core: RelayCore,
@@ -69,8 +105,10 @@ pub(crate) struct Relay {
     out: Outbound,
     /// Ledger instructions of the current step, applied as one group commit.
     ledger_ops: Vec<LedgerOp>,
-    /// Posts waiting for their reservation to be applied before they are answered.
-    posts: Vec<(JobId, oneshot::Sender<Result<JobId, ApiError>>)>,
+    /// API commands taken this step, answered once the step's core events are recorded.
+    waiting: Vec<Waiting>,
+    /// What the posters of jobs whose escrow the ledger refused since the last pump are told.
+    escrow_refusals: HashMap<JobId, ApiError>,
     internal_tx: mpsc::Sender<Internal>,
     internal_rx: Option<mpsc::Receiver<Internal>>,
 }
@@ -100,7 +138,8 @@ impl Relay {
             connected: BTreeSet::new(),
             out,
             ledger_ops: Vec::new(),
-            posts: Vec::new(),
+            waiting: Vec::new(),
+            escrow_refusals: HashMap::new(),
             internal_tx,
             internal_rx: Some(internal_rx),
         }
@@ -146,47 +185,59 @@ impl Relay {
                 Some(at) => Duration::from_millis(at.saturating_sub(now)),
                 None => Duration::from_secs(3600),
             };
-            tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = events.recv() => match event {
-                    Some(event) => self.on_net_event(event),
+                    Some(event) => Input::Net(event),
                     None => {
                         tracing::error!("the network task stopped; shutting down");
                         break;
                     }
                 },
-                Some(command) = commands.recv() => self.on_command(command),
-                Some(msg) = internal.recv() => match msg {
-                    Internal::Advert(bytes) => self.core.handle_message(now_ms(), None, &bytes),
-                    Internal::RoundJudged(output) => self.on_round_judged(output),
-                },
-                () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
-                _ = housekeeping.tick() => self.housekeeping(),
-            }
+                Some(command) = commands.recv() => Input::Command(command),
+                Some(msg) = internal.recv() => Input::Internal(msg),
+                () = tokio::time::sleep(sleep) => Input::Timeout,
+                _ = housekeeping.tick() => Input::Housekeeping,
+            };
             // Take everything already waiting, so one step (one ledger commit, one job-store
             // flush) serves many messages and posts under load.
-            for _ in 0..STEP_INPUTS_MAX {
-                match events.try_recv() {
-                    Ok(event) => self.on_net_event(event),
-                    Err(_) => break,
-                }
-            }
-            for _ in 0..STEP_INPUTS_MAX {
-                match commands.try_recv() {
-                    Ok(command) => self.on_command(command),
-                    Err(_) => break,
-                }
-            }
-            let now = now_ms();
-            if self.core.poll_timeout().is_some_and(|at| at <= now) {
-                self.core.handle_timeout(now);
-            }
-            self.pump(now);
+            let mut inputs = vec![first];
+            inputs.extend(
+                std::iter::from_fn(|| events.try_recv().ok()).take(STEP_INPUTS_MAX).map(Input::Net),
+            );
+            inputs.extend(
+                std::iter::from_fn(|| commands.try_recv().ok())
+                    .take(STEP_INPUTS_MAX)
+                    .map(Input::Command),
+            );
+            self.step(inputs);
         }
         self.persist();
         if !self.out.flush(Duration::from_secs(5)).await {
             tracing::warn!("some messages to nodes could not be delivered before exit");
         }
+    }
+
+    /// One turn of the loop: takes `inputs` in order, fires the core's timer if it is due, then
+    /// drains the core (one ledger group commit, one job-store flush for the whole batch).
+    fn step(&mut self, inputs: Vec<Input>) {
+        for input in inputs {
+            match input {
+                Input::Net(event) => self.on_net_event(event),
+                Input::Command(command) => self.on_command(command),
+                Input::Internal(Internal::Advert(bytes)) => {
+                    self.core.handle_message(now_ms(), None, &bytes);
+                }
+                Input::Internal(Internal::RoundJudged(output)) => self.on_round_judged(output),
+                Input::Timeout => self.core.handle_timeout(now_ms()),
+                Input::Housekeeping => self.housekeeping(),
+            }
+        }
+        let now = now_ms();
+        if self.core.poll_timeout().is_some_and(|at| at <= now) {
+            self.core.handle_timeout(now);
+        }
+        self.pump(now);
     }
 
     fn spawn_ledger_expiry(&self, shutdown: CancellationToken) {
@@ -285,19 +336,15 @@ impl Relay {
             ApiCommand::PostJob { req, reply } => {
                 let req = *req;
                 match self.post_job(req.spec, &req.account) {
-                    // Answered once its reservation is applied, at the end of this step.
-                    Ok(id) => self.posts.push((id, reply)),
+                    Ok(id) => self.waiting.push(Waiting::Post { id, reply }),
+                    // Refused before the core saw it: nothing to wait for.
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
             }
-            ApiCommand::Job { id, reply } => {
-                let _ = reply.send(self.job_view(&id));
-            }
-            ApiCommand::Jobs { reply } => {
-                let _ = reply.send(self.job_views());
-            }
+            ApiCommand::Job { id, reply } => self.waiting.push(Waiting::Job { id, reply }),
+            ApiCommand::Jobs { reply } => self.waiting.push(Waiting::Jobs { reply }),
             ApiCommand::CancelJob { id, reply } => {
                 let result = self.core.cancel_job(now_ms(), id).map_err(|e| match e {
                     aimatrix_protocol::relay::CommandError::UnknownJob(_) => {
@@ -305,11 +352,9 @@ impl Relay {
                     }
                     other => ApiError::Invalid(other.to_string()),
                 });
-                let _ = reply.send(result);
+                self.waiting.push(Waiting::Cancel { result, reply });
             }
-            ApiCommand::Status { reply } => {
-                let _ = reply.send(self.status_view());
-            }
+            ApiCommand::Status { reply } => self.waiting.push(Waiting::Status { reply }),
         }
     }
 
@@ -330,7 +375,8 @@ impl Relay {
         }
         let Some(escrow) = spec.escrow() else {
             return Err(ApiError::Invalid(
-                "reward × replication × max_attempts is too large to escrow; lower one of them"
+                "the job's escrow (reward × replication; for training, reward × updates per round × \
+                 rounds) is too large; lower one of them"
                     .into(),
             ));
         };
@@ -342,7 +388,8 @@ impl Relay {
         if available < i128::from(escrow) {
             return Err(ApiError::InsufficientFunds(format!(
                 "account {account:?} has {available} credits available and this job needs \
-                 {escrow} (reward × replication × attempts); nothing was posted. Add credits \
+                 {escrow} (its escrow: reward × replication; for training, reward × updates per \
+                 round × rounds); nothing was posted. Add credits \
                  with `studio-relay ledger mint {account} <amount>`"
             )));
         }
@@ -358,20 +405,37 @@ impl Relay {
         Ok(id)
     }
 
-    /// Answers the posts of this step: refused when the ledger refused the escrow.
-    fn answer_posts(&mut self) {
-        for (id, reply) in std::mem::take(&mut self.posts) {
-            let answer = match self.core.job(&id).map(|j| &j.state) {
-                Some(aimatrix_protocol::relay::JobState::Refused { reason }) => Err(
-                    ApiError::InsufficientFunds(format!("the ledger refused the escrow: {reason}")),
-                ),
-                _ => Ok(id),
-            };
-            let _ = reply.send(answer);
+    /// Answers the API commands taken since the last pump, in the order they came.
+    fn answer_waiting(&mut self) {
+        for waiting in std::mem::take(&mut self.waiting) {
+            match waiting {
+                Waiting::Post { id, reply } => {
+                    let answer = match self.escrow_refusals.remove(&id) {
+                        Some(refusal) => Err(refusal),
+                        None => Ok(id),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Waiting::Cancel { result, reply } => {
+                    let _ = reply.send(result);
+                }
+                Waiting::Job { id, reply } => {
+                    let _ = reply.send(self.job_view(&id));
+                }
+                Waiting::Jobs { reply } => {
+                    let _ = reply.send(self.job_views());
+                }
+                Waiting::Status { reply } => {
+                    let _ = reply.send(self.status_view());
+                }
+            }
         }
+        // Refusals of jobs restored while reserving: nobody is waiting for them.
+        self.escrow_refusals.clear();
     }
 
-    /// Drains the core's outputs until it has nothing more to say, then persists changed jobs.
+    /// Drains the core's outputs until it has nothing more to say, persists changed jobs, then
+    /// answers the waiting API commands.
     fn pump(&mut self, now: Millis) {
         loop {
             let mut progressed = false;
@@ -392,7 +456,7 @@ impl Relay {
             }
         }
         self.persist();
-        self.answer_posts();
+        self.answer_waiting();
     }
 
     fn send(&mut self, transmit: Transmit) {
@@ -562,11 +626,9 @@ impl Relay {
                         tracing::error!("job {job_id}: cannot confirm its reservation: {e}");
                     }
                 }
-                (LedgerOp::Reserve { .. }, Err(e)) => {
-                    let reason = match e {
-                        LedgerError::Rejected(op_error) => op_error.to_string(),
-                        other => format!("the ledger is unavailable: {other}"),
-                    };
+                (LedgerOp::Reserve { requester, .. }, Err(e)) => {
+                    let (reason, refusal) = escrow_refusal(job_id, requester, e);
+                    self.escrow_refusals.insert(job_id, refusal);
                     if let Err(e) = self.core.reserve_failed(now, job_id, reason) {
                         tracing::error!("job {job_id}: cannot refuse its reservation: {e}");
                     }
@@ -682,5 +744,220 @@ impl Relay {
             self.ledger_refused,
             self.ledger_expired.load(std::sync::atomic::Ordering::Relaxed),
         )
+    }
+}
+
+/// Why the ledger refused the escrow of `job_id`: the reason the job records, and what its
+/// poster is told. 402 only when the requester cannot pay; 503 when the ledger cannot write
+/// (an outage: the requester did nothing wrong and may retry); 400 for any other refusal, such
+/// as an account name the ledger does not allow. The job is refused in every case and nothing
+/// is charged: the ledger acknowledged no reservation for it.
+fn escrow_refusal(job_id: JobId, requester: &str, err: LedgerError) -> (String, ApiError) {
+    match err {
+        LedgerError::Rejected(why @ OpError::InsufficientFunds { .. }) => {
+            let reason = why.to_string();
+            let refusal = ApiError::InsufficientFunds(format!(
+                "the ledger refused the escrow of job {job_id}: {reason}; the job was refused and \
+                 nothing was charged. Add credits with `studio-relay ledger mint {requester} \
+                 <amount>`"
+            ));
+            (reason, refusal)
+        }
+        LedgerError::Rejected(why) => {
+            let reason = why.to_string();
+            let refusal = ApiError::Invalid(format!(
+                "the ledger refused the escrow of job {job_id}: {reason}; the job was refused and \
+                 nothing was charged"
+            ));
+            (reason, refusal)
+        }
+        outage => {
+            let reason = format!("the ledger is unavailable: {outage}");
+            let refusal = ApiError::LedgerUnavailable(format!(
+                "the relay's ledger cannot write right now ({outage}); job {job_id} was refused \
+                 and nothing was charged. Retry later; if it persists, the relay's operator \
+                 finds the cause in the relay's log"
+            ));
+            (reason, refusal)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The driver's steps over a real core, ledger, job store and libp2p swarm on loopback; the
+    //! node is played by signing its messages with its key and handing them in as net events.
+
+    #![allow(clippy::unwrap_used)]
+
+    use aimatrix_net::{NetConfig, Role};
+    use aimatrix_protocol::hash::Digest;
+    use aimatrix_protocol::identity::Keypair;
+    use aimatrix_protocol::messages::{self, Advert, Claim, JobResult, Message, Usage};
+    use aimatrix_protocol::relay::RelayConfig;
+    use aimatrix_protocol::{testkit, Topic};
+    use studio_relay::api::types::{OutputView, PostJobRequest};
+
+    use super::*;
+
+    const REQUESTER: &str = "studio";
+
+    struct Harness {
+        relay: Relay,
+        node: Keypair,
+        nonce: u64,
+        /// Kept open so the swarm keeps running.
+        _events: mpsc::Receiver<NetEvent>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        async fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let key = testkit::keypair(1_000);
+            let mut cfg = NetConfig::new(key.clone(), Role::Relay);
+            cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+            let (net, events) = aimatrix_net::spawn(cfg).await.unwrap();
+            let ledger = Arc::new(Ledger::open(&dir.path().join("ledger")).unwrap());
+            ledger.mint(1, REQUESTER, 1_000, "test credits").unwrap();
+            let blobs = Arc::new(BlobStore::open(&dir.path().join("blobs")).unwrap());
+            blobs.put(b"test module").unwrap();
+            let jobs = JobStore::open(&dir.path().join("jobs")).unwrap();
+            let core = RelayCore::new(key, RelayConfig::default(), 7);
+            let address = "/ip4/127.0.0.1/tcp/7700".parse().unwrap();
+            let relay = Relay::new(core, net, ledger, blobs, jobs, address);
+            Self { relay, node: testkit::keypair(1), nonce: 0, _events: events, _dir: dir }
+        }
+
+        /// `msg` signed by the node, handed in as gossip: a claim or a result really comes as a
+        /// direct request, whose responder only the swarm can make; the core goes by the
+        /// signer either way.
+        fn signed_by_node(&mut self, msg: &Message) -> Input {
+            self.nonce += 1;
+            let bytes = messages::seal(&self.node, msg, self.nonce, now_ms(), 60_000).unwrap();
+            Input::Net(NetEvent::Gossip { topic: Topic::Adverts, bytes, source: None })
+        }
+
+        /// Posts a batch job in one step and returns its id.
+        fn post(&mut self) -> JobId {
+            let (input, answer) = post_command(REQUESTER);
+            self.relay.step(vec![input]);
+            answer.blocking_recv().unwrap().unwrap()
+        }
+
+        /// The node advertises itself and claims `job`; returns the lease it was granted.
+        fn lease(&mut self, job: JobId) -> u32 {
+            let advert = Message::Advert(Advert { seq: 1, profile: testkit::profile() });
+            let claim = Message::Claim(Claim { job_id: job });
+            let inputs = vec![self.signed_by_node(&advert), self.signed_by_node(&claim)];
+            self.relay.step(inputs);
+            let node = self.node.public();
+            let leases = &self.relay.core.job(&job).unwrap().leases;
+            let lease = leases.values().find(|l| l.node == node && l.status == LeaseStatus::Active);
+            lease.unwrap_or_else(|| panic!("no lease granted: {leases:?}")).lease
+        }
+    }
+
+    /// A post of a batch job escrowing 10 credits (reward 10, replication 1) from `account`.
+    fn post_command(account: &str) -> (Input, oneshot::Receiver<Result<JobId, ApiError>>) {
+        let (reply, answer) = oneshot::channel();
+        let req = PostJobRequest { spec: testkit::batch_spec(10), account: account.into() };
+        (Input::Command(ApiCommand::PostJob { req: Box::new(req), reply }), answer)
+    }
+
+    /// A query taken in the same step as the result that completes the job is answered with
+    /// the job's outputs (issue 16: it was answered between the two, completed with none).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_is_never_seen_completed_without_its_outputs() {
+        let mut h = Harness::start().await;
+        let job = tokio::task::block_in_place(|| h.post());
+        let lease = tokio::task::block_in_place(|| h.lease(job));
+        let stdout = OutputDigest {
+            name: "/stdout".into(),
+            digest: Digest::of(b"hello world\n"),
+            size_bytes: 12,
+        };
+        let result = Message::Result(JobResult {
+            job_id: job,
+            lease,
+            outcome: Outcome::succeeded(vec![stdout.clone()]),
+            usage: Usage::default(),
+        });
+        let (job_reply, job_answer) = oneshot::channel();
+        let (jobs_reply, jobs_answer) = oneshot::channel();
+        let inputs = vec![
+            h.signed_by_node(&result),
+            Input::Command(ApiCommand::Job { id: job, reply: job_reply }),
+            Input::Command(ApiCommand::Jobs { reply: jobs_reply }),
+        ];
+        tokio::task::block_in_place(|| h.relay.step(inputs));
+
+        let expected = vec![OutputView {
+            name: "/stdout".into(),
+            sha256: stdout.digest.to_hex(),
+            bytes: stdout.size_bytes,
+        }];
+        let view = job_answer.await.unwrap().unwrap();
+        assert_eq!(view.state, "completed", "{view:?}");
+        assert_eq!(view.outputs, expected, "the Job answer shows the outputs");
+        let listed = jobs_answer.await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].state.as_str(), &listed[0].outputs), ("completed", &expected));
+    }
+
+    /// Two posts in one step that the account can pay one at a time: both pass the balance
+    /// check at intake, the ledger refuses the second escrow, and only that is a 402.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_escrow_the_ledger_refuses_for_funds_is_a_402() {
+        let mut h = Harness::start().await;
+        h.relay.ledger.mint(2, "tight", 15, "enough for one job").unwrap();
+        let (first, first_answer) = post_command("tight");
+        let (second, second_answer) = post_command("tight");
+        tokio::task::block_in_place(|| h.relay.step(vec![first, second]));
+        let first = first_answer.await.unwrap().unwrap();
+        let refused = second_answer.await.unwrap().unwrap_err();
+        assert!(matches!(refused, ApiError::InsufficientFunds(_)), "{refused:?}");
+        assert_eq!(refused.status(), axum::http::StatusCode::PAYMENT_REQUIRED);
+        assert!(refused.to_string().contains("ledger mint tight"), "{refused}");
+        let account = h.relay.ledger.balance("tight").unwrap();
+        assert_eq!((account.available(), account.debits_pending), (5, 10), "one escrow held");
+        let states: Vec<String> = h.relay.job_views().into_iter().map(|v| v.state).collect();
+        assert_eq!(states.len(), 2);
+        assert!(states.contains(&"open".to_owned()) && states.contains(&"refused".to_owned()));
+        assert_eq!(h.relay.job_view(&first).unwrap().state, "open");
+    }
+
+    #[test]
+    fn an_escrow_refusal_says_whose_fault_it_is() {
+        let job = JobId([7; 16]);
+        let short = LedgerError::Rejected(OpError::InsufficientFunds {
+            account: "studio".into(),
+            need: 30,
+            available: 10,
+            short: 20,
+        });
+        let (reason, refusal) = escrow_refusal(job, "studio", short);
+        assert_eq!(reason, "insufficient funds: studio needs 30, has 10 available (short by 20)");
+        assert!(matches!(refusal, ApiError::InsufficientFunds(_)), "{refusal:?}");
+
+        let bad_name =
+            LedgerError::Rejected(OpError::BadAccount { name: "escrow".into(), why: "reserved" });
+        let (_, refusal) = escrow_refusal(job, "escrow", bad_name);
+        assert!(matches!(refusal, ApiError::Invalid(_)), "{refusal:?}");
+        assert_eq!(refusal.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(refusal.to_string().contains("\"escrow\" is not allowed here"), "{refusal}");
+
+        for outage in [LedgerError::Closed, LedgerError::Storage("disk full".into())] {
+            let shown = outage.to_string();
+            let (reason, refusal) = escrow_refusal(job, "studio", outage);
+            assert!(reason.contains(&shown), "{reason}");
+            assert!(matches!(refusal, ApiError::LedgerUnavailable(_)), "{refusal:?}");
+            assert_eq!(refusal.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+            let message = refusal.to_string();
+            assert!(
+                message.contains(&shown) && message.contains("nothing was charged"),
+                "{message}"
+            );
+        }
     }
 }
