@@ -18,8 +18,10 @@ use crate::matching::Mismatch;
 use crate::time::Millis;
 
 mod memo;
+mod refusal;
 
 pub use memo::{OfferMemo, OfferMemoStats};
+pub use refusal::Refusal;
 
 /// A job's id: 16 bytes chosen by the relay, shown as 32 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -415,17 +417,17 @@ pub enum RejectReason {
     },
     /// The message is well-formed but not acceptable from this signer or in this state.
     #[error("{0}")]
-    Refused(String),
+    Refused(Refusal),
 }
 
 impl RejectReason {
-    /// A short stable label for counters (`bad_signature`, `replayed`, ...).
+    /// A short stable label for counters (`bad_signature`, `duplicate`, `unknown_lease`, ...).
     pub fn label(&self) -> &'static str {
         match self {
             Self::Envelope(_) => "undecodable",
             Self::Payload { .. } => "bad_payload",
             Self::SenderMismatch { .. } => "sender_mismatch",
-            Self::Refused(_) => "refused",
+            Self::Refused(refusal) => refusal.label(),
             Self::Verify(v) => match v {
                 VerifyError::Oversized { .. } => "oversized",
                 VerifyError::WrongDomain { .. } => "wrong_domain",
@@ -434,7 +436,8 @@ impl RejectReason {
                 VerifyError::NotYetValid { .. } => "not_yet_valid",
                 VerifyError::InvalidSigner => "invalid_signer",
                 VerifyError::BadSignature => "bad_signature",
-                VerifyError::Replayed { .. } => "replayed",
+                VerifyError::Duplicate { .. } => "duplicate",
+                VerifyError::NonceReused { .. } => "nonce_reused",
                 VerifyError::ReplayWindowExceeded { .. } => "replay_window",
             },
         }

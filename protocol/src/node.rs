@@ -21,7 +21,7 @@ use crate::job::JobSpec;
 use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
     open_shared, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Opened,
-    Outcome, Progress, Receipt, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
+    Outcome, Progress, Receipt, Refusal, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
     TAKEN_HINT_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
@@ -379,7 +379,8 @@ impl NodeCore {
         let msg = Message::Advert(Advert { seq: self.advert_seq, profile: self.profile() });
         let ttl = self.cfg.advert_interval_ms.saturating_mul(2);
         if let Err(e) = self.outbox.broadcast(now, Topic::Adverts, &msg, ttl) {
-            self.reject(None, RejectReason::Refused(format!("cannot advertise: {e}")));
+            // The profile is the node's own and small; it always fits a frame.
+            panic!("the node cannot encode its own advert: {e}");
         }
     }
 
@@ -406,7 +407,7 @@ impl NodeCore {
             }
         }
         if !self.trusts(&signer) {
-            let why = format!("{} from {signer}, which is not a trusted relay", msg.domain());
+            let why = Refusal::UntrustedRelay { domain: msg.domain(), signer };
             return self.reject(from, RejectReason::Refused(why));
         }
         let msg = match msg {
@@ -417,7 +418,8 @@ impl NodeCore {
             Message::Lease(lease) => self.on_lease(now, signer, lease),
             Message::LeaseDenied(d) => {
                 if d.taken.len() > TAKEN_HINT_MAX {
-                    let why = format!("denial listing {} taken jobs", d.taken.len());
+                    let why =
+                        Refusal::OversizedDenial { count: d.taken.len(), max: TAKEN_HINT_MAX };
                     return self.reject(from, RejectReason::Refused(why));
                 }
                 // Hints apply only to offers from the same relay, like the denial itself.
@@ -427,8 +429,7 @@ impl NodeCore {
                     }
                 }
                 if self.offers.get(&d.job_id).is_none_or(|o| o.relay != signer) {
-                    let why =
-                        format!("denial for job {} from a relay that did not offer it", d.job_id);
+                    let why = Refusal::NotOffered { domain: Domain::LeaseDenied, job_id: d.job_id };
                     return self.reject(from, RejectReason::Refused(why));
                 }
                 match d.reason {
@@ -462,7 +463,7 @@ impl NodeCore {
             Message::Cancel(c) => {
                 let key = (c.job_id, c.lease);
                 if self.leases.get(&key).is_some_and(|h| h.relay != signer) {
-                    let why = "cancel from a relay that did not grant the lease".to_owned();
+                    let why = Refusal::NotOffered { domain: Domain::Cancel, job_id: c.job_id };
                     return self.reject(from, RejectReason::Refused(why));
                 }
                 if self.leases.remove(&key).is_some() {
@@ -475,7 +476,7 @@ impl NodeCore {
                 }
             }
             other => {
-                let why = format!("a node does not accept {}", other.domain());
+                let why = Refusal::NotAccepted { receiver: "node", domain: other.domain() };
                 self.reject(from, RejectReason::Refused(why));
             }
         }
@@ -484,26 +485,23 @@ impl NodeCore {
     fn on_offer(&mut self, now: Millis, relay: NodeId, offer: Arc<Offer>) {
         let job_id = offer.job_id;
         if let Err(e) = offer.spec.validate() {
-            let why = format!(
-                "offer {job_id} has an invalid spec: {}",
-                e.errors.first().map_or(String::new(), ToString::to_string)
-            );
-            return self.reject(None, RejectReason::Refused(why));
+            let problem = e.errors.first().map_or(String::new(), ToString::to_string);
+            return self
+                .reject(None, RejectReason::Refused(Refusal::InvalidSpec { job_id, problem }));
         }
         if !offer.spec.is_resolved() {
-            let why = format!("offer {job_id} names content by path instead of digest");
-            return self.reject(None, RejectReason::Refused(why));
+            return self.reject(None, RejectReason::Refused(Refusal::UnresolvedContent { job_id }));
         }
         if offer.preferred.len() > PREFERRED_CLAIMANTS_MAX {
-            let why = format!(
-                "offer {job_id} names {} preferred claimants (at most {PREFERRED_CLAIMANTS_MAX})",
-                offer.preferred.len()
-            );
+            let why = Refusal::TooManyPreferred {
+                job_id,
+                count: offer.preferred.len(),
+                max: PREFERRED_CLAIMANTS_MAX,
+            };
             return self.reject(None, RejectReason::Refused(why));
         }
         if self.offers.get(&job_id).is_some_and(|o| o.relay != relay) {
-            let why = format!("offer {job_id} from a second relay; the first offer stands");
-            return self.reject(None, RejectReason::Refused(why));
+            return self.reject(None, RejectReason::Refused(Refusal::SecondRelay { job_id }));
         }
         let (profile, matched_for) = self.loaded_profile();
         let matched = matching::evaluate(&offer.spec, profile);
@@ -593,8 +591,7 @@ impl NodeCore {
             return;
         };
         if let Err(e) = self.outbox.send(now, relay, &Message::Claim(Claim { job_id })) {
-            self.reject(None, RejectReason::Refused(format!("cannot send claim: {e}")));
-            return;
+            panic!("a claim always fits a frame: {e}");
         }
         self.events.push_back(NodeEvent::Claimed { job_id });
     }
@@ -630,7 +627,7 @@ impl NodeCore {
 
     fn on_lease(&mut self, now: Millis, relay: NodeId, lease: Lease) {
         if lease.node != self.id() {
-            let why = format!("lease for another node ({})", lease.node);
+            let why = Refusal::OtherNode { domain: Domain::Lease, node: lease.node };
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
         let job_id = lease.job_id;
@@ -644,8 +641,7 @@ impl NodeCore {
                 .iter()
                 .any(|(j, r, s)| *j == job_id && *r == relay && *s == lease.spec);
         if offered.is_none() && !joined {
-            let why =
-                format!("lease for job {job_id} that does not match an offer from its signer");
+            let why = Refusal::NotOffered { domain: Domain::Lease, job_id };
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
         self.offers.update(&job_id, |o| o.claimed_at_ms = None);
@@ -687,15 +683,12 @@ impl NodeCore {
 
     fn on_receipt(&mut self, relay: NodeId, receipt: Receipt) {
         if receipt.node != self.id() {
-            let why = "receipt for another node".to_owned();
+            let why = Refusal::OtherNode { domain: Domain::Receipt, node: receipt.node };
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
         let key = (receipt.job_id, receipt.lease, relay);
         let Some(pos) = self.awaiting_receipt.iter().position(|k| *k == key) else {
-            let why = format!(
-                "receipt for job {} lease {} that this node did not return to its signer",
-                receipt.job_id, receipt.lease
-            );
+            let why = Refusal::UnexpectedReceipt { job_id: receipt.job_id, lease: receipt.lease };
             return self.reject(Some(relay), RejectReason::Refused(why));
         };
         self.awaiting_receipt.remove(pos);
@@ -724,7 +717,7 @@ impl NodeCore {
         let (relay, percent) = (held.relay, held.progress);
         let msg = Message::Progress(Progress { job_id, lease, percent });
         if let Err(e) = self.outbox.send(now, relay, &msg) {
-            self.reject(None, RejectReason::Refused(format!("cannot send progress: {e}")));
+            panic!("a progress report always fits a frame: {e}");
         }
         Ok(())
     }
@@ -783,11 +776,18 @@ impl NodeCore {
         outcome: Outcome,
         usage: Usage,
     ) {
-        let msg =
-            Message::Result(JobResult { job_id: lease.job_id, lease: lease.lease, outcome, usage });
+        let (job_id, number) = (lease.job_id, lease.lease);
+        let msg = Message::Result(JobResult { job_id, lease: number, outcome, usage });
         if let Err(e) = self.outbox.send(now, relay, &msg) {
-            self.reject(None, RejectReason::Refused(format!("cannot send result: {e}")));
-            return;
+            // The workload named more outputs than a frame holds: the relay hears why instead.
+            let reason = format!(
+                "the result is too large to send ({e}); the workload wrote too many outputs"
+            );
+            let outcome = Outcome::Failed { reason };
+            let msg = Message::Result(JobResult { job_id, lease: number, outcome, usage });
+            if let Err(e) = self.outbox.send(now, relay, &msg) {
+                panic!("a failed result without outputs always fits a frame: {e}");
+            }
         }
         if self.awaiting_receipt.len() >= MAX_AWAITING_RECEIPTS {
             self.awaiting_receipt.pop_front();

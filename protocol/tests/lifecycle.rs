@@ -774,7 +774,9 @@ fn a_node_only_obeys_the_relay_that_offered_the_job() {
     }
     assert!(!events.iter().any(|e| matches!(e, NodeEvent::RunJob { .. })), "{events:?}");
     assert_eq!(net.nodes[0].earned(), 0, "a forged receipt earns nothing");
-    assert_eq!(net.nodes[0].reject_counts().get("refused"), Some(&2));
+    let counts = net.nodes[0].reject_counts();
+    assert_eq!(counts.get("not_offered"), Some(&1), "the lease: {counts:?}");
+    assert_eq!(counts.get("unexpected_receipt"), Some(&1), "the receipt: {counts:?}");
 }
 
 #[test]
@@ -1132,4 +1134,34 @@ fn a_training_offer_waiting_for_participants_widens_like_any_other() {
     }
     // 4 named at first (2 per seat), then all 4 indexed nodes twice, then nobody.
     assert_eq!(sizes.last(), Some(&0), "opened to every node in the end: {sizes:?}");
+}
+
+#[test]
+fn only_the_holder_of_an_active_lease_may_upload_its_outputs() {
+    use aimatrix_protocol::relay::UploadRefusal;
+    let mut net = Net::new(&[Behaviour::Honest { ms: 5_000 }, Behaviour::Honest { ms: 5_000 }]);
+    let job = net.post(testkit::batch_spec(10));
+    let lease = net.relay.job(&job).unwrap().leases.values().next().unwrap().clone();
+    let holder = lease.node;
+    let other = net.nodes.iter().map(NodeCore::id).find(|n| *n != holder).unwrap();
+    assert_eq!(net.relay.may_upload(holder, job, lease.lease), Ok(()));
+    let number = lease.lease;
+    assert_eq!(
+        net.relay.may_upload(other, job, number),
+        Err(UploadRefusal::NotHolder { job_id: job, lease: number })
+    );
+    assert_eq!(
+        net.relay.may_upload(holder, job, number + 7),
+        Err(UploadRefusal::UnknownLease { job_id: job, lease: number + 7 })
+    );
+    let unknown = JobId([9; 16]);
+    assert_eq!(
+        net.relay.may_upload(holder, unknown, number),
+        Err(UploadRefusal::UnknownJob { job_id: unknown })
+    );
+    net.run_until_final(job);
+    assert_eq!(
+        net.relay.may_upload(holder, job, number),
+        Err(UploadRefusal::NotActive { job_id: job, lease: number })
+    );
 }

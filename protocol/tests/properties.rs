@@ -281,13 +281,30 @@ proptest! {
     }
 
     #[test]
-    fn a_replayed_envelope_is_rejected(msg in message(), nonce in any::<u64>()) {
+    fn a_copy_of_an_envelope_is_rejected_as_a_duplicate(msg in message(), nonce in any::<u64>()) {
         let bytes = seal(&testkit::keypair(4), &msg, nonce, NOW, 60_000).unwrap();
         let mut v = verifier();
         prop_assert!(open(&mut v, NOW, &bytes, &Domain::ALL).is_ok());
         let again = open(&mut v, NOW + 1, &bytes, &Domain::ALL);
-        let is_replay = matches!(again, Err(RejectReason::Verify(VerifyError::Replayed { .. })));
-        prop_assert!(is_replay, "{:?}", again);
+        let is_copy = matches!(again, Err(RejectReason::Verify(VerifyError::Duplicate { .. })));
+        prop_assert!(is_copy, "{:?}", again);
+        prop_assert_eq!(again.unwrap_err().label(), "duplicate");
+    }
+
+    #[test]
+    fn another_message_under_a_used_nonce_is_rejected_as_nonce_reuse(
+        msg in message(),
+        nonce in any::<u64>(),
+    ) {
+        let key = testkit::keypair(4);
+        let mut v = verifier();
+        prop_assert!(open(&mut v, NOW, &seal(&key, &msg, nonce, NOW, 60_000).unwrap(), &Domain::ALL).is_ok());
+        // The same message with a later expiry: other signed bytes under the same nonce.
+        let other = seal(&key, &msg, nonce, NOW, 61_000).unwrap();
+        let again = open(&mut v, NOW + 1, &other, &Domain::ALL);
+        let reused = matches!(again, Err(RejectReason::Verify(VerifyError::NonceReused { .. })));
+        prop_assert!(reused, "{:?}", again);
+        prop_assert_eq!(again.unwrap_err().label(), "nonce_reused");
     }
 
     #[test]

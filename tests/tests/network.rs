@@ -728,10 +728,10 @@ fn results_signed_by_a_key_other_than_the_lease_holders_are_rejected() {
     let seal_by = |key: &Keypair| seal(key, &result, random_nonce(), now_ms(), 60_000).unwrap();
 
     // (a) signed by the forger's own key: it holds no lease.
-    let refused = net.reject_count("refused");
+    let refused = net.reject_count("lease_not_held");
     forger.send(seal_by(&forger.key));
     wait_for("the relay to refuse the forger's own result", || {
-        (net.reject_count("refused") > refused).then_some(())
+        (net.reject_count("lease_not_held") > refused).then_some(())
     });
     // (b) signed by the lease holder's key, sent from the forger's peer.
     let mismatched = net.reject_count("sender_mismatch");

@@ -85,6 +85,17 @@ impl fmt::Display for Domain {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Signature(pub [u8; 64]);
 
+impl Signature {
+    /// The signature's first eight bytes: a fingerprint of the signed message that tells two
+    /// messages under the same signer and nonce apart (ed25519 signatures are deterministic,
+    /// so the same message always has the same one).
+    pub fn fingerprint(&self) -> u64 {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
 impl fmt::Debug for Signature {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Signature({}…)", hex::encode(&self.0[..8]))

@@ -1,4 +1,6 @@
-//! The replay cache: a bounded set of `(signer, nonce)` pairs seen within their lifetimes.
+//! The replay cache: a bounded set of `(signer, nonce)` pairs seen within their lifetimes,
+//! each with its message's fingerprint, so that a copy of a message seen (a duplicate) is told
+//! apart from another message under the same pair (a reused nonce).
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -18,7 +20,8 @@ use crate::time::Millis;
 #[derive(Debug)]
 pub struct ReplayCache {
     capacity: usize,
-    seen: HashMap<(NodeId, u64), Millis>,
+    /// The expiry and signature fingerprint of each pair's message.
+    seen: HashMap<(NodeId, u64), (Millis, u64)>,
     /// The same entries, the one expiring soonest on top (ties by signer and nonce). Only the
     /// soonest is ever read or removed, so a heap in one vector serves where a tree would
     /// scatter its nodes: a node's cache is touched on every message it receives.
@@ -70,26 +73,37 @@ impl ReplayCache {
         self.by_expiry.peek().map_or(Millis::MAX, |Reverse(e)| e.0)
     }
 
-    /// Checks `(signer, nonce)` and records it; an error when it was seen or is too old.
+    /// Checks `(signer, nonce)` and records it with the message's `fingerprint` (of its
+    /// signature); an error when the pair was seen (a [`VerifyError::Duplicate`] when with the
+    /// same fingerprint, a [`VerifyError::NonceReused`] when not) or is too old.
     pub fn check_and_insert(
         &mut self,
         signer: NodeId,
         nonce: u64,
         expires_at_ms: Millis,
+        fingerprint: u64,
     ) -> Result<(), VerifyError> {
         let too_old = |floor_ms| VerifyError::ReplayWindowExceeded { expires_at_ms, floor_ms };
+        let seen = |(_, seen_fingerprint): (Millis, u64)| {
+            if seen_fingerprint == fingerprint {
+                VerifyError::Duplicate { signer, nonce }
+            } else {
+                VerifyError::NonceReused { signer, nonce }
+            }
+        };
         if self.seen.len() < self.capacity {
             // The usual case: the pair is looked up and recorded with one hash.
-            let Entry::Vacant(slot) = self.seen.entry((signer, nonce)) else {
-                return Err(VerifyError::Replayed { signer, nonce });
+            let slot = match self.seen.entry((signer, nonce)) {
+                Entry::Vacant(slot) => slot,
+                Entry::Occupied(entry) => return Err(seen(*entry.get())),
             };
             if expires_at_ms <= self.floor_ms {
                 return Err(too_old(self.floor_ms));
             }
-            slot.insert(expires_at_ms);
+            slot.insert((expires_at_ms, fingerprint));
         } else {
-            if self.seen.contains_key(&(signer, nonce)) {
-                return Err(VerifyError::Replayed { signer, nonce });
+            if let Some(entry) = self.seen.get(&(signer, nonce)) {
+                return Err(seen(*entry));
             }
             if expires_at_ms <= self.floor_ms {
                 return Err(too_old(self.floor_ms));
@@ -102,7 +116,7 @@ impl ReplayCache {
             if expires_at_ms <= self.floor_ms {
                 return Err(too_old(self.floor_ms));
             }
-            self.seen.insert((signer, nonce), expires_at_ms);
+            self.seen.insert((signer, nonce), (expires_at_ms, fingerprint));
         }
         self.by_expiry.push(Reverse((expires_at_ms, signer, nonce)));
         self.earliest_ms = self.earliest_ms.min(expires_at_ms);

@@ -27,7 +27,12 @@ fn accepts_a_fresh_envelope_once() {
     v.verify(10_000, &e, &[Domain::Offer]).unwrap();
     assert_eq!(
         v.verify(10_001, &e, &[Domain::Offer]),
-        Err(VerifyError::Replayed { signer: key(1).public(), nonce: 5 })
+        Err(VerifyError::Duplicate { signer: key(1).public(), nonce: 5 })
+    );
+    // Another message under the same signer and nonce is not a copy: the signer reused it.
+    assert_eq!(
+        v.verify(10_001, &env(&key(1), 5, 10_000, 20_001), &[Domain::Offer]),
+        Err(VerifyError::NonceReused { signer: key(1).public(), nonce: 5 })
     );
     // Same nonce from another signer is fine.
     v.verify(10_001, &env(&key(2), 5, 10_000, 20_000), &[Domain::Offer]).unwrap();
@@ -74,7 +79,10 @@ fn a_memo_reuses_verdicts_but_never_for_other_bytes() {
     // Each receiver keeps its own replay cache: a memoised signature is still a replay.
     let mut v = verifier();
     v.verify(10_000, &good, &[Domain::Offer]).unwrap();
-    assert!(matches!(v.verify(10_000, &good, &[Domain::Offer]), Err(VerifyError::Replayed { .. })));
+    assert!(matches!(
+        v.verify(10_000, &good, &[Domain::Offer]),
+        Err(VerifyError::Duplicate { .. })
+    ));
     // Past its capacity the memo forgets, and checks again.
     for n in 2..10 {
         env(&k, n, 10_000, 20_000).verify_signature().unwrap();
@@ -115,7 +123,8 @@ fn the_payload_keeps_the_layout_of_a_byte_vector() {
 /// answer through any mix of inserts and purges, full or not.
 struct ScanModel {
     capacity: usize,
-    entries: Vec<(Millis, NodeId, u64)>,
+    /// Expiry, signer, nonce and fingerprint.
+    entries: Vec<(Millis, NodeId, u64, u64)>,
     floor_ms: Millis,
 }
 
@@ -129,9 +138,14 @@ impl ScanModel {
         signer: NodeId,
         nonce: u64,
         expires_at_ms: Millis,
+        fingerprint: u64,
     ) -> Result<(), VerifyError> {
-        if self.entries.iter().any(|e| (e.1, e.2) == (signer, nonce)) {
-            return Err(VerifyError::Replayed { signer, nonce });
+        if let Some(seen) = self.entries.iter().find(|e| (e.1, e.2) == (signer, nonce)) {
+            return Err(if seen.3 == fingerprint {
+                VerifyError::Duplicate { signer, nonce }
+            } else {
+                VerifyError::NonceReused { signer, nonce }
+            });
         }
         let too_old = |floor_ms| VerifyError::ReplayWindowExceeded { expires_at_ms, floor_ms };
         if expires_at_ms <= self.floor_ms {
@@ -145,7 +159,7 @@ impl ScanModel {
                 return Err(too_old(self.floor_ms));
             }
         }
-        self.entries.push((expires_at_ms, signer, nonce));
+        self.entries.push((expires_at_ms, signer, nonce, fingerprint));
         Ok(())
     }
 }
@@ -170,10 +184,10 @@ fn the_cache_answers_as_a_scan_of_its_entries_would() {
                 model.purge_before(horizon);
             } else {
                 let signer = signers[roll(3) as usize];
-                let (nonce, expires) = (roll(40), now + roll(60));
+                let (nonce, expires, fingerprint) = (roll(40), now + roll(60), roll(2));
                 assert_eq!(
-                    cache.check_and_insert(signer, nonce, expires),
-                    model.check_and_insert(signer, nonce, expires),
+                    cache.check_and_insert(signer, nonce, expires, fingerprint),
+                    model.check_and_insert(signer, nonce, expires, fingerprint),
                     "capacity {capacity}, now {now}"
                 );
             }
@@ -186,16 +200,17 @@ fn the_cache_answers_as_a_scan_of_its_entries_would() {
 fn full_cache_refuses_old_messages_instead_of_forgetting_them() {
     let mut cache = ReplayCache::new(2);
     let a = key(1).public();
-    cache.check_and_insert(a, 1, 100).unwrap();
-    cache.check_and_insert(a, 2, 200).unwrap();
+    cache.check_and_insert(a, 1, 100, 0).unwrap();
+    cache.check_and_insert(a, 2, 200, 0).unwrap();
     // Evicts nonce 1 (expiry 100); the floor is now 100.
-    cache.check_and_insert(a, 3, 300).unwrap();
+    cache.check_and_insert(a, 3, 300, 0).unwrap();
     assert_eq!(cache.len(), 2);
     assert!(matches!(
-        cache.check_and_insert(a, 1, 100),
+        cache.check_and_insert(a, 1, 100, 0),
         Err(VerifyError::ReplayWindowExceeded { .. })
     ));
-    assert!(matches!(cache.check_and_insert(a, 2, 200), Err(VerifyError::Replayed { .. })));
+    assert!(matches!(cache.check_and_insert(a, 2, 200, 0), Err(VerifyError::Duplicate { .. })));
+    assert!(matches!(cache.check_and_insert(a, 2, 200, 1), Err(VerifyError::NonceReused { .. })));
     cache.purge_before(250);
     assert_eq!(cache.len(), 1);
 }
@@ -237,14 +252,14 @@ fn a_flood_in_a_domain_with_its_own_cache_leaves_the_others_alone() {
         apart.verify(now, advert, &[Domain::Advert]).unwrap();
     }
     apart.verify(now, &claim, &[Domain::Claim]).unwrap();
-    // Both caches still refuse replays.
+    // Both caches still refuse copies.
     assert!(matches!(
         apart.verify(now, &claim, &[Domain::Claim]),
-        Err(VerifyError::Replayed { .. })
+        Err(VerifyError::Duplicate { .. })
     ));
     assert!(matches!(
         apart.verify(now, &flood[4], &[Domain::Advert]),
-        Err(VerifyError::Replayed { .. })
+        Err(VerifyError::Duplicate { .. })
     ));
     assert!(matches!(
         apart.verify(now, &flood[0], &[Domain::Advert]),

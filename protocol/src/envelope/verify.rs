@@ -57,9 +57,21 @@ pub enum VerifyError {
     /// The signature does not match the signed bytes.
     #[error("bad signature")]
     BadSignature,
-    /// This signer already used this nonce within the message's lifetime.
-    #[error("replayed message (signer {signer}, nonce {nonce})")]
-    Replayed {
+    /// The same signed message arrived again within its lifetime: an echo (gossip delivers a
+    /// message by several paths), a retry, or a copy a third party replays. Harmless: it is
+    /// never acted on twice.
+    #[error("duplicate of a message already received (signer {signer}, nonce {nonce})")]
+    Duplicate {
+        /// The signer.
+        signer: NodeId,
+        /// The nonce.
+        nonce: u64,
+    },
+    /// A different message under a (signer, nonce) pair already used within its lifetime.
+    /// Only the signer can make one (the signature covers the nonce): a broken or hostile
+    /// signer.
+    #[error("nonce reused by its signer for another message (signer {signer}, nonce {nonce})")]
+    NonceReused {
         /// The signer.
         signer: NodeId,
         /// The repeated nonce.
@@ -160,7 +172,12 @@ impl Verifier {
             &mut self.replay
         };
         replay.purge_before(now_ms.saturating_sub(self.config.skew_tolerance_ms));
-        replay.check_and_insert(envelope.signer, envelope.nonce, envelope.expires_at_ms)
+        replay.check_and_insert(
+            envelope.signer,
+            envelope.nonce,
+            envelope.expires_at_ms,
+            envelope.signature.fingerprint(),
+        )
     }
 
     /// Size, domain, lifetime and clock checks, without the signature or the replay cache.

@@ -180,8 +180,8 @@ mod tests {
         assert_eq!(memo.stats(), OfferMemoStats { hits: 1, misses: 1 });
         // Each receiver keeps its own replay cache.
         a.handle_message(NOW + 1, None, &genuine);
-        assert_eq!(a.reject_counts().get("replayed"), Some(&1));
-        assert_eq!(b.reject_counts().get("replayed"), None);
+        assert_eq!(a.reject_counts().get("duplicate"), Some(&1));
+        assert_eq!(b.reject_counts().get("duplicate"), None);
         assert_eq!(memo.stats(), OfferMemoStats { hits: 2, misses: 1 });
         // A forgery under the genuine signature (same length and ends, so the same probe) is
         // neither served from the genuine entry nor accepted; the genuine offer still is.

@@ -7,9 +7,7 @@ use crate::capability::CapabilityProfile;
 use crate::identity::NodeId;
 use crate::job::JobSpec;
 use crate::matching::{self, Mismatch};
-use crate::messages::{
-    claim_order_key, JobId, Message, Offer, RejectReason, PREFERRED_CLAIMANTS_MAX,
-};
+use crate::messages::{claim_order_key, JobId, Message, Offer, PREFERRED_CLAIMANTS_MAX};
 use crate::outbox::Topic;
 use crate::time::Millis;
 
@@ -95,7 +93,8 @@ impl RelayCore {
         for (offer, ttl) in offers {
             let msg = Message::Offer(offer);
             if let Err(e) = self.outbox.broadcast(now, Topic::Offers, &msg, ttl) {
-                self.reject(None, RejectReason::Refused(format!("cannot announce offer: {e}")));
+                // A spec is at most half a frame (checked at post), the preferred list bounded.
+                panic!("an offer always fits a frame: {e}");
             }
         }
     }

@@ -1,15 +1,69 @@
 //! Claims, leases and results: who may run a job, and what a returned lease means.
 
 use super::{training, JobState, LeaseRecord, LeaseStatus, RelayCore, RelayEvent};
+use crate::envelope::Domain;
 use crate::identity::NodeId;
 use crate::matching::{self, Mismatch};
 use crate::messages::{
-    Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Outcome,
+    Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Outcome, Refusal,
     RejectReason, RoundLease, Verdict, TAKEN_HINT_MAX,
 };
 use crate::time::{secs, Millis};
 
+/// Why the relay refuses a node's upload of an output for a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UploadRefusal {
+    /// The relay does not know the job (or forgot it after it ended).
+    #[error("unknown job {job_id}")]
+    UnknownJob {
+        /// The job.
+        job_id: JobId,
+    },
+    /// The job never had the lease.
+    #[error("unknown lease {lease} of job {job_id}")]
+    UnknownLease {
+        /// The job.
+        job_id: JobId,
+        /// The lease.
+        lease: u32,
+    },
+    /// Another node holds the lease.
+    #[error("lease {lease} of job {job_id} is held by another node")]
+    NotHolder {
+        /// The job.
+        job_id: JobId,
+        /// The lease.
+        lease: u32,
+    },
+    /// The lease ended (returned, expired, cancelled): its outputs are no longer wanted.
+    #[error("lease {lease} of job {job_id} is no longer active")]
+    NotActive {
+        /// The job.
+        job_id: JobId,
+        /// The lease.
+        lease: u32,
+    },
+}
+
 impl RelayCore {
+    /// Whether `node` may upload an output of `lease` of `job_id`: only the holder of an
+    /// active lease uploads, and only for that lease. The driver asks before it stores a byte.
+    ///
+    /// # Errors
+    ///
+    /// The [`UploadRefusal`] that says why not.
+    pub fn may_upload(&self, node: NodeId, job_id: JobId, lease: u32) -> Result<(), UploadRefusal> {
+        let job = self.jobs.get(&job_id).ok_or(UploadRefusal::UnknownJob { job_id })?;
+        let record = job.leases.get(&lease).ok_or(UploadRefusal::UnknownLease { job_id, lease })?;
+        if record.node != node {
+            return Err(UploadRefusal::NotHolder { job_id, lease });
+        }
+        if record.status != LeaseStatus::Active {
+            return Err(UploadRefusal::NotActive { job_id, lease });
+        }
+        Ok(())
+    }
+
     pub(super) fn deny(&mut self, now: Millis, to: NodeId, job_id: JobId, reason: DenyReason) {
         // A claim for a job that is no longer open means the node holds stale offers: say
         // which other jobs were taken lately, so it does not claim each of them in turn.
@@ -135,13 +189,14 @@ impl RelayCore {
     }
 
     pub(super) fn on_progress(&mut self, node: NodeId, p: crate::messages::Progress) {
-        let Some(l) = self.jobs.get_mut(&p.job_id).and_then(|j| j.leases.get_mut(&p.lease)) else {
-            return self
-                .reject(Some(node), RejectReason::Refused("progress for an unknown lease".into()));
+        let (job_id, lease) = (p.job_id, p.lease);
+        let Some(l) = self.jobs.get_mut(&job_id).and_then(|j| j.leases.get_mut(&lease)) else {
+            let why = Refusal::UnknownLease { domain: Domain::Progress, job_id, lease };
+            return self.reject(Some(node), RejectReason::Refused(why));
         };
         if l.node != node || l.status != LeaseStatus::Active {
-            return self
-                .reject(Some(node), RejectReason::Refused("progress for a lease not held".into()));
+            let why = Refusal::LeaseNotHeld { domain: Domain::Progress, job_id, lease };
+            return self.reject(Some(node), RejectReason::Refused(why));
         }
         l.progress = p.percent.min(100);
         self.events.push_back(RelayEvent::Progress {
@@ -154,22 +209,16 @@ impl RelayCore {
     pub(super) fn on_result(&mut self, now: Millis, node: NodeId, r: JobResult) {
         let (job_id, lease_no) = (r.job_id, r.lease);
         let Some(job) = self.jobs.get_mut(&job_id) else {
-            return self.reject(
-                Some(node),
-                RejectReason::Refused(format!("result for unknown job {job_id}")),
-            );
+            let why = Refusal::UnknownJob { domain: Domain::Result, job_id };
+            return self.reject(Some(node), RejectReason::Refused(why));
         };
         let Some(lease) = job.leases.get_mut(&lease_no) else {
-            return self.reject(
-                Some(node),
-                RejectReason::Refused(format!("result for unknown lease {lease_no}")),
-            );
+            let why = Refusal::UnknownLease { domain: Domain::Result, job_id, lease: lease_no };
+            return self.reject(Some(node), RejectReason::Refused(why));
         };
         if lease.node != node {
-            return self.reject(
-                Some(node),
-                RejectReason::Refused("result for a lease held by another node".into()),
-            );
+            let why = Refusal::LeaseNotHeld { domain: Domain::Result, job_id, lease: lease_no };
+            return self.reject(Some(node), RejectReason::Refused(why));
         }
         let round = lease.round;
         if lease.status != LeaseStatus::Active {
@@ -177,8 +226,8 @@ impl RelayCore {
                 LeaseStatus::Expired => "result arrived after the lease expired",
                 LeaseStatus::Cancelled => "lease was cancelled before the result arrived",
                 _ => {
-                    return self
-                        .reject(Some(node), RejectReason::Refused("duplicate result".into()))
+                    let why = Refusal::DuplicateResult { job_id, lease: lease_no };
+                    return self.reject(Some(node), RejectReason::Refused(why));
                 }
             };
             return self.receipt(

@@ -26,6 +26,7 @@ mod settlement;
 pub mod training;
 
 pub use announce::TARGETED_ANNOUNCEMENTS;
+pub use claims::UploadRefusal;
 pub use jobs::{JobState, LeaseRecord, LeaseStatus, RelayJob};
 use settlement::pay_op;
 pub use settlement::split_fee;
@@ -37,7 +38,9 @@ use crate::envelope::{Domain, Verifier, VerifyConfig};
 use crate::hash::Digest;
 use crate::identity::{Keypair, NodeId};
 use crate::ledger::LedgerOp;
-use crate::messages::{open, JobId, Message, Outcome, Receipt, RejectReason, TAKEN_HINT_MAX};
+use crate::messages::{
+    open, JobId, Message, Outcome, Receipt, Refusal, RejectReason, TAKEN_HINT_MAX,
+};
 use crate::outbox::{Outbox, Transmit};
 use crate::time::Millis;
 
@@ -384,10 +387,10 @@ impl RelayCore {
             Message::Claim(c) => self.on_claim(now, signer, c),
             Message::Progress(p) => self.on_progress(signer, p),
             Message::Result(r) => self.on_result(now, signer, r),
-            other => self.reject(
-                from,
-                RejectReason::Refused(format!("a relay does not accept {}", other.domain())),
-            ),
+            other => {
+                let why = Refusal::NotAccepted { receiver: "relay", domain: other.domain() };
+                self.reject(from, RejectReason::Refused(why));
+            }
         }
     }
 
@@ -398,7 +401,9 @@ impl RelayCore {
 
     fn send(&mut self, now: Millis, to: NodeId, msg: &Message) {
         if let Err(e) = self.outbox.send(now, to, msg) {
-            self.reject(None, RejectReason::Refused(format!("cannot send {}: {e}", msg.domain())));
+            // Leases carry a spec of at most half a frame (checked at post); the other
+            // messages a relay sends are small and bounded.
+            panic!("a relay's {} always fits a frame: {e}", msg.domain());
         }
     }
 

@@ -195,8 +195,13 @@ mod tests {
         deliver(&mut after, 1, &update_bytes);
         let events = drain(&mut after);
         assert!(
-            matches!(&events[..], [RelayEvent::Rejected { reason: RejectReason::Refused(r), .. }]
-                if r == "duplicate result"),
+            matches!(
+                &events[..],
+                [RelayEvent::Rejected {
+                    reason: RejectReason::Refused(crate::messages::Refusal::DuplicateResult { .. }),
+                    ..
+                }]
+            ),
             "{events:?}"
         );
         // The last participant answers: the round closes with a quorum of two updates.

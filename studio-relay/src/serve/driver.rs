@@ -12,7 +12,7 @@ use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
 use aimatrix_protocol::job::JobSpec;
 use aimatrix_protocol::ledger::LedgerOp;
 use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest};
-use aimatrix_protocol::relay::{LeaseStatus, RelayCore, RelayEvent, RelayJob};
+use aimatrix_protocol::relay::{RelayCore, RelayEvent, RelayJob};
 use aimatrix_protocol::time::Millis;
 use aimatrix_protocol::Transmit;
 use libp2p::{Multiaddr, PeerId};
@@ -317,18 +317,11 @@ impl Relay {
         }
     }
 
-    /// Only the holder of an active lease uploads outputs, and only for that lease.
+    /// Whether `peer` may upload an output of the lease: the core decides
+    /// ([`RelayCore::may_upload`]).
     fn may_upload(&self, peer: &PeerId, job_id: JobId, lease: u32) -> Result<(), String> {
         let node = aimatrix_net::node_id_of(peer).ok_or("peer id is not an ed25519 key")?;
-        let job = self.core.job(&job_id).ok_or_else(|| format!("unknown job {job_id}"))?;
-        let record = job.leases.get(&lease).ok_or_else(|| format!("unknown lease {lease}"))?;
-        if record.node != node {
-            return Err(format!("lease {lease} of job {job_id} is held by another node"));
-        }
-        if record.status != LeaseStatus::Active {
-            return Err(format!("lease {lease} of job {job_id} is no longer active"));
-        }
-        Ok(())
+        self.core.may_upload(node, job_id, lease).map_err(|e| e.to_string())
     }
 
     fn on_command(&mut self, command: ApiCommand) {
