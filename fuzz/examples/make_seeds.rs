@@ -1,6 +1,7 @@
 //! Writes the seed inputs for the fuzz targets into `fuzz/seeds/<target>/`:
-//! one sealed envelope per message kind for `envelope_decode`, and every ```toml block of
-//! `docs/job-spec.md` for `job_spec_toml`. Deterministic; rerun after a wire or schema change:
+//! one sealed envelope per message kind for `envelope_decode`, every ```toml block of
+//! `docs/job-spec.md` for `job_spec_toml`, and one frame per direct request and response variant
+//! for `direct_decode`. Deterministic; rerun after a wire or schema change:
 //!
 //! ```text
 //! cargo run --manifest-path fuzz/Cargo.toml --example make_seeds
@@ -9,6 +10,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use aimatrix_protocol::direct::{self, DirectRequest, DirectResponse};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::messages::{
     self, Advert, Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Offer,
@@ -34,6 +36,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (i, block) in toml_blocks(&doc).iter().enumerate() {
         fs::write(toml_dir.join(format!("job-spec-md-{i:02}.toml")), block)?;
     }
+    let direct_dir = clean_dir(seeds.join("direct_decode"))?;
+    let job_id = JobId::from_digest(&Digest::of(b"seed job"));
+    let claim = messages::seal(&key, &Message::Claim(Claim { job_id }), 100, NOW_MS, 60_000)?;
+    let requests = [
+        ("message", DirectRequest::Message(claim)),
+        ("get-blob", DirectRequest::GetBlob(Digest::of(b"module"))),
+        ("put-blob", DirectRequest::PutBlob { job_id, lease: 1, bytes: b"output\n".to_vec() }),
+    ];
+    for (name, request) in &requests {
+        fs::write(
+            direct_dir.join(format!("request-{name}.bin")),
+            direct::encode_request(request)?,
+        )?;
+    }
+    let responses = [
+        ("accepted", DirectResponse::Accepted),
+        ("refused", DirectResponse::refused("no active lease on this job")),
+        ("blob", DirectResponse::Blob(b"\0asm\x01\0\0\0".to_vec())),
+        ("not-found", DirectResponse::NotFound),
+    ];
+    for (name, response) in &responses {
+        let frame = direct::encode_response(response)?;
+        fs::write(direct_dir.join(format!("response-{name}.bin")), frame)?;
+    }
+
     println!("seeds written under {}", seeds.display());
     Ok(())
 }
