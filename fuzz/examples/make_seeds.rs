@@ -1,7 +1,9 @@
 //! Writes the seed inputs for the fuzz targets into `fuzz/seeds/<target>/`:
 //! one sealed envelope per message kind for `envelope_decode`, every ```toml block of
-//! `docs/job-spec.md` for `job_spec_toml`, and one frame per direct request and response variant
-//! for `direct_decode`. Deterministic; rerun after a wire or schema change:
+//! `docs/job-spec.md` for `job_spec_toml`, one frame per direct request and response variant
+//! for `direct_decode`, and one update per codec (for the standard digits model and for a
+//! 10-value update) for `update_decompress`. Deterministic; rerun after a wire, schema or update
+//! format change:
 //!
 //! ```text
 //! cargo run --manifest-path fuzz/Cargo.toml --example make_seeds
@@ -10,6 +12,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use aimatrix_mlp::{Codec, Model, HIDDEN, INPUTS, OUTPUTS};
 use aimatrix_protocol::direct::{self, DirectRequest, DirectResponse};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::messages::{
@@ -61,6 +64,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fs::write(direct_dir.join(format!("response-{name}.bin")), frame)?;
     }
 
+    let update_dir = clean_dir(seeds.join("update_decompress"))?;
+    let standard = Model::param_count(INPUTS, HIDDEN, OUTPUTS);
+    for len in [standard, 10] {
+        let delta = sample_delta(len);
+        for codec in [Codec::None, Codec::Fp16, Codec::int8(), Codec::topk()] {
+            let name = format!("{}-{len}.bin", codec.name());
+            fs::write(update_dir.join(name), aimatrix_mlp::compress(codec, &delta))?;
+        }
+    }
     println!("seeds written under {}", seeds.display());
     Ok(())
 }
@@ -89,6 +101,16 @@ fn toml_blocks(markdown: &str) -> Vec<String> {
         }
     }
     blocks
+}
+
+/// A delta of `len` small values of both signs and a few zeros, like a round's update.
+fn sample_delta(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| match i % 7 {
+            0 => 0.0,
+            k => (k as f32 - 3.5) * 0.01 * (1.0 + (i % 13) as f32),
+        })
+        .collect()
 }
 
 /// One message of every kind, with the optional parts filled in so the seeds reach them.
