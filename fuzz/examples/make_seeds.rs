@@ -1,6 +1,9 @@
 //! Writes the seed inputs for the fuzz targets into `fuzz/seeds/<target>/`:
-//! one sealed envelope per message kind for `envelope_decode`, and every ```toml block of
-//! `docs/job-spec.md` for `job_spec_toml`. Deterministic; rerun after a wire or schema change:
+//! one sealed envelope per message kind for `envelope_decode`, every ```toml block of
+//! `docs/job-spec.md` for `job_spec_toml`, one frame per direct request and response variant
+//! for `direct_decode`, and one update per codec (for the standard digits model and for a
+//! 10-value update) for `update_decompress`. Deterministic; rerun after a wire, schema or update
+//! format change:
 //!
 //! ```text
 //! cargo run --manifest-path fuzz/Cargo.toml --example make_seeds
@@ -9,6 +12,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use aimatrix_mlp::{Codec, Model, HIDDEN, INPUTS, OUTPUTS};
+use aimatrix_protocol::direct::{self, DirectRequest, DirectResponse};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::messages::{
     self, Advert, Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Offer,
@@ -33,6 +38,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let doc = fs::read_to_string(fuzz_dir.join("../docs/job-spec.md"))?;
     for (i, block) in toml_blocks(&doc).iter().enumerate() {
         fs::write(toml_dir.join(format!("job-spec-md-{i:02}.toml")), block)?;
+    }
+    let direct_dir = clean_dir(seeds.join("direct_decode"))?;
+    let job_id = JobId::from_digest(&Digest::of(b"seed job"));
+    let claim = messages::seal(&key, &Message::Claim(Claim { job_id }), 100, NOW_MS, 60_000)?;
+    let requests = [
+        ("message", DirectRequest::Message(claim)),
+        ("get-blob", DirectRequest::GetBlob(Digest::of(b"module"))),
+        ("put-blob", DirectRequest::PutBlob { job_id, lease: 1, bytes: b"output\n".to_vec() }),
+    ];
+    for (name, request) in &requests {
+        fs::write(
+            direct_dir.join(format!("request-{name}.bin")),
+            direct::encode_request(request)?,
+        )?;
+    }
+    let responses = [
+        ("accepted", DirectResponse::Accepted),
+        ("refused", DirectResponse::refused("no active lease on this job")),
+        ("blob", DirectResponse::Blob(b"\0asm\x01\0\0\0".to_vec())),
+        ("not-found", DirectResponse::NotFound),
+    ];
+    for (name, response) in &responses {
+        let frame = direct::encode_response(response)?;
+        fs::write(direct_dir.join(format!("response-{name}.bin")), frame)?;
+    }
+
+    let update_dir = clean_dir(seeds.join("update_decompress"))?;
+    let standard = Model::param_count(INPUTS, HIDDEN, OUTPUTS);
+    for len in [standard, 10] {
+        let delta = sample_delta(len);
+        for codec in [Codec::None, Codec::Fp16, Codec::int8(), Codec::topk()] {
+            let name = format!("{}-{len}.bin", codec.name());
+            fs::write(update_dir.join(name), aimatrix_mlp::compress(codec, &delta))?;
+        }
     }
     println!("seeds written under {}", seeds.display());
     Ok(())
@@ -62,6 +101,16 @@ fn toml_blocks(markdown: &str) -> Vec<String> {
         }
     }
     blocks
+}
+
+/// A delta of `len` small values of both signs and a few zeros, like a round's update.
+fn sample_delta(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| match i % 7 {
+            0 => 0.0,
+            k => (k as f32 - 3.5) * 0.01 * (1.0 + (i % 13) as f32),
+        })
+        .collect()
 }
 
 /// One message of every kind, with the optional parts filled in so the seeds reach them.

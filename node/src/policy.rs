@@ -27,7 +27,7 @@ use clap::{Args, ValueEnum};
 use libp2p::Multiaddr;
 use serde::Deserialize;
 
-use crate::hardware::advice::SERVING_CPU_MEMORY_MIN_BYTES;
+use crate::hardware::advice;
 
 /// The config file's name in the data directory, read when `--config` is not given.
 pub(crate) const CONFIG_FILE: &str = "node.toml";
@@ -247,17 +247,12 @@ fn keep_largest_gpus(profile: &mut CapabilityProfile, max: usize) {
     });
 }
 
-/// The job kinds a profile's hardware and sandboxes can serve; the rule of
-/// `hardware::advice::kind_support`, on the profile instead of the detection.
+/// The job kinds a profile's hardware and sandboxes can run; the rule of
+/// `hardware::advice::kind_support`, on the profile instead of the detection: every kind any
+/// sandbox runs, except those no node runs yet (`serving`, see `advice::NOT_OFFERED`).
 pub(crate) fn servable_kinds(profile: &CapabilityProfile) -> JobKindSet {
     let any_sandbox = profile.runtimes.wasm || profile.has_runtime(Runtime::Docker);
-    let serving = profile.has_runtime(Runtime::Docker)
-        && ((profile.runtimes.docker_gpu && !profile.gpus.is_empty())
-            || profile.memory.total_bytes >= SERVING_CPU_MEMORY_MIN_BYTES);
-    JobKind::ALL
-        .into_iter()
-        .filter(|k| if *k == JobKind::Serving { serving } else { any_sandbox })
-        .collect()
+    JobKind::ALL.into_iter().filter(|k| any_sandbox && advice::not_offered(*k).is_none()).collect()
 }
 
 /// The 1-based line where top-level `key` is set in `text`, if it is.
@@ -423,19 +418,17 @@ mod tests {
     }
 
     #[test]
-    fn docker_off_removes_docker_and_serving() {
+    fn docker_off_removes_docker() {
         let mut detected = testkit::gpu_profile(24);
         detected.memory.total_bytes = 64 * GIB;
         let on = Policy::default().apply(detected.clone());
         assert!(on.has_runtime(Runtime::Docker));
         assert!(on.runtimes.docker_gpu);
-        assert!(on.policy.allowed_kinds.contains(JobKind::Serving));
 
         let off = Policy { docker: false, ..Policy::default() }.apply(detected);
         assert!(!off.runtimes.docker && !off.runtimes.docker_gpu);
         assert!(!off.policy.docker_enabled);
         assert!(off.runtimes.wasm);
-        assert!(!off.policy.allowed_kinds.contains(JobKind::Serving));
         assert!(off.policy.allowed_kinds.contains(JobKind::Batch));
         let why = matching::evaluate(&testkit::docker_gpu_spec(10), &off).unwrap_err();
         assert!(why.contains(&Mismatch::RuntimeUnavailable { runtime: Runtime::Docker }));
@@ -443,23 +436,35 @@ mod tests {
     }
 
     #[test]
-    fn an_absent_engine_means_no_serving_even_when_allowed() {
+    fn an_absent_engine_keeps_the_owners_docker_choice() {
         let mut detected = testkit::profile();
         detected.runtimes.docker = false;
         detected.memory.total_bytes = 64 * GIB;
         let p = Policy::default().apply(detected);
-        assert!(!p.policy.allowed_kinds.contains(JobKind::Serving));
         assert!(p.policy.docker_enabled, "the owner's choice is kept for when an engine appears");
         assert_eq!(p.policy.allowed_kinds.iter().count(), 4);
     }
 
+    /// A node runs a serving job as a batch job with no network, which serves nothing: it never
+    /// advertises the kind, even when the owner allows it and the hardware could hold a model.
     #[test]
-    fn serving_without_a_gpu_needs_memory() {
-        let mut small = testkit::profile();
-        small.memory.total_bytes = 4 * GIB;
-        assert!(!servable_kinds(&small).contains(JobKind::Serving));
-        small.memory.total_bytes = SERVING_CPU_MEMORY_MIN_BYTES;
-        assert!(servable_kinds(&small).contains(JobKind::Serving));
+    fn serving_is_never_advertised() {
+        let mut big = testkit::gpu_profile(80);
+        big.memory.total_bytes = 512 * GIB;
+        assert!(big.runtimes.docker && big.runtimes.docker_gpu);
+        assert!(!servable_kinds(&big).contains(JobKind::Serving));
+        let p = Policy::default().apply(big.clone());
+        assert_eq!(
+            p.policy.allowed_kinds.iter().collect::<Vec<_>>(),
+            [JobKind::Training, JobKind::Batch, JobKind::DataProcessing, JobKind::AgentTesting]
+        );
+        let only_serving =
+            Policy { allowed_kinds: [JobKind::Serving].into_iter().collect(), ..Policy::default() };
+        assert_eq!(only_serving.apply(big).policy.allowed_kinds, JobKindSet::EMPTY);
+        let mut spec = testkit::docker_gpu_spec(10);
+        spec.kind = JobKind::Serving;
+        let why = matching::evaluate(&spec, &p).unwrap_err();
+        assert!(why.contains(&Mismatch::KindNotAllowed { kind: JobKind::Serving }), "{why:?}");
     }
 
     #[test]

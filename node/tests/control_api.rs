@@ -70,6 +70,7 @@ fn status() -> StatusView {
         }],
         earned: 120,
         jobs_run: 7,
+        claims_sent: 4,
         reject_counts: BTreeMap::from([("refused".to_owned(), 2)]),
     }
 }
@@ -165,12 +166,14 @@ fn status_json_is_the_nodes_status() {
     assert_eq!(s["accept_mode"], "manual");
     assert_eq!(s["running"][0]["percent"], 42);
     assert_eq!(s["earned"], 120);
+    assert_eq!(s["claims_sent"], 4);
     assert_eq!(s["reject_counts"]["refused"], 2);
 
     let human = node(&served.addr, &["status"]);
     assert!(human.status.success(), "{}", stderr(&human));
     let text = String::from_utf8(human.stdout).unwrap();
     assert!(text.contains("120 credits (7 jobs run)"), "{text}");
+    assert!(text.contains("4 sent since the node started"), "{text}");
     assert!(text.contains(SERVABLE) && text.contains("42%"), "{text}");
 }
 

@@ -135,16 +135,23 @@ fn detect_json_agrees_with_proc_cgroups_and_statvfs() {
         assert_eq!(runtimes["docker_gpu"]["available"], false);
     }
 
-    // wasm runs everywhere, so every node takes the CPU kinds.
+    // wasm runs everywhere, so every node runs the batch kinds and training; no node runs a
+    // model server yet, whatever its hardware, so serving is never among them.
     let kinds: Vec<&str> =
         report["job_kinds"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
-    for kind in ["training", "batch", "data_processing", "agent_testing"] {
-        assert!(kinds.contains(&kind), "{kinds:?}");
+    assert_eq!(kinds, ["training", "batch", "data_processing", "agent_testing"]);
+    let recommendation = &report["recommendation"];
+    let good_for = recommendation["good_for"].as_array().unwrap();
+    assert!(!good_for.is_empty());
+    for advice in good_for {
+        let advice = advice.as_str().unwrap();
+        assert!(!advice.contains("serv"), "serving is offered as work for this node: {advice}");
     }
-    // Serving: a Docker engine, and a GPU it can use or 8 GiB to hold a model on the CPU.
-    let can_hold_a_model = total >= 8 << 30 || runtimes["docker_gpu"]["available"] == true;
-    assert_eq!(kinds.contains(&"serving"), docker["available"] == true && can_hold_a_model);
-    assert!(!report["recommendation"]["good_for"].as_array().unwrap().is_empty());
+    let not_offered = recommendation["not_offered"].as_array().unwrap();
+    assert_eq!(not_offered.len(), 1, "{recommendation}");
+    assert_eq!(not_offered[0]["kind"], "serving");
+    assert!(not_offered[0]["reason"].as_str().unwrap().contains("model server"), "{not_offered:?}");
+    assert!(recommendation.get("cpu").is_none(), "no serving model sizes: {recommendation}");
 
     // The advertised profile is the detected one.
     let profile: CapabilityProfile = serde_json::from_value(report["profile"].clone()).unwrap();
@@ -156,6 +163,8 @@ fn detect_json_agrees_with_proc_cgroups_and_statvfs() {
     assert!(profile.runtimes.wasm);
     assert_eq!(profile.runtimes.docker, docker["available"] == true);
     assert_eq!(profile.runtimes.docker_gpu, runtimes["docker_gpu"]["available"] == true);
+    // ... with the kinds it lists, so a relay never offers it a serving job.
+    assert_eq!(report["profile"]["policy"]["allowed_kinds"], report["job_kinds"]);
 }
 
 #[test]
@@ -167,10 +176,17 @@ fn detect_prints_a_human_summary_with_the_cpu_model() {
     if let Some(model) = model {
         assert!(text.contains(&model), "{text}");
     }
-    for label in ["cpu", "memory", "disk", "gpus", "runtimes", "job kinds"] {
+    for label in ["cpu", "memory", "disk", "gpus", "runtimes", "job kinds", "good for"] {
         assert!(text.lines().any(|l| l.starts_with(label)), "no {label} line:\n{text}");
     }
     assert!(text.contains("wasm: yes"), "{text}");
+    let kinds = text.lines().find(|l| l.starts_with("job kinds")).unwrap();
+    assert_eq!(kinds, "job kinds   training, batch, data_processing, agent_testing");
+    // Serving shows only as not offered, never as work for this node.
+    let serving: Vec<&str> = text.lines().filter(|l| l.contains("serving")).collect();
+    assert_eq!(serving.len(), 1, "{text}");
+    let expected = "not offered serving: aimatrix-node cannot host a model server yet";
+    assert!(serving[0].starts_with(expected), "{text}");
 }
 
 #[test]

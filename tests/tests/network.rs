@@ -268,6 +268,33 @@ impl Net {
         output.status.success().then(|| parse_json(&String::from_utf8_lossy(&output.stdout)))
     }
 
+    /// Waits until node `i` lists the offer of job `id` among every offer it heard (taken or
+    /// not); returns the offer.
+    fn wait_for_offer(&self, i: usize, id: &str) -> Value {
+        wait_for(&format!("node-{i} to list the offer of job {id}"), || {
+            let output = self.node_run(i, &["compute", "available", "--all", "--json"]);
+            assert!(output.status.success(), "{}", show(&output));
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.lines().map(parse_json).find(|offer| offer["job_id"] == id)
+        })
+    }
+
+    /// Asserts that node `i` has sent no claim and runs nothing, and that no offer it knows is
+    /// claimed. The node's core decides whether to claim an offer in the same step that records
+    /// it, so after [`Net::wait_for_offer`] this holds only if the node decided not to claim:
+    /// it cannot pass because the check came too early.
+    fn assert_claimed_nothing(&self, i: usize) {
+        let status = self.node_json(i, &["status", "--json"]);
+        assert_eq!(status["accept_mode"], "manual", "{status}");
+        assert_eq!(status["claims_sent"], 0, "node-{i} claimed by itself: {status}");
+        assert_eq!(status["running"].as_array().map(Vec::len), Some(0), "{status}");
+        let output = self.node_run(i, &["compute", "available", "--all", "--json"]);
+        assert!(output.status.success(), "{}", show(&output));
+        for offer in String::from_utf8_lossy(&output.stdout).lines().map(parse_json) {
+            assert_eq!(offer["claimed"], false, "node-{i} claimed by itself: {offer}");
+        }
+    }
+
     /// Posts `job` for `studio` without waiting; returns its id.
     fn post(&self, job: &Path) -> String {
         let posted = self.relay_json(&["job", "post", path_str(job), "--json"]);
@@ -635,22 +662,17 @@ fn a_job_whose_node_is_killed_is_re_offered_and_paid_once() {
 fn a_manual_node_runs_a_job_only_once_accepted() {
     let net = Net::start(Setup { nodes: 1, manual: true, ..Setup::default() });
     let id = net.post(&net.batch_stats_job("stats", 1));
-    wait_for("the node to list the offer", || {
-        let output = net.node_run(0, &["compute", "available", "--json"]);
-        assert!(output.status.success(), "{}", show(&output));
-        let text = String::from_utf8_lossy(&output.stdout);
-        text.lines().map(parse_json).any(|offer| offer["job_id"] == id.as_str()).then_some(())
-    });
-    // The node heard the offer and did not claim it; give it time to do so wrongly.
-    std::thread::sleep(Duration::from_secs(2));
+    let offer = net.wait_for_offer(0, &id);
+    net.assert_claimed_nothing(0);
+    assert_eq!(offer["can_serve"], true, "the node could take it: {offer}");
     let view = net.job(&id);
     assert_eq!(view["state"], "open", "{view}");
-    assert_eq!(view["attempts"], 0, "a manual node claims nothing by itself: {view}");
-    let status = net.node_json(0, &["status", "--json"]);
-    assert_eq!(status["running"].as_array().map(Vec::len), Some(0), "{status}");
+    assert_eq!(view["attempts"], 0, "{view}");
 
     let accepted = net.node_json(0, &["compute", "accept", &id, "--json"]);
     assert_eq!(accepted["claimed"], true, "{accepted}");
+    let status = net.node_json(0, &["status", "--json"]);
+    assert_eq!(status["claims_sent"], 1, "the claim count counts an accepted claim: {status}");
     let view = net.wait_for_end(&id);
     assert_eq!(view["state"], "completed", "{view}");
     assert!(job_stdout(&net, &id).starts_with("3 documents, 92 words, 64 unique"));
@@ -909,28 +931,28 @@ fn manual_nodes_join_a_training_job_with_compute_join_training() {
     let posted = net.relay_json(&["job", "post", path_str(&job), "--json"]);
     let id = posted["job_id"].as_str().unwrap().to_owned();
     for i in 0..2 {
-        wait_for(&format!("node-{i} to hear the training offer"), || {
-            let offers = net.node_run(i, &["compute", "available"]);
-            String::from_utf8_lossy(&offers.stdout).contains(&id).then_some(())
-        });
+        let offer = net.wait_for_offer(i, &id);
+        net.assert_claimed_nothing(i);
+        assert_eq!(offer["can_serve"], true, "node-{i} could join: {offer}");
     }
-    // Manual nodes do not claim by themselves: the round waits for participants.
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(net.job(&id)["training"]["phase"], "waiting");
-
-    // A batch job cannot be joined as training.
+    // A second offer heard later runs each node's claim loop again.
     let batch = net.batch_stats_job("stats", 1);
     let batch_id = net.relay_json(&["job", "post", path_str(&batch), "--json"])["job_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    wait_for("node-0 to hear the batch offer", || {
-        let offers = net.node_run(0, &["compute", "available"]);
-        String::from_utf8_lossy(&offers.stdout).contains(&batch_id).then_some(())
-    });
+    for i in 0..2 {
+        net.wait_for_offer(i, &batch_id);
+        net.assert_claimed_nothing(i);
+    }
+    // Manual nodes do not claim by themselves: the round waits for participants.
+    assert_eq!(net.job(&id)["training"]["phase"], "waiting");
+
+    // A batch job cannot be joined as training.
     let refused = net.node_run(0, &["compute", "join-training", &batch_id]);
     assert_eq!(refused.status.code(), Some(1), "{}", show(&refused));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not a training job"));
+    net.assert_claimed_nothing(0);
 
     for i in 0..2 {
         let joined = net.node_run(i, &["compute", "join-training", &id, "--json"]);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use aimatrix_protocol::capability::CapabilityProfile;
 use aimatrix_protocol::job::{JobKind, Runtime};
 use aimatrix_protocol::matching;
-use aimatrix_protocol::node::{AcceptMode, HeldLease, KnownOffer, NodeCore};
+use aimatrix_protocol::node::{AcceptMode, HeldLease, KnownOffer, NodeCore, NodeEvent};
 use aimatrix_protocol::time::Millis;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,10 @@ pub(crate) struct StatusView {
     pub(crate) earned: u64,
     /// Runs recorded in the job history.
     pub(crate) jobs_run: u64,
+    /// Claims the node sent since it started: by itself in auto mode, on `compute accept` in
+    /// manual mode. The core decides whether to claim an offer in the same step that records
+    /// it, so once an offer is listed this count includes any claim made for it.
+    pub(crate) claims_sent: u64,
     /// Messages not acted on, by reason.
     pub(crate) reject_counts: BTreeMap<String, u64>,
 }
@@ -80,6 +84,23 @@ impl RunningView {
     }
 }
 
+/// What the driver counts from the core's events as it drains them, for
+/// [`StatusView::from_core`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct EventTally {
+    /// [`NodeEvent::Claimed`] events: claims sent.
+    pub(crate) claims_sent: u64,
+}
+
+impl EventTally {
+    /// Counts `event`; the driver calls this for every event it takes from the core.
+    pub(crate) fn record(&mut self, event: &NodeEvent) {
+        if matches!(event, NodeEvent::Claimed { .. }) {
+            self.claims_sent += 1;
+        }
+    }
+}
+
 /// What the swarm knows, for [`StatusView::from_core`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct NetView {
@@ -93,11 +114,13 @@ pub(crate) struct NetView {
 
 impl StatusView {
     /// The status of `core` with the swarm's view `net`, the accept mode the core was built
-    /// with, and `earned` and `jobs_run` from the node's history files.
+    /// with, what the driver counted from its events (`tally`), and `earned` and `jobs_run`
+    /// from the node's history files.
     pub(crate) fn from_core(
         core: &NodeCore,
         accept_mode: AcceptMode,
         net: NetView,
+        tally: EventTally,
         earned: u64,
         jobs_run: u64,
     ) -> Self {
@@ -111,6 +134,7 @@ impl StatusView {
             running: core.leases().map(RunningView::from_held).collect(),
             earned,
             jobs_run,
+            claims_sent: tally.claims_sent,
             reject_counts: core
                 .reject_counts()
                 .iter()
@@ -243,12 +267,13 @@ mod tests {
     const NOW: Millis = 1_000_000;
 
     fn manual_core(max_memory_mb: u64) -> (NodeCore, Keypair) {
+        core_in(AcceptMode::Manual, max_memory_mb)
+    }
+
+    fn core_in(accept: AcceptMode, max_memory_mb: u64) -> (NodeCore, Keypair) {
         let relay = testkit::keypair(100);
-        let cfg = NodeConfig {
-            accept: AcceptMode::Manual,
-            trusted_relays: vec![relay.public()],
-            ..NodeConfig::default()
-        };
+        let cfg =
+            NodeConfig { accept, trusted_relays: vec![relay.public()], ..NodeConfig::default() };
         let mut profile = testkit::profile();
         profile.policy.max_memory_mb = max_memory_mb;
         (NodeCore::new(testkit::keypair(1), cfg, profile, 7), relay)
@@ -339,14 +364,15 @@ mod tests {
                 connected: true,
             },
         };
-        let status = StatusView::from_core(&core, AcceptMode::Manual, net, 77, 3);
+        let tally = EventTally { claims_sent: 1 };
+        let status = StatusView::from_core(&core, AcceptMode::Manual, net, tally, 77, 3);
         assert_eq!(status.peer_id, testkit::keypair(1).public().to_peer_id());
         assert_eq!(status.running.len(), 1);
         let running = &status.running[0];
         assert_eq!((running.lease, running.percent), (4, 40));
         assert_eq!((running.started_ms, running.deadline_ms), (NOW + 5, NOW + 30_000));
         assert_eq!(running.name, "job 1");
-        assert_eq!((status.earned, status.jobs_run), (77, 3));
+        assert_eq!((status.earned, status.jobs_run, status.claims_sent), (77, 3, 1));
         assert_eq!(status.reject_counts.get("undecodable"), Some(&1));
         assert!(!status.draining);
 
@@ -354,7 +380,46 @@ mod tests {
         assert_eq!(json["accept_mode"], "manual");
         assert_eq!(json["running"][0]["job_id"], "01".repeat(16));
         assert_eq!(json["running"][0]["kind"], "batch");
+        assert_eq!(json["claims_sent"], 1);
         let back: StatusView = serde_json::from_value(json).unwrap();
         assert_eq!(back, status);
+    }
+
+    /// Drains the core's events into `tally`, as the driver does after every input.
+    fn drain(core: &mut NodeCore, tally: &mut EventTally) {
+        while let Some(event) = core.poll_event() {
+            tally.record(&event);
+        }
+    }
+
+    /// What the network tests rely on: an offer the node lists has been decided on, and the
+    /// claim count says whether the node claimed it.
+    #[test]
+    fn claims_sent_counts_claims_made_when_an_offer_is_heard_or_accepted() {
+        let (mut manual, relay) = manual_core(u64::MAX);
+        let mut tally = EventTally::default();
+        offer(&mut manual, &relay, 1, 5, 128);
+        drain(&mut manual, &mut tally);
+        let listed = OfferView::list(&manual, true);
+        assert!(listed[0].can_serve && !listed[0].claimed, "{listed:?}");
+        assert_eq!(tally.claims_sent, 0, "a manual node claims nothing by itself");
+        manual.handle_timeout(NOW + 1);
+        offer(&mut manual, &relay, 2, 9, 128);
+        drain(&mut manual, &mut tally);
+        assert_eq!(tally.claims_sent, 0, "nor on a later input");
+
+        manual.accept(NOW + 2, JobId([1; 16])).unwrap();
+        drain(&mut manual, &mut tally);
+        assert_eq!(tally.claims_sent, 1);
+        assert!(OfferView::list(&manual, true).iter().any(|o| o.claimed));
+
+        // An auto node claims in the same step that records the offer: by the time the offer
+        // can be listed, the claim is counted.
+        let (mut auto, relay) = core_in(AcceptMode::Auto, u64::MAX);
+        let mut tally = EventTally::default();
+        offer(&mut auto, &relay, 1, 5, 128);
+        drain(&mut auto, &mut tally);
+        assert_eq!(tally.claims_sent, 1);
+        assert!(OfferView::list(&auto, true)[0].claimed);
     }
 }

@@ -10,14 +10,16 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use crate::data_dir;
-use crate::hardware::advice::{self, gib, Recommendation};
+use crate::hardware::advice::{self, gib, KindReason, Recommendation};
 use crate::hardware::{self, Detected};
+use crate::policy::Policy;
 
-/// Detect this machine's CPU, memory, disk, GPUs and sandboxes, the job kinds it can serve and
+/// Detect this machine's CPU, memory, disk, GPUs and sandboxes, the job kinds it can run and
 /// what its hardware is good for.
 ///
-/// Shows exactly the capability profile the node advertises when it joins the network. Parts that
-/// cannot be detected (no GPU, no Docker engine) are reported with the reason, never as an error.
+/// Shows exactly the capability profile the node advertises when it joins the network with no
+/// node.toml (the default policy). Parts that cannot be detected (no GPU, no Docker engine) are
+/// reported with the reason, never as an error.
 #[derive(Debug, Args)]
 pub(crate) struct DetectArgs {
     /// The node's data directory (its filesystem's free space is the node's disk).
@@ -62,7 +64,7 @@ fn to_json(d: &Detected, rec: &Recommendation) -> anyhow::Result<Value> {
         }),
         Err(reason) => json!({ "free_bytes": 0, "reason": reason }),
     };
-    let profile = hardware::to_profile(d);
+    let profile = Policy::default().apply(hardware::to_profile(d));
     let docker = match d.docker_version() {
         Ok(version) => json!({ "available": true, "version": version }),
         Err(reason) => json!({ "available": false, "reason": reason }),
@@ -110,26 +112,20 @@ fn gpu_json(gpu: &GpuInfo) -> Value {
 }
 
 fn recommendation_json(rec: &Recommendation) -> Value {
+    let kind_reasons = |list: &[KindReason]| -> Vec<Value> {
+        list.iter().map(|l| json!({ "kind": l.kind, "reason": l.reason })).collect()
+    };
     json!({
         "good_for": rec.good_for,
-        "leave_to_others": rec.leave_to_others.iter().map(|l| json!({
-            "kind": l.kind,
-            "reason": l.reason,
-        })).collect::<Vec<_>>(),
+        "leave_to_others": kind_reasons(&rec.leave_to_others),
+        "not_offered": kind_reasons(&rec.not_offered),
         "gpu": rec.gpu.as_ref().map(|g| json!({
             "name": g.name,
             "vram_bytes": g.vram_bytes,
-            "serve_fp16_params": g.serve_fp16_params,
-            "serve_4bit_params": g.serve_4bit_params,
             "lora_params": g.lora_params,
             "qlora_params": g.qlora_params,
             "full_finetune_params": g.full_finetune_params,
         })),
-        "cpu": {
-            "memory_budget_bytes": rec.cpu.memory_budget_bytes,
-            "memory_fit_4bit_params": rec.cpu.memory_fit_4bit_params,
-            "serve_4bit_params": rec.cpu.serve_4bit_params,
-        },
     })
 }
 
@@ -208,6 +204,10 @@ fn print_human(d: &Detected, rec: &Recommendation) -> anyhow::Result<()> {
     for (i, leave) in rec.leave_to_others.iter().enumerate() {
         let text = format!("{} to others: {}", leave.kind, leave.reason);
         line(if i == 0 { "leave" } else { "" }, &text)?;
+    }
+    for (i, kind) in rec.not_offered.iter().enumerate() {
+        let text = format!("{}: {}", kind.kind, kind.reason);
+        line(if i == 0 { "not offered" } else { "" }, &text)?;
     }
     for (i, note) in d.notes.iter().enumerate() {
         line(if i == 0 { "notes" } else { "" }, note)?;

@@ -57,6 +57,7 @@ fn print_human(s: &StatusView, now_ms: u64) -> std::io::Result<()> {
         (false, AcceptMode::Manual) => "manual: `aimatrix-node compute accept <job_id>` claims",
     };
     line("accepting", accepting)?;
+    line("claims", &format!("{} sent since the node started", s.claims_sent))?;
     line("earned", &format!("{} credits ({} jobs run)", s.earned, s.jobs_run))?;
     if s.running.is_empty() {
         line("running", "none")?;

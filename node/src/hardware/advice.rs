@@ -1,21 +1,19 @@
-//! What a node's hardware is good for: the job kinds it can serve, and the model sizes that fit.
+//! What a node's hardware is good for: the job kinds it runs, and the models its GPU fits.
 //!
 //! # Which job kinds
 //!
 //! - `batch`, `data_processing`, `agent_testing`, `training`: any sandbox. wasmtime is built into
-//!   the node, so every node serves them; a job that needs GPUs is still matched job by job
-//!   (`requirements.gpus` needs docker-gpu).
-//! - `serving`: Docker (a model server is a long-running container), and either docker-gpu or
-//!   at least [`SERVING_CPU_MEMORY_MIN_BYTES`] of memory to hold a quantized model on the CPU.
+//!   the node, so every node runs them, and Docker jobs too when an engine is present; a job
+//!   that needs GPUs is still matched job by job (`requirements.gpus` needs docker-gpu).
+//! - `serving`: not offered by any node yet ([`NOT_OFFERED`]). A node runs every job in a
+//!   sandbox with no network until it ends with a result, so it cannot host a model server; a
+//!   serving job would only run as a batch job. The node neither lists nor advertises it.
 //!
-//! # Model sizes (a rule of thumb)
+//! # Model sizes on a GPU (a rule of thumb)
 //!
-//! Bytes of memory per parameter, overheads included; they assume a modest context and batch,
-//! and a model on one device (no sharding across GPUs):
+//! Bytes of GPU memory per parameter for fine-tuning a language model, overheads included;
+//! they assume a modest context and batch, and a model on one device (no sharding across GPUs):
 //!
-//! - inference, fp16/bf16 weights: 2.4 (2 for the weights, + 20% for the KV cache of a modest
-//!   context, activations and the runtime);
-//! - inference, 4-bit weights (GPTQ, AWQ, GGUF Q4): 0.6 (0.5 + 20%);
 //! - LoRA fine-tuning on an fp16 base: 3.0 (2 for the frozen base, + 50% for the adapters, their
 //!   Adam state and activations with gradient checkpointing);
 //! - QLoRA fine-tuning on a 4-bit base: 0.8 (0.5 + 60%; the QLoRA paper fits a 65B model in a
@@ -23,13 +21,9 @@
 //! - full fine-tuning with Adam in mixed precision: 19.2 (16 for fp16 weights and gradients, fp32
 //!   master weights and two moments, + 20% for activations).
 //!
-//! The GPU budget is the largest NVIDIA GPU's VRAM. The CPU budget is
-//! [`CPU_MEMORY_SHARE_PERCENT`] of the node's memory (the OS and the node keep the rest), and
-//! only 4-bit inference is counted on the CPU: fp16 inference and any fine-tuning of a language
-//! model are too slow there to be worth a job. Memory is not the CPU's only limit: tokens per
-//! second fall with model size, so a CPU is recommended at most
-//! [`CPU_SERVE_PARAMS_PER_CORE`] parameters per physical core (llama.cpp serves a 4-bit 7B model
-//! on 8 cores at a usable ~10 tokens/s).
+//! The budget is the largest NVIDIA GPU's VRAM. Such work reaches a node as a Docker job that
+//! asks for GPUs (docker-gpu); fine-tuning a language model on the CPU is too slow to be worth
+//! a job, so no CPU figure is given.
 
 use aimatrix_protocol::capability::{GpuVendor, GIB};
 use aimatrix_protocol::job::{JobKind, JobKindSet};
@@ -38,35 +32,27 @@ use aimatrix_sandbox::docker::DockerStatus;
 
 use super::Detected;
 
-/// Memory a node without a GPU needs to be offered serving jobs.
-pub(crate) const SERVING_CPU_MEMORY_MIN_BYTES: u64 = 8 * GIB;
-
-/// Share of memory a CPU-served model may take, in percent.
-pub(crate) const CPU_MEMORY_SHARE_PERCENT: u64 = 75;
-
-/// Largest model recommended for CPU serving, per physical core, in parameters.
-pub(crate) const CPU_SERVE_PARAMS_PER_CORE: u64 = 1_000_000_000;
+/// Job kinds no node runs yet, with why: they are neither listed by `detect` nor advertised.
+pub(crate) const NOT_OFFERED: [(JobKind, &str); 1] = [(
+    JobKind::Serving,
+    "aimatrix-node cannot host a model server yet (jobs run in a sandbox with no network \
+     until they end with a result)",
+)];
 
 /// Bytes per parameter, in tenths of a byte (see the module docs for where they come from).
 mod tenths_per_param {
-    pub(super) const SERVE_FP16: u64 = 24;
-    pub(super) const SERVE_4BIT: u64 = 6;
     pub(super) const LORA_FP16: u64 = 30;
     pub(super) const QLORA_4BIT: u64 = 8;
     pub(super) const FULL_FINETUNE: u64 = 192;
 }
 
-/// The largest models a GPU holds, in parameters.
+/// The largest models a GPU holds for fine-tuning, in parameters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct GpuFit {
     /// The GPU the figures are for (the one with the most VRAM).
     pub(crate) name: String,
     /// Its VRAM.
     pub(crate) vram_bytes: u64,
-    /// Inference with fp16 weights.
-    pub(crate) serve_fp16_params: u64,
-    /// Inference with 4-bit weights.
-    pub(crate) serve_4bit_params: u64,
     /// LoRA fine-tuning on an fp16 base.
     pub(crate) lora_params: u64,
     /// QLoRA fine-tuning on a 4-bit base.
@@ -75,20 +61,9 @@ pub(crate) struct GpuFit {
     pub(crate) full_finetune_params: u64,
 }
 
-/// The largest model worth serving on the CPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct CpuFit {
-    /// Memory a model may take.
-    pub(crate) memory_budget_bytes: u64,
-    /// The largest 4-bit model that fits in that memory.
-    pub(crate) memory_fit_4bit_params: u64,
-    /// The largest 4-bit model recommended: the memory fit, capped by the cores.
-    pub(crate) serve_4bit_params: u64,
-}
-
-/// A kind of work better left to other nodes, and why.
+/// A job kind, and which of its jobs this node leaves to others or why it runs none of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct LeaveToOthers {
+pub(crate) struct KindReason {
     /// The job kind.
     pub(crate) kind: JobKind,
     /// Which of its jobs, and why.
@@ -98,43 +73,32 @@ pub(crate) struct LeaveToOthers {
 /// What the hardware is good for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Recommendation {
-    /// Model sizes on the best NVIDIA GPU, if there is one.
+    /// Fine-tuning model sizes on the best NVIDIA GPU, if there is one.
     pub(crate) gpu: Option<GpuFit>,
-    /// Model sizes on the CPU.
-    pub(crate) cpu: CpuFit,
     /// Short sentences: the work this node suits.
     pub(crate) good_for: Vec<String>,
     /// Work to leave to other nodes.
-    pub(crate) leave_to_others: Vec<LeaveToOthers>,
+    pub(crate) leave_to_others: Vec<KindReason>,
+    /// Job kinds no node runs yet ([`NOT_OFFERED`]), with why.
+    pub(crate) not_offered: Vec<KindReason>,
 }
 
-/// Whether the node can serve jobs of `kind`, or why not.
+/// Whether the node can run jobs of `kind`, or why not.
 pub(crate) fn kind_support(detected: &Detected, kind: JobKind) -> Result<(), String> {
-    let runtimes = detected.runtimes();
-    match kind {
-        JobKind::Training | JobKind::Batch | JobKind::DataProcessing | JobKind::AgentTesting => {
-            if runtimes.wasm || runtimes.docker {
-                Ok(())
-            } else {
-                Err("needs the wasm or docker sandbox".to_owned())
-            }
-        }
-        JobKind::Serving => {
-            if let Err(reason) = detected.docker_version() {
-                return Err(format!("needs docker, which is unavailable: {reason}"));
-            }
-            let memory = detected.memory.as_ref().map_or(0, |m| m.total_bytes);
-            if runtimes.docker_gpu || memory >= SERVING_CPU_MEMORY_MIN_BYTES {
-                Ok(())
-            } else {
-                Err(format!(
-                    "without a GPU, serving needs {} of memory to hold a model; this node has {}",
-                    gib(SERVING_CPU_MEMORY_MIN_BYTES),
-                    gib(memory)
-                ))
-            }
-        }
+    if let Some(reason) = not_offered(kind) {
+        return Err(reason.to_owned());
     }
+    let runtimes = detected.runtimes();
+    if runtimes.wasm || runtimes.docker {
+        Ok(())
+    } else {
+        Err("needs the wasm or docker sandbox".to_owned())
+    }
+}
+
+/// Why no node runs jobs of `kind` yet, if it is one of [`NOT_OFFERED`].
+pub(crate) fn not_offered(kind: JobKind) -> Option<&'static str> {
+    NOT_OFFERED.iter().find(|(k, _)| *k == kind).map(|(_, reason)| *reason)
 }
 
 /// The job kinds the node can serve.
@@ -145,7 +109,6 @@ pub(crate) fn job_kinds(detected: &Detected) -> JobKindSet {
 /// What the node's hardware is good for, and what to leave to others.
 pub(crate) fn recommend(detected: &Detected) -> Recommendation {
     let gpu = gpu_fit(detected);
-    let cpu = cpu_fit(detected);
     let kinds = job_kinds(detected);
     let docker_gpu = detected.docker_gpu();
     let mut good_for = Vec::new();
@@ -157,8 +120,9 @@ pub(crate) fn recommend(detected: &Detected) -> Recommendation {
         .map(JobKind::name)
         .collect();
     if !cpu_kinds.is_empty() {
+        let sandboxes = if detected.runtimes().docker { "wasm or Docker" } else { "wasm" };
         good_for.push(format!(
-            "{} jobs on {} threads",
+            "{} jobs in {sandboxes} on {} threads",
             cpu_kinds.join(", "),
             detected.cpu.threads.max(1)
         ));
@@ -172,47 +136,36 @@ pub(crate) fn recommend(detected: &Detected) -> Recommendation {
             Err(reason) => format!(" once docker-gpu works ({reason})"),
         };
         good_for.push(format!(
-            "on {} ({}): serving models up to {} parameters in fp16 or {} in 4-bit; \
-             fine-tuning up to {} with LoRA, {} with QLoRA, {} in full{via}",
+            "GPU jobs on {} ({}) in Docker; it fits fine-tuning up to {} parameters with LoRA, \
+             {} with QLoRA, {} in full{via}",
             fit.name,
             gib(fit.vram_bytes),
-            params(fit.serve_fp16_params),
-            params(fit.serve_4bit_params),
             params(fit.lora_params),
             params(fit.qlora_params),
             params(fit.full_finetune_params),
         ));
     }
-    if kinds.contains(JobKind::Serving) && docker_gpu.is_err() {
-        good_for.push(format!(
-            "serving 4-bit models up to {} parameters on the CPU ({} physical cores)",
-            params(cpu.serve_4bit_params),
-            detected.cpu.physical_cores.max(1)
-        ));
-    }
 
     for kind in JobKind::ALL {
+        if not_offered(kind).is_some() {
+            continue;
+        }
         if let Err(reason) = kind_support(detected, kind) {
-            leave_to_others.push(LeaveToOthers { kind, reason });
+            leave_to_others.push(KindReason { kind, reason });
         }
     }
     if docker_gpu.is_err() {
         let missing = missing_for_gpu_jobs(detected);
-        leave_to_others.push(LeaveToOthers {
+        leave_to_others.push(KindReason {
             kind: JobKind::Training,
             reason: format!("GPU training and fine-tuning ({missing})"),
         });
-        if kinds.contains(JobKind::Serving) {
-            leave_to_others.push(LeaveToOthers {
-                kind: JobKind::Serving,
-                reason: format!(
-                    "models over {} parameters (4-bit) and anything needing a GPU ({missing})",
-                    params(cpu.serve_4bit_params)
-                ),
-            });
-        }
     }
-    Recommendation { gpu, cpu, good_for, leave_to_others }
+    let not_offered = NOT_OFFERED
+        .iter()
+        .map(|(kind, reason)| KindReason { kind: *kind, reason: (*reason).to_owned() })
+        .collect();
+    Recommendation { gpu, good_for, leave_to_others, not_offered }
 }
 
 /// The first thing GPU jobs miss on this node, in a few words (the runtimes say it in full).
@@ -237,27 +190,10 @@ fn gpu_fit(detected: &Detected) -> Option<GpuFit> {
     Some(GpuFit {
         name: best.name.clone(),
         vram_bytes: best.vram_bytes,
-        serve_fp16_params: fits(tenths_per_param::SERVE_FP16),
-        serve_4bit_params: fits(tenths_per_param::SERVE_4BIT),
         lora_params: fits(tenths_per_param::LORA_FP16),
         qlora_params: fits(tenths_per_param::QLORA_4BIT),
         full_finetune_params: fits(tenths_per_param::FULL_FINETUNE),
     })
-}
-
-fn cpu_fit(detected: &Detected) -> CpuFit {
-    let memory = detected.memory.as_ref().map_or(0, |m| m.total_bytes);
-    let memory_budget_bytes =
-        u64::try_from(u128::from(memory) * u128::from(CPU_MEMORY_SHARE_PERCENT) / 100)
-            .unwrap_or(u64::MAX);
-    let memory_fit_4bit_params = params_fitting(memory_budget_bytes, tenths_per_param::SERVE_4BIT);
-    let cores = u64::from(detected.cpu.physical_cores.max(1));
-    CpuFit {
-        memory_budget_bytes,
-        memory_fit_4bit_params,
-        serve_4bit_params: memory_fit_4bit_params
-            .min(cores.saturating_mul(CPU_SERVE_PARAMS_PER_CORE)),
-    }
 }
 
 /// Parameters that fit in `bytes` at `tenths` tenths of a byte each.
@@ -294,25 +230,44 @@ mod tests {
     }
 
     #[test]
-    fn a_cpu_node_without_docker_serves_everything_but_serving() {
+    fn a_cpu_node_without_docker_runs_every_kind_but_serving() {
         let d = detected(32, &[], no_docker());
         assert_eq!(kinds(job_kinds(&d)), ["training", "batch", "data_processing", "agent_testing"]);
         let r = recommend(&d);
         assert!(r.gpu.is_none());
+        assert_eq!(
+            r.good_for[0],
+            "batch, data_processing, agent_testing jobs in wasm on 16 threads"
+        );
         let left: Vec<_> = r.leave_to_others.iter().map(|l| l.kind).collect();
-        assert_eq!(left, [JobKind::Serving, JobKind::Training]);
-        assert!(r.leave_to_others[0].reason.contains("needs docker"));
-        assert_eq!(r.leave_to_others[1].reason, "GPU training and fine-tuning (no NVIDIA GPU)");
+        assert_eq!(left, [JobKind::Training]);
+        assert_eq!(r.leave_to_others[0].reason, "GPU training and fine-tuning (no NVIDIA GPU)");
+        assert_eq!(r.not_offered.len(), 1);
+        assert_eq!(r.not_offered[0].kind, JobKind::Serving);
     }
 
+    /// No hardware makes a node a model server: serving is never listed, never advertised and
+    /// never recommended, with or without Docker, memory or a GPU.
     #[test]
-    fn serving_needs_docker_and_a_gpu_or_enough_memory() {
-        assert!(job_kinds(&detected(16, &[], docker_with(false))).contains(JobKind::Serving));
-        let small = detected(4, &[], docker_with(false));
-        assert!(kind_support(&small, JobKind::Serving).unwrap_err().contains("8.0 GiB"));
-        assert!(job_kinds(&detected(4, &[24], docker_with(true))).contains(JobKind::Serving));
-        // A GPU the engine cannot hand to containers does not make up for the memory.
-        assert!(!job_kinds(&detected(4, &[24], docker_with(false))).contains(JobKind::Serving));
+    fn serving_is_not_offered_on_any_hardware() {
+        for d in [
+            detected(4, &[], no_docker()),
+            detected(64, &[], docker_with(false)),
+            detected(64, &[80], docker_with(true)),
+        ] {
+            assert!(!job_kinds(&d).contains(JobKind::Serving), "{d:?}");
+            let why = kind_support(&d, JobKind::Serving).unwrap_err();
+            assert!(why.starts_with("aimatrix-node cannot host a model server yet"), "{why}");
+            let r = recommend(&d);
+            assert!(r.good_for.iter().all(|g| !g.contains("serv")), "{r:?}");
+            assert!(r.leave_to_others.iter().all(|l| l.kind != JobKind::Serving), "{r:?}");
+            assert_eq!(
+                r.not_offered.iter().map(|n| n.kind).collect::<Vec<_>>(),
+                [JobKind::Serving]
+            );
+        }
+        let with_docker = recommend(&detected(64, &[], docker_with(false)));
+        assert!(with_docker.good_for[0].contains("in wasm or Docker"), "{with_docker:?}");
     }
 
     #[test]
@@ -321,23 +276,13 @@ mod tests {
         let fit = recommend(&d).gpu.unwrap();
         assert_eq!(fit.vram_bytes, 24 * GIB);
         let vram = 24 * GIB;
-        assert_eq!(fit.serve_fp16_params, vram * 10 / 24); // 2.4 B/param
-        assert_eq!(fit.serve_4bit_params, vram * 10 / 6); // 0.6 B/param
         assert_eq!(fit.lora_params, vram / 3); // 3 B/param
         assert_eq!(fit.qlora_params, vram * 10 / 8); // 0.8 B/param
         assert_eq!(fit.full_finetune_params, vram * 10 / 192); // 19.2 B/param
 
-        // A 24 GiB card: a 7B model served in fp16 with room to spare, LoRA on 7-8B, no full 7B.
-        assert_eq!(params(fit.serve_fp16_params), "10.7B");
+        // A 24 GiB card: LoRA on 7-8B, no full 7B.
         assert_eq!(params(fit.lora_params), "8.6B");
         assert!(fit.full_finetune_params < 2_000_000_000);
-        let cpu = recommend(&d).cpu;
-        assert_eq!(cpu.memory_budget_bytes, 48 * GIB);
-        assert_eq!(cpu.memory_fit_4bit_params, 48 * GIB * 10 / 6);
-        // 8 physical cores: capped at 1B parameters each.
-        assert_eq!(cpu.serve_4bit_params, 8_000_000_000);
-        let small = recommend(&detected(4, &[], no_docker())).cpu;
-        assert_eq!(small.serve_4bit_params, 3 * GIB * 10 / 6);
     }
 
     #[test]
@@ -350,6 +295,7 @@ mod tests {
             .any(|l| l.reason.ends_with("(Docker has no nvidia runtime)")));
         let ready = recommend(&detected(64, &[24], docker_with(true)));
         assert!(ready.leave_to_others.is_empty(), "{ready:?}");
+        assert!(ready.good_for.iter().any(|g| g.starts_with("GPU jobs on Test GPU 24 GiB")));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::run::{self, RunContext, RunUpdate};
-use crate::api::views::{NetView, OfferView, RelayView, StatusView};
+use crate::api::views::{EventTally, NetView, OfferView, RelayView, StatusView};
 use crate::api::NodeApiCommand;
 use crate::commands::now_ms;
 use crate::history::{History, ReceiptRecord, RunRecord};
@@ -52,6 +52,8 @@ pub(crate) struct Node {
     providing: BTreeSet<String>,
     /// The latest signed advert, sent again whenever the relay (re)connects.
     last_advert: Option<Vec<u8>>,
+    /// What the status reports from the core's events.
+    tally: EventTally,
 }
 
 impl Node {
@@ -78,6 +80,7 @@ impl Node {
             listen_addrs: Vec::new(),
             providing: BTreeSet::new(),
             last_advert: None,
+            tally: EventTally::default(),
         }
     }
 
@@ -307,6 +310,7 @@ impl Node {
     }
 
     fn on_core_event(&mut self, event: NodeEvent) {
+        self.tally.record(&event);
         match event {
             NodeEvent::OfferSeen { job_id, matched } => match matched {
                 Ok(_) => tracing::debug!("offer {job_id}: can serve"),
@@ -371,6 +375,7 @@ impl Node {
             &self.core,
             self.core.config().accept,
             net,
+            self.tally,
             self.history.earned(),
             self.history.jobs_run(),
         )

@@ -88,6 +88,12 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         let detected = hardware::detect(Ok(data_dir.clone())).await;
         let profile = policy.apply(hardware::to_profile(&detected));
+        if profile.policy.allowed_kinds == aimatrix_protocol::job::JobKindSet::EMPTY {
+            tracing::warn!(
+                "this node runs none of the job kinds its policy allows (allowed_kinds), so it \
+                 will claim nothing; `aimatrix-node detect` lists the kinds it runs"
+            );
+        }
         let config = policy.node_config(relay_id);
         let wasm: Arc<dyn Executor> =
             Arc::new(WasmExecutor::new(WasmConfig::in_dir(data_dir.join("wasm-cache")))?);
