@@ -147,6 +147,18 @@ impl RelayCore {
     ) {
         let grace = self.cfg.lease_grace_ms;
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        // The holder is the node that claimed: a batch replica goes to a claimant holding no
+        // other lease of the job, a training lease to a participant admitted from its claim.
+        match &job.training {
+            None => assert!(
+                job.leases.values().all(|l| l.node != node),
+                "a batch job's replicas are distinct claimants"
+            ),
+            Some(t) => assert!(
+                t.participants.contains(&node),
+                "a training lease goes to a participant that claimed the job"
+            ),
+        }
         let lease = job.next_lease;
         job.next_lease += 1;
         let span = match (&job.training, round) {
@@ -168,10 +180,11 @@ impl RelayCore {
                 check: None,
             },
         );
-        assert!(
-            job.training.is_some() || job.active_leases() <= job.spec.replication as usize,
-            "more active leases than the replication factor"
-        );
+        let seats = match &job.training {
+            None => job.spec.replication as usize,
+            Some(t) => t.params.participants as usize + t.params.verifications_per_round() as usize,
+        };
+        assert!(job.active_leases() <= seats, "more active leases than the job has seats");
         let full = job.training.is_none() && job.open_slots() == 0;
         let msg = Message::Lease(Lease {
             job_id,

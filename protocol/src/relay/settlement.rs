@@ -154,8 +154,12 @@ impl RelayCore {
 
     pub(super) fn release_rest(&mut self, job_id: JobId) {
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
-        let amount = job.escrow - job.paid;
+        assert!(job.state.is_final(), "the rest of an escrow is released only when its job ends");
+        assert_eq!(job.refunded, 0, "a job's escrow is released once");
+        let amount = job.escrow.checked_sub(job.paid);
+        let amount = amount.unwrap_or_else(|| panic!("job {job_id} paid more than its escrow"));
         job.refunded = amount;
+        assert_eq!(job.paid + job.refunded, job.escrow, "paid + refunded = escrow at the end");
         self.events.push_back(RelayEvent::Ledger(LedgerOp::Release {
             id: TransferId::derive(job_id, "release", &[]),
             reserve_id: TransferId::derive(job_id, "reserve", &[]),

@@ -846,7 +846,9 @@ mod tests {
             self.relay.step(inputs);
             let node = self.node.public();
             let leases = &self.relay.core.job(&job).unwrap().leases;
-            let lease = leases.values().find(|l| l.node == node && l.status == LeaseStatus::Active);
+            let lease = leases.values().find(|l| {
+                l.node == node && l.status == aimatrix_protocol::relay::LeaseStatus::Active
+            });
             lease.unwrap_or_else(|| panic!("no lease granted: {leases:?}")).lease
         }
     }
