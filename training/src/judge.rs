@@ -74,9 +74,21 @@ pub fn judge_round<B: AsRef<[u8]>>(
             }
         }
     }
-    let outcome =
+    let mut outcome =
         aimatrix_mlp::judge_round(&model, &bytes, &params.rule(), &params.norm_check(), None)
             .map_err(JudgeError::Aggregation)?;
+    // Finite updates can still sum past f32::MAX when a whole round sends huge values (the
+    // norm check is relative to the round's median): such a round changes nothing, so the
+    // job goes on from the model it had instead of failing on a model no one can decode.
+    let overflowed = outcome.model.params.iter().any(|v| !v.is_finite());
+    if overflowed {
+        let why =
+            "the aggregate of the accepted updates overflows the model (values past f32::MAX)";
+        for verdict in outcome.verdicts.iter_mut().filter(|v| v.is_ok()) {
+            *verdict = Err(why.to_owned());
+        }
+        outcome.model = model;
+    }
     let (loss, accuracy) = aimatrix_mlp::loss_and_accuracy(&outcome.model, &eval);
     let mut accepted = Vec::new();
     for (node, verdict) in senders.into_iter().zip(outcome.verdicts) {
@@ -131,6 +143,29 @@ mod tests {
         assert!(verdict.metrics.accuracy >= 0.0 && verdict.metrics.accuracy <= 1.0);
         let sent: usize = updates.iter().filter_map(|(_, u)| u.as_ref().map(Vec::len)).sum();
         assert_eq!(verdict.metrics.bytes_received, sent as u64);
+    }
+
+    #[test]
+    fn a_round_that_would_overflow_the_model_changes_nothing_and_pays_nobody() {
+        let p = TrainingParams { compression: Compression::None, ..params(2) };
+        let mut model = Model::init(1);
+        model.params.iter_mut().for_each(|v| *v = 3.0e38);
+        let huge = compress(p.codec(), &vec![f32::MAX; model.params.len()]);
+        let updates = [
+            (testkit::keypair(1).public(), Some(huge.clone())),
+            (testkit::keypair(2).public(), Some(huge)),
+        ];
+        let holdout = dataset(10).encode();
+        let judged = judge_round(&p, &model.encode(), &holdout, &updates).unwrap();
+        assert!(judged.verdict.accepted.is_empty(), "{:?}", judged.verdict);
+        assert_eq!(judged.verdict.rejected.len(), 2);
+        assert!(
+            judged.verdict.rejected[0].1.contains("overflows"),
+            "{:?}",
+            judged.verdict.rejected
+        );
+        assert_eq!(judged.model, model.encode(), "the round starts again from the same model");
+        Model::decode(&judged.model).unwrap();
     }
 
     #[test]
