@@ -36,14 +36,6 @@ impl StepPlan {
     pub fn is_private(&self, output: &str) -> bool {
         output == RESIDUAL_FILE
     }
-
-    /// The digests of the content the step needs, in input order.
-    pub fn content(&self) -> impl Iterator<Item = Digest> + '_ {
-        self.inputs.iter().filter_map(|(_, input)| match input {
-            StepInput::Content(digest) => Some(*digest),
-            StepInput::Residual => None,
-        })
-    }
 }
 
 /// Why a lease cannot be run as a training step.
@@ -120,10 +112,6 @@ mod tests {
                 (CHUNK_FILE, StepInput::Content(Digest::of(b"chunk"))),
                 (RESIDUAL_FILE, StepInput::Residual),
             ]
-        );
-        assert_eq!(
-            plan.content().collect::<Vec<_>>(),
-            [Digest::of(b"model"), Digest::of(b"chunk")]
         );
         assert!(plan.deterministic && plan.keep_residual);
         assert!(plan.args.contains(&"topk".to_owned()));

@@ -73,9 +73,13 @@ async fn run(
     let spec = &lease.spec;
     let residual = residual_path(ctx, lease.job_id);
     let step = aimatrix_training::plan_step(lease, residual.exists())?;
-    let step_content = step.iter().flat_map(|plan| plan.content());
-    for digest in content_digests(spec).into_iter().chain(step_content) {
+    for digest in content_digests(spec) {
         fetch(ctx, digest).await?;
+    }
+    for (name, input) in step.iter().flat_map(|plan| &plan.inputs) {
+        if let StepInput::Content(digest) = input {
+            fetch(ctx, *digest).await.with_context(|| format!("the training step's {name}"))?;
+        }
     }
     std::fs::create_dir_all(&ctx.work_root)
         .with_context(|| format!("cannot create {}", ctx.work_root.display()))?;
