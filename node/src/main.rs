@@ -1,14 +1,21 @@
 //! `aimatrix-node`: the program each machine in the aimatrix network runs.
 //!
-//! A node is one libp2p peer with one ed25519 identity. It will detect its hardware, advertise it,
-//! claim job offers it can serve, run them in a sandbox (`aimatrix-sandbox`) and return signed
-//! results; every decision about a job is made by the sans-IO core in `aimatrix-protocol`, and
-//! this binary only carries bytes, time and side effects in and out of it.
+//! A node is one libp2p peer with one ed25519 identity (its key file in the data directory). It
+//! detects its hardware and runtimes, advertises what it can run, claims job offers it can
+//! serve, runs them in a sandbox (`aimatrix-sandbox`: wasmtime, or Docker when an engine is
+//! present) and returns signed results. Every decision about a job is made by the sans-IO
+//! `NodeCore` of `aimatrix-protocol`, and how a training round is run (its inputs, arguments and
+//! private outputs) by `aimatrix-training`'s `plan_step`; this binary only carries bytes, time
+//! and side effects in and out of them.
 //!
-//! Subcommands live one per file under `src/commands/`: `exec` runs a job locally in the
-//! sandbox (wasm or Docker), `detect` reports the hardware and runtimes the node would
-//! advertise, `workloads` lists the shipped guests; `status` and `compute` ask a running node
-//! through its local control API (`src/api/`).
+//! `join` (`src/join/`) is the node driver: the libp2p swarm of `aimatrix-net`, the core, the
+//! sandbox runs, receipts and job history, and the local control API (`src/api/`). The other
+//! subcommands live one per file under `src/commands/`: `status` and `compute`
+//! (`available`, `accept`, `join-training`) ask a running node through its control API;
+//! `devnet` runs a relay and several nodes on loopback with sample jobs; `exec` runs a job
+//! locally in the sandbox (wasm or Docker); `detect` reports the hardware, runtimes and job
+//! kinds the node would advertise; `workloads` lists or writes the shipped guests. See
+//! `docs/node.md` and `docs/network.md`.
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.

@@ -1,7 +1,9 @@
 //! Sandboxes that run untrusted jobs: one [`Executor`] trait and its implementations.
 //!
-//! A node prepares a job — the workload, a private work directory holding `inputs/` (and an
-//! empty `outputs/`), the limits — and hands it to an executor as a [`PreparedJob`]. The
+//! A node (and the simulator's `train` command, which runs the real `train-step` guest) prepares
+//! a job — the workload, a private work directory holding `inputs/` (and an empty `outputs/`;
+//! [`INPUTS_DIR`], [`OUTPUTS_DIR`]), the limits — and hands it to an executor as a
+//! [`PreparedJob`]. The guest sees them as `/job/inputs` (read-only) and `/job/outputs`. The
 //! executor runs it under those limits, honours cancellation, forwards progress, and returns an
 //! [`ExecOutcome`]: a [`ExecStatus`], capped stdout and stderr, the output files with their
 //! SHA-256 and size (collected without following symlinks, see [`outputs`]), and [`Usage`].

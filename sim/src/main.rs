@@ -1,12 +1,14 @@
 //! `aimatrix-sim`: the command line of the aimatrix simulator.
 //!
-//! The simulator will run thousands of nodes and a relay as a deterministic discrete-event
-//! simulation driving the same sans-IO cores (`aimatrix-protocol`) the real binaries ship, with a
-//! seed that replays any run exactly. The simulation itself lives in this package's library
-//! (`aimatrix_sim`); this binary is its CLI.
+//! The simulator runs thousands of nodes and relays as a deterministic discrete-event simulation
+//! driving the same sans-IO cores (`aimatrix-protocol`) the real binaries ship, with the
+//! relay's own ledger state machine and a seed that replays any run exactly. The simulation
+//! itself lives in this package's library (`aimatrix_sim`); this binary is its CLI.
 //!
 //! Subcommands live one per file under `src/commands/`: `run` simulates a scenario, `bench`
-//! times runs at several sizes.
+//! times runs at several sizes, and `train` runs one training job on the digits
+//! (`aimatrix_sim::training`: the real cores, `aimatrix-training`'s plan and judge, and the real
+//! `train-step` guest in the wasm sandbox). See `docs/sim.md` and `docs/training.md`.
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.

@@ -1,23 +1,31 @@
-//! The Studio relay: where requesters post jobs and workers get paid.
+//! The Studio relay's library: what `studio-relay serve` keeps and serves, and how the CLI
+//! talks to a running relay.
 //!
-//! This library holds the relay side of aimatrix, built issue by issue:
+//! Every decision about a job is made by the sans-IO `RelayCore` of `aimatrix-protocol`, and
+//! what a training job's bytes mean by `aimatrix-training`. This library holds the rest:
 //!
-//! - the **ledger** ([`ledger`]): double-entry credit accounts with two-phase (reserve, post,
-//!   void) transfers in an embedded sled database, group-committed and verified on open;
-//!   [`ledger::Ledger::apply_op`] takes the protocol core's `LedgerOp`s as they are;
-//! - the **relay driver** (to come), which feeds network messages, time and commands into the
-//!   sans-IO `RelayCore` of `aimatrix-protocol` and carries out what it yields (messages to send,
-//!   timeouts to arm, ledger writes);
-//! - **job intake**: reading and checking job specs from the CLI and the HTTP API, and serving
-//!   job inputs to leased nodes by content hash (to come);
-//! - **verification** of returned results (hash agreement across replicas, spot checks; to come);
-//! - **training aggregation**: robust per-round aggregation of model deltas (to come);
-//! - the relay's **HTTP API** ([`api`]) and its client ([`client`]);
-//! - the **stores** ([`store`]): content-addressed blobs and the job records that survive a
-//!   restart.
+//! - the **ledger** ([`ledger`]): the protocol core's ledger state machine
+//!   ([`ledger::LedgerState`], re-exported) made durable: double-entry credit accounts with
+//!   two-phase (reserve, post, void) transfers in an embedded sled database, group-committed and
+//!   verified on open; [`ledger::Ledger::apply_op`] takes the core's `LedgerOp`s as they are;
+//! - the **stores** ([`store`]): content-addressed blobs (modules, inputs, outputs, training
+//!   chunks and models) and the job records that let jobs survive a restart;
+//! - the relay's **HTTP API** ([`api`]): job routes become [`api::ApiCommand`]s for the relay
+//!   driver, blob and ledger routes are served from the stores and the ledger; and its blocking
+//!   **client** ([`client`]), which the `job` and `ledger` subcommands use.
 //!
-//! The `studio-relay` binary in this package is the command line over this library; see
-//! `docs/architecture.md` for how the pieces fit and `docs/ledger.md` for the ledger.
+//! The `studio-relay` binary in this package holds the relay driver (`src/serve/`: the event
+//! loop over the core, the network, the ledger and the stores; job intake; content serving;
+//! training data and round judging through `aimatrix-training`) and the command line over this
+//! library. See `docs/network.md` for the driver, `docs/api.md` for the API and
+//! `docs/ledger.md` for the ledger.
+//!
+//! ```no_run
+//! use studio_relay::client::RelayClient;
+//! let relay = RelayClient::new("127.0.0.1:7780");
+//! println!("{} credits available", relay.balance("studio")?.available);
+//! # Ok::<(), studio_relay::client::ClientError>(())
+//! ```
 
 pub mod api;
 pub mod client;
