@@ -24,8 +24,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// The join driver serves the API and keeps the history under the policy; until it is wired
-// in, only the client side of the API is used outside tests.
 mod api;
 mod client;
 mod commands;

@@ -600,7 +600,7 @@ impl JobSpec {
         v.check(
             self.escrow().is_some(),
             "reward",
-            "reward times replication (or participants times rounds) overflows",
+            "reward times replication (for training, times participants plus re-runs, times rounds) overflows",
         );
         v.check(self.name.len() <= 200, "name", "must be at most 200 bytes");
     }

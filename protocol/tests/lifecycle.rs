@@ -1165,3 +1165,15 @@ fn only_the_holder_of_an_active_lease_may_upload_its_outputs() {
         Err(UploadRefusal::NotActive { job_id: job, lease: number })
     );
 }
+
+#[test]
+fn a_job_the_driver_cannot_go_on_with_fails_with_its_reason_and_is_refunded() {
+    let mut net = Net::new(&[Behaviour::Vanish]);
+    let job = net.post(testkit::batch_spec(10));
+    let reason = "the relay cannot judge round 3: the evaluation set is missing".to_owned();
+    net.relay.abandon_job(net.now, job, reason.clone()).unwrap();
+    net.settle();
+    assert_eq!(net.relay.job(&job).unwrap().state, JobState::Failed { reason });
+    assert_eq!(net.available(REQUESTER), FUNDS, "fully refunded");
+    assert!(net.relay.abandon_job(net.now, job, "again".into()).is_err(), "a job ends once");
+}

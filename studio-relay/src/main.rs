@@ -1,14 +1,15 @@
 //! `studio-relay`: the Studio relay that requesters post jobs to.
 //!
-//! The relay will take job specs from requesters (CLI and HTTP), reserve their rewards in its
-//! ledger, offer the jobs to nodes, grant leases, verify the results that come back, aggregate
-//! training updates and pay workers in credits. Every decision is made by the sans-IO core in
-//! `aimatrix-protocol`; the relay driver in this package's library (`studio_relay`) carries bytes,
-//! time, ledger writes and HTTP requests in and out of it, and this binary is its CLI.
+//! The relay takes job specs from requesters (CLI and HTTP), reserves their rewards in its
+//! ledger, offers the jobs to nodes, grants leases, verifies the results that come back, judges
+//! training rounds and pays workers in credits. Every decision is made by the sans-IO core in
+//! `aimatrix-protocol` (and, for what training bytes mean, `aimatrix-training`); the relay
+//! driver in `serve/` carries bytes, time, ledger writes and HTTP requests in and out of it,
+//! over the ledger, stores, API and client of this package's library (`studio_relay`).
 //!
-//! Subcommands arrive with the issues that build them, one variant of `Command` each (one file
-//! per group under `commands/`). Today: `job` (post, status, list, result, cancel, through the
-//! running relay's HTTP API) and `ledger` (mint, balance, history, audit, export).
+//! Subcommands, one variant of `Command` each (one file per group under `commands/`): `serve`
+//! (the relay), `status`, `job` (post, status, list, result, cancel, through the running
+//! relay's HTTP API) and `ledger` (mint, balance, history, audit, export).
 //!
 //! Exit status: 0 success, 1 the command ran and its answer is negative, 2 error. Logs go to
 //! stderr, filtered by `RUST_LOG`.

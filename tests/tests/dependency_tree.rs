@@ -4,7 +4,8 @@
 //! - its default build has neither the predictable test keys (`testkit`) nor key-file I/O, and
 //!   the shipped node and relay take key files but never the testkit;
 //! - every crate depends only on the crates above it on its branch: no driver on another
-//!   driver, only the node on the sandbox, the training domain on the core and the maths.
+//!   driver, the sandbox only under the node and the simulator, the training domain on the
+//!   core and the maths.
 
 use std::collections::BTreeSet;
 use std::process::Command;

@@ -64,8 +64,8 @@ pub enum Refusal {
         /// The limit.
         max: usize,
     },
-    /// A denial, lease, cancel or receipt from a relay that did not offer the job, did not
-    /// grant the lease, or does not match what was offered.
+    /// A denial or lease from a relay that did not offer the job (or a lease that does not
+    /// match what was offered), or a cancel from a relay that did not grant the lease.
     #[error("{domain} for job {job_id} from a relay that did not offer it (or not as offered)")]
     NotOffered {
         /// The message kind.
@@ -89,7 +89,7 @@ pub enum Refusal {
         /// The lease.
         lease: u32,
     },
-    /// A progress report or result for a job the relay does not know.
+    /// A result for a job the relay does not know (progress for one is an unknown lease).
     #[error("{domain} for unknown job {job_id}")]
     UnknownJob {
         /// The message kind.

@@ -307,15 +307,33 @@ impl RelayCore {
 
     /// The requester withdraws the job: leases are cancelled, unpaid escrow released.
     pub fn cancel_job(&mut self, now: Millis, job_id: JobId) -> Result<(), CommandError> {
+        self.end_open_job(now, job_id, "cancelling", "cancelled by the requester".into())
+    }
+
+    /// The driver cannot go on with the job (it cannot judge a round from the relay's own
+    /// files): the job fails with `reason`, leases are cancelled, unpaid escrow released.
+    pub fn abandon_job(
+        &mut self,
+        now: Millis,
+        job_id: JobId,
+        reason: String,
+    ) -> Result<(), CommandError> {
+        self.end_open_job(now, job_id, "abandoning", reason)
+    }
+
+    fn end_open_job(
+        &mut self,
+        now: Millis,
+        job_id: JobId,
+        what: &'static str,
+        reason: String,
+    ) -> Result<(), CommandError> {
         let job = self.jobs.get(&job_id).ok_or(CommandError::UnknownJob(job_id))?;
         if job.state != JobState::Open {
-            return Err(CommandError::WrongState {
-                job_id,
-                state: format!("{:?}", job.state),
-                what: "cancelling",
-            });
+            let state = format!("{:?}", job.state);
+            return Err(CommandError::WrongState { job_id, state, what });
         }
-        self.fail_job(now, job_id, "cancelled by the requester".into());
+        self.fail_job(now, job_id, reason);
         Ok(())
     }
 

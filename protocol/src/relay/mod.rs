@@ -156,7 +156,8 @@ pub enum RelayEvent {
         round: u32,
         /// The model the round started from.
         model: Digest,
-        /// The updates received in time: node, lease, update digest.
+        /// The updates received in time: node, lease, result hash (the update itself is the
+        /// result's `update.bin` output).
         updates: Vec<(NodeId, u32, Digest)>,
     },
     /// A training round closed without a quorum and will be retried (or the job fails).

@@ -579,7 +579,8 @@ impl Relay {
                 tracing::error!(
                     "job {job_id}: round {round} cannot be judged ({why}); ending the job"
                 );
-                if let Err(e) = self.core.cancel_job(now, job_id) {
+                let reason = format!("the relay cannot judge round {round}: {why}");
+                if let Err(e) = self.core.abandon_job(now, job_id, reason) {
                     tracing::error!("job {job_id}: cannot end it: {e}");
                 }
             }
