@@ -59,9 +59,23 @@ pub fn binary(name: &str) -> PathBuf {
     }
 }
 
+/// The workspace the running tests belong to. Found from the `CARGO_MANIFEST_DIR` cargo sets
+/// when it runs a test, not the one baked in at compile time: cargo hashes workspace members
+/// by their path inside the workspace, so two checkouts sharing one target directory share
+/// this crate's compiled library, and the baked path can name the other checkout (whose
+/// binaries, built from other sources, the tests would then run).
+fn workspace_root() -> PathBuf {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let is_root = |dir: &Path| {
+        std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|t| t.contains("[workspace]"))
+    };
+    start.ancestors().find(|dir| is_root(dir)).map_or(start.join(".."), Path::to_path_buf)
+}
+
 /// Runs `cargo build --bins` for [`BINARIES`] and maps each binary's name to its executable.
 fn build_binaries() -> Result<HashMap<String, PathBuf>, String> {
-    let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let workspace_root = workspace_root();
     // Prefer the cargo running the tests; a test binary started by hand gets the one that built it.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
