@@ -156,6 +156,7 @@ async fn fake_driver(mut rx: tokio::sync::mpsc::Receiver<ApiCommand>, seen: Arc<
                     jobs_open: 0,
                     reject_counts: Default::default(),
                     ledger_expired: 0,
+                    halted: None,
                 });
             }
         }

@@ -120,7 +120,12 @@ fn a_ledger_outage_at_post_is_a_503_and_charges_nothing() {
     assert!(message.contains("nothing was charged. Retry later"), "{message}");
     assert_eq!(client.balance("studio").unwrap(), before, "nothing was reserved");
 
-    // The CLI prints the same and exits 2.
+    // The relay has halted: it says why, and takes no more work until it is restarted.
+    let status = client.status().unwrap();
+    let halted = status.halted.unwrap_or_default();
+    assert!(halted.starts_with("the ledger cannot write"), "{halted}");
+
+    // The CLI is told so and exits 2.
     let job_dir = dir.path().join("job");
     std::fs::create_dir_all(&job_dir).unwrap();
     std::fs::write(job_dir.join("m.wasm"), b"\0asm outage").unwrap();
@@ -139,12 +144,14 @@ fn a_ledger_outage_at_post_is_a_503_and_charges_nothing() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("the relay's ledger cannot write right now"), "{stderr}");
+    assert!(stderr.contains("the relay is halted and takes no work"), "{stderr}");
+    assert!(stderr.contains("Nothing was posted"), "{stderr}");
     assert_eq!(client.balance("studio").unwrap(), before, "nothing was reserved");
 
-    // Both jobs are recorded as refused, with the ledger's reason.
+    // The first job is recorded as refused, with the ledger's reason; the second never reached
+    // the core.
     let jobs = client.jobs().unwrap();
-    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
     for job in &jobs {
         assert_eq!(job.state, "refused", "{job:?}");
         let reason = job.reason.as_deref().unwrap_or_default();

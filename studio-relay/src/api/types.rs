@@ -321,6 +321,9 @@ pub struct RelayStatusView {
     pub reject_counts: BTreeMap<String, u64>,
     /// Reservations the ledger expired since the start.
     pub ledger_expired: u64,
+    /// Why the relay stopped taking work (its job store or ledger cannot write), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
 }
 
 /// `POST /v1/ledger/mint`.

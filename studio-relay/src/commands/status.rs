@@ -23,6 +23,9 @@ pub(crate) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if let Some(why) = &status.halted {
+        println!("HALTED       {why}: the relay takes no work until it is restarted");
+    }
     println!("peer id      {}", status.peer_id);
     for addr in &status.listen_addrs {
         println!("address      {addr}");

@@ -166,6 +166,14 @@ impl Ledger {
         }
     }
 
+    /// The reservations still open, by id, as of every operation acknowledged so far.
+    pub fn open_reservations(&self) -> Result<Vec<(u128, Reservation)>, LedgerError> {
+        match self.send(writer::Command::OpenReservations)?.wait()? {
+            Outcome::OpenReservations(open) => Ok(open),
+            _ => unreachable!("a listing is answered with OpenReservations"),
+        }
+    }
+
     /// Queues `op`; the ticket resolves once the op is durable (or refused).
     pub fn submit_async(&self, op: Op) -> Result<Ticket, LedgerError> {
         self.send(writer::Command::Apply(op))

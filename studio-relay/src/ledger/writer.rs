@@ -3,7 +3,7 @@
 use std::sync::mpsc;
 
 use super::store::Store;
-use super::{Applied, Entry, LedgerState, Op};
+use super::{Applied, Closed, Entry, LedgerState, Op, Reservation};
 use super::{AuditReport, LedgerError, BATCH_LEN_MAX};
 
 /// What the writer is asked to do.
@@ -14,6 +14,8 @@ pub(crate) enum Command {
     Expire(u64),
     /// Scan the database once this batch is durable.
     Audit,
+    /// List the open reservations.
+    OpenReservations,
 }
 
 /// One queued command and where to send its answer.
@@ -31,6 +33,8 @@ pub enum Outcome {
     Expired(Vec<u128>),
     /// What an audit of the open ledger found.
     Audited(AuditReport),
+    /// The open reservations, by id.
+    OpenReservations(Vec<(u128, Reservation)>),
 }
 
 /// The answer to one submitted command; [`Ticket::wait`] returns once it is durable.
@@ -76,6 +80,14 @@ pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<R
                     .map(Outcome::Applied)
                     .map_err(LedgerError::Rejected),
                 Command::Expire(now_ms) => Ok(Outcome::Expired(state.expire(now_ms, &mut entries))),
+                Command::OpenReservations => Ok(Outcome::OpenReservations(
+                    state
+                        .reservations()
+                        .iter()
+                        .filter(|(_, r)| r.closed == Closed::Open)
+                        .map(|(id, r)| (*id, r.clone()))
+                        .collect(),
+                )),
             });
         }
         // A repeat of an op recorded in this very batch is answered after the flush too.

@@ -10,7 +10,7 @@ use aimatrix_protocol::capability::{advert_record_key, class_provider_key, requi
 use aimatrix_protocol::codec;
 use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
 use aimatrix_protocol::job::JobSpec;
-use aimatrix_protocol::ledger::LedgerOp;
+use aimatrix_protocol::ledger::{LedgerOp, TransferId};
 use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest};
 use aimatrix_protocol::relay::{RelayCore, RelayEvent, RelayJob};
 use aimatrix_protocol::time::Millis;
@@ -105,6 +105,18 @@ pub(crate) struct Relay {
     out: Outbound,
     /// Ledger instructions of the current step, applied as one group commit.
     ledger_ops: Vec<LedgerOp>,
+    /// Outbox entries the ledger acknowledged (applied or refused for good), removed from the
+    /// job store's outbox with its next commit.
+    outbox_done: Vec<u64>,
+    /// Messages the core produced this step, sent once what they report is durable: a receipt
+    /// never leaves before the ledger acknowledged the payment it reports.
+    held: Vec<Transmit>,
+    /// Why the relay stopped taking work (its job store or ledger cannot write); nothing more
+    /// is fed to the core, and posts, cancels and uploads are answered 503 with this reason.
+    halted: Option<String>,
+    /// The ledger failed to reserve an escrow this step: the relay halts once the step's
+    /// refusals are recorded.
+    ledger_down: Option<String>,
     /// API commands taken this step, answered once the step's core events are recorded.
     waiting: Vec<Waiting>,
     /// What the posters of jobs whose escrow the ledger refused since the last pump are told.
@@ -138,6 +150,10 @@ impl Relay {
             connected: BTreeSet::new(),
             out,
             ledger_ops: Vec::new(),
+            outbox_done: Vec::new(),
+            held: Vec::new(),
+            halted: None,
+            ledger_down: None,
             waiting: Vec::new(),
             escrow_refusals: HashMap::new(),
             internal_tx,
@@ -147,6 +163,7 @@ impl Relay {
 
     /// Puts every unfinished job of the job store back into the core.
     pub(crate) fn restore(&mut self) -> anyhow::Result<()> {
+        self.reconcile()?;
         let now = now_ms();
         let mut restored = 0;
         for record in self.jobs.unfinished()? {
@@ -166,6 +183,72 @@ impl Relay {
             tracing::info!("restored {restored} unfinished job(s) from the job store");
         }
         self.pump(now);
+        Ok(())
+    }
+
+    /// Completes what a crash or a storage failure left in flight, before any job is restored:
+    /// replays the ledger outbox (its ids are idempotent, so an instruction the ledger applied
+    /// before the crash is answered as existing), then releases every open reservation that no
+    /// live job explains (its job record is missing or ended), instead of leaving it to the
+    /// ledger's safety expiry an hour past a deadline nobody can see. Anything it cannot
+    /// complete stops the relay with what to do.
+    fn reconcile(&mut self) -> anyhow::Result<()> {
+        let outbox = self.jobs.outbox()?;
+        let mut done = Vec::with_capacity(outbox.len());
+        for (key, op) in &outbox {
+            let job_id = op.job_id();
+            match self.ledger.apply_op(op) {
+                Ok(_) => {}
+                Err(LedgerError::Rejected(e)) => tracing::warn!(
+                    "job {job_id}: the ledger refuses an instruction left from before the \
+                     restart ({e}); nothing to apply"
+                ),
+                Err(e) => anyhow::bail!(
+                    "the ledger cannot apply the {} instruction(s) the relay recorded before it \
+                     stopped ({e}); free space or fix the ledger's storage, then start the \
+                     relay again (nothing is lost: they stay recorded in the job store)",
+                    outbox.len()
+                ),
+            }
+            done.push(*key);
+        }
+        if !done.is_empty() {
+            self.jobs.commit(&[], &[], &done)?;
+            tracing::info!(
+                "applied {} ledger instruction(s) left from before the restart",
+                done.len()
+            );
+        }
+        for (reserve_id, reservation) in self.ledger.open_reservations()? {
+            let job_id = JobId(reservation.job_id);
+            let record = self.jobs.get(&job_id)?;
+            if record.as_ref().is_some_and(|r| !r.final_state) {
+                continue;
+            }
+            let why =
+                if record.is_some() { "its job has ended" } else { "no job record explains it" };
+            let held = u64::try_from(reservation.held())
+                .map_err(|_| anyhow::anyhow!("reservation {reserve_id} holds more than a u64"))?;
+            let release = Op::Release {
+                id: TransferId::derive(job_id, "release", &[]).0,
+                reserve_id,
+                job_id: reservation.job_id,
+                amount: held,
+            };
+            if let Err(e) = self.ledger.submit(release) {
+                anyhow::bail!(
+                    "reservation {reserve_id} of job {job_id} holds {held} credits of {} and \
+                     {why}, but the ledger refuses to release it ({e}); check the ledger with \
+                     `studio-relay ledger audit --data-dir DIR` before starting the relay again",
+                    reservation.requester
+                );
+            }
+            tracing::warn!(
+                "released reservation {reserve_id} of job {job_id}: {held} credits back to {} \
+                 ({why})",
+                reservation.requester
+            );
+        }
         Ok(())
     }
 
@@ -221,6 +304,9 @@ impl Relay {
     /// One turn of the loop: takes `inputs` in order, fires the core's timer if it is due, then
     /// drains the core (one ledger group commit, one job-store flush for the whole batch).
     fn step(&mut self, inputs: Vec<Input>) {
+        if self.halted.is_some() {
+            return self.step_halted(inputs);
+        }
         for input in inputs {
             match input {
                 Input::Net(event) => self.on_net_event(event),
@@ -238,6 +324,37 @@ impl Relay {
             self.core.handle_timeout(now);
         }
         self.pump(now);
+    }
+
+    /// A step of a halted relay: nothing reaches the core; the API is answered (work refused
+    /// with the reason), content is still served, every other request is refused.
+    fn step_halted(&mut self, inputs: Vec<Input>) {
+        let why = self.halted.clone().unwrap_or_default();
+        for input in inputs {
+            match input {
+                Input::Command(command) => self.on_command(command),
+                Input::Net(NetEvent::Request {
+                    request: DirectRequest::GetBlob(digest),
+                    reply,
+                    ..
+                }) => {
+                    let blobs = self.blobs.clone();
+                    tokio::task::spawn_blocking(move || {
+                        reply.send(match blobs.get(&digest) {
+                            Ok(Some(bytes)) => DirectResponse::Blob(bytes),
+                            Ok(None) => DirectResponse::NotFound,
+                            Err(e) => DirectResponse::refused(&format!("cannot read blob: {e}")),
+                        });
+                    });
+                }
+                Input::Net(NetEvent::Request { reply, .. }) => {
+                    reply.send(DirectResponse::refused(&format!("the relay is halted: {why}")));
+                }
+                Input::Net(event) => self.on_connection_event(event),
+                Input::Internal(_) | Input::Timeout | Input::Housekeeping => {}
+            }
+        }
+        self.answer_waiting();
     }
 
     fn spawn_ledger_expiry(&self, shutdown: CancellationToken) {
@@ -307,6 +424,13 @@ impl Relay {
                     });
                 }
             },
+            other => self.on_connection_event(other),
+        }
+    }
+
+    /// Connections and addresses; gossip and requests are the caller's.
+    fn on_connection_event(&mut self, event: NetEvent) {
+        match event {
             NetEvent::PeerConnected(peer) => {
                 self.connected.insert(peer);
             }
@@ -314,6 +438,7 @@ impl Relay {
                 self.connected.remove(&peer);
             }
             NetEvent::ListenAddr(addr) => tracing::info!("listening on {addr}"),
+            NetEvent::Gossip { .. } | NetEvent::Request { .. } => {}
         }
     }
 
@@ -326,6 +451,12 @@ impl Relay {
 
     fn on_command(&mut self, command: ApiCommand) {
         match command {
+            ApiCommand::PostJob { reply, .. } if self.halted.is_some() => {
+                let _ = reply.send(Err(self.halted_error()));
+            }
+            ApiCommand::CancelJob { reply, .. } if self.halted.is_some() => {
+                let _ = reply.send(Err(self.halted_error()));
+            }
             ApiCommand::PostJob { req, reply } => {
                 let req = *req;
                 match self.post_job(req.spec, &req.account) {
@@ -430,18 +561,24 @@ impl Relay {
     /// Drains the core's outputs until it has nothing more to say, persists changed jobs, then
     /// answers the waiting API commands.
     fn pump(&mut self, now: Millis) {
-        loop {
+        while self.halted.is_none() {
             let mut progressed = false;
             while let Some(transmit) = self.core.poll_transmit() {
                 progressed = true;
-                self.send(transmit);
+                self.held.push(transmit);
             }
             while let Some(event) = self.core.poll_event() {
                 progressed = true;
                 self.on_core_event(event);
             }
             if !self.ledger_ops.is_empty() {
-                self.apply_ledger(now);
+                // Intent first: the job records and the instructions they imply are durable
+                // together before the ledger sees any of them, so a crash in between leaves
+                // instructions that startup replays (docs/ledger.md, "One order of effects").
+                let ops = std::mem::take(&mut self.ledger_ops);
+                if let Some(keys) = self.commit(&ops) {
+                    self.apply_ledger(now, &ops, &keys);
+                }
                 continue;
             }
             if !progressed {
@@ -449,7 +586,37 @@ impl Relay {
             }
         }
         self.persist();
+        if let Some(why) = self.ledger_down.take() {
+            self.halt(why);
+        }
+        if self.halted.is_none() {
+            for transmit in std::mem::take(&mut self.held) {
+                self.send(transmit);
+            }
+        } else {
+            // What this step would have said reports what could not be recorded.
+            self.held.clear();
+        }
         self.answer_waiting();
+    }
+
+    /// What a post or cancel is told while the relay is halted.
+    fn halted_error(&self) -> ApiError {
+        let why = self.halted.as_deref().unwrap_or("");
+        ApiError::LedgerUnavailable(format!(
+            "the relay is halted and takes no work: {why}. Nothing was posted or changed; the \
+             operator frees space or fixes the storage and restarts the relay"
+        ))
+    }
+
+    /// Stops taking work, saying why; the operator fixes the cause and restarts the relay.
+    fn halt(&mut self, why: String) {
+        if self.halted.is_none() {
+            tracing::error!(
+                "{why}; the relay takes no more work (posts and cancels are answered 503):                  free space or fix the storage, then restart the relay, which completes or                  undoes what was in flight"
+            );
+            self.halted = Some(why);
+        }
     }
 
     fn send(&mut self, transmit: Transmit) {
@@ -606,14 +773,26 @@ impl Relay {
     /// Applies the step's ledger instructions as one group commit and waits until they are
     /// durable, so a job record never says more than the ledger holds; then confirms or refuses
     /// the reservations among them.
-    fn apply_ledger(&mut self, now: Millis) {
-        let ops = std::mem::take(&mut self.ledger_ops);
+    fn apply_ledger(&mut self, now: Millis, ops: &[LedgerOp], keys: &[u64]) {
         let tickets: Vec<_> = ops.iter().map(|op| self.ledger.submit_async(Op::from(op))).collect();
         let results: Vec<Result<(), LedgerError>> = tokio::task::block_in_place(|| {
             tickets.into_iter().map(|t| t.and_then(|t| t.wait()).map(|_| ())).collect()
         });
-        for (op, result) in ops.iter().zip(results) {
+        for ((op, key), result) in ops.iter().zip(keys).zip(results) {
             let job_id = op.job_id();
+            match &result {
+                // A reservation the ledger could not make is refused for good (the poster is
+                // told nothing was charged); the job record says so at the next commit.
+                Ok(()) | Err(LedgerError::Rejected(_)) => self.outbox_done.push(*key),
+                Err(e) if matches!(op, LedgerOp::Reserve { .. }) => {
+                    self.outbox_done.push(*key);
+                    // The job is refused and recorded so first; the relay halts after the step.
+                    self.ledger_down
+                        .get_or_insert_with(|| format!("the ledger cannot write ({e})"));
+                }
+                // A payment or release stays in the outbox, replayed when the relay restarts.
+                Err(e) => self.halt(format!("the ledger cannot write ({e})")),
+            }
             match (op, result) {
                 (LedgerOp::Reserve { .. }, Ok(())) => {
                     if let Err(e) = self.core.reserve_confirmed(now, job_id) {
@@ -672,9 +851,15 @@ impl Relay {
 
     /// Writes every changed job to the job store, in one batch and one flush.
     fn persist(&mut self) {
-        if self.dirty.is_empty() {
-            return;
+        if self.halted.is_none() && !(self.dirty.is_empty() && self.outbox_done.is_empty()) {
+            self.commit(&[]);
         }
+    }
+
+    /// Writes every changed job, adds `intended` to the ledger outbox and removes the entries
+    /// the ledger acknowledged, in one transaction and one flush; returns the outbox keys of
+    /// `intended`, or halts the relay when the job store cannot write.
+    fn commit(&mut self, intended: &[LedgerOp]) -> Option<Vec<u64>> {
         let mut records = Vec::with_capacity(self.dirty.len());
         for id in &self.dirty {
             let Some(job) = self.core.job(id) else { continue };
@@ -694,10 +879,17 @@ impl Relay {
                 outputs: self.outputs.get(id).cloned().unwrap_or_default(),
             });
         }
-        match tokio::task::block_in_place(|| self.jobs.put_all(&records)) {
-            Ok(()) => self.dirty.clear(),
-            // Kept dirty: written again at the next step.
-            Err(e) => tracing::error!("cannot write {} job record(s): {e}", records.len()),
+        let done = std::mem::take(&mut self.outbox_done);
+        match tokio::task::block_in_place(|| self.jobs.commit(&records, intended, &done)) {
+            Ok(keys) => {
+                self.dirty.clear();
+                Some(keys)
+            }
+            Err(e) => {
+                self.outbox_done = done;
+                self.halt(format!("the job store cannot write ({e})"));
+                None
+            }
         }
     }
 
@@ -737,6 +929,7 @@ impl Relay {
             &self.connected,
             self.ledger_refused,
             self.ledger_expired.load(std::sync::atomic::Ordering::Relaxed),
+            self.halted.clone(),
         )
     }
 }

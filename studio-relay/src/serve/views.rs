@@ -71,6 +71,7 @@ pub(crate) fn status_view(
     connected: &BTreeSet<PeerId>,
     ledger_refused: u64,
     ledger_expired: u64,
+    halted: Option<String>,
 ) -> RelayStatusView {
     let mut reject_counts: BTreeMap<String, u64> =
         core.reject_counts().iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
@@ -85,5 +86,6 @@ pub(crate) fn status_view(
         jobs_open: core.jobs().filter(|j| j.state == JobState::Open).count(),
         reject_counts,
         ledger_expired,
+        halted,
     }
 }

@@ -1,11 +1,16 @@
-//! The job store: one record per job in its own sled database, so jobs survive a restart.
+//! The job store: one record per job in its own sled database, so jobs survive a restart, and
+//! the ledger outbox: the ledger instructions the relay intends, written in the same
+//! transaction as the job records that explain them and removed once the ledger acknowledged
+//! them (docs/ledger.md, "One order of effects").
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aimatrix_protocol::codec;
+use aimatrix_protocol::ledger::LedgerOp;
 use aimatrix_protocol::messages::{JobId, OutputDigest};
 use serde::{Deserialize, Serialize};
+use sled::Transactional;
 
 /// The largest encoded job record (its core snapshot and output lists included).
 pub const JOB_RECORD_BYTES_MAX: usize = 4 << 20;
@@ -70,12 +75,19 @@ pub enum JobStoreError {
     },
 }
 
-/// The job records, keyed by job id, in a sled database of their own.
+/// The job records, keyed by job id, in a sled database of their own, and the ledger outbox
+/// beside them.
 #[derive(Debug)]
 pub struct JobStore {
     db: sled::Db,
+    /// Ledger instructions intended and not yet acknowledged, keyed by a sequence number
+    /// (big-endian, so in the order they were intended).
+    outbox: sled::Tree,
     path: PathBuf,
 }
+
+/// The name of the outbox's tree in the job store's database.
+const OUTBOX_TREE: &str = "ledger-outbox";
 
 impl JobStore {
     /// Opens (or creates) the job store in `dir`.
@@ -99,7 +111,79 @@ impl JobStore {
                 })
             }
         };
-        Ok(Self { db, path })
+        let outbox = db.open_tree(OUTBOX_TREE).map_err(|e| JobStoreError::Storage {
+            path: path.clone(),
+            what: "cannot open the ledger outbox",
+            detail: e.to_string(),
+        })?;
+        Ok(Self { db, outbox, path })
+    }
+
+    /// Writes `records`, adds `intended` to the ledger outbox and removes the entries `done`,
+    /// all in one transaction; returns the outbox keys of `intended` (in order) once all is on
+    /// disk. A crash leaves either all of it or none.
+    pub fn commit(
+        &self,
+        records: &[JobRecord],
+        intended: &[LedgerOp],
+        done: &[u64],
+    ) -> Result<Vec<u64>, JobStoreError> {
+        let mut encoded = Vec::with_capacity(records.len());
+        for record in records {
+            let bytes = codec::encode_limited::<_, JOB_RECORD_BYTES_MAX>(record)
+                .map_err(|e| JobStoreError::TooLarge { job: record.id, detail: e.to_string() })?;
+            encoded.push((record.id.0, bytes));
+        }
+        let mut keys = Vec::with_capacity(intended.len());
+        let mut ops = Vec::with_capacity(intended.len());
+        for op in intended {
+            let key = self.db.generate_id().map_err(|e| self.storage("cannot number", &e))?;
+            let bytes = codec::encode(op)
+                .map_err(|e| JobStoreError::TooLarge { job: op.job_id(), detail: e.to_string() })?;
+            keys.push(key);
+            ops.push((key.to_be_bytes(), bytes));
+        }
+        let jobs: &sled::Tree = &self.db;
+        (jobs, &self.outbox)
+            .transaction(|(jobs, outbox)| {
+                for (id, bytes) in &encoded {
+                    jobs.insert(&id[..], bytes.as_slice())?;
+                }
+                for (key, bytes) in &ops {
+                    outbox.insert(&key[..], bytes.as_slice())?;
+                }
+                for key in done {
+                    outbox.remove(&key.to_be_bytes()[..])?;
+                }
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| JobStoreError::Storage {
+                path: self.path.clone(),
+                what: "cannot write",
+                detail: format!("{e:?}"),
+            })?;
+        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
+        Ok(keys)
+    }
+
+    /// The ledger outbox: every instruction intended and not yet acknowledged, in the order
+    /// it was intended, with its key.
+    pub fn outbox(&self) -> Result<Vec<(u64, LedgerOp)>, JobStoreError> {
+        let mut out = Vec::new();
+        for item in self.outbox.iter() {
+            let (key, value) = item.map_err(|e| self.storage("cannot read the outbox", &e))?;
+            let corrupt = |detail: String| JobStoreError::Corrupt {
+                path: self.path.clone(),
+                job: format!("outbox entry {}", hex::encode(&key)),
+                detail,
+            };
+            let key: [u8; 8] =
+                key.as_ref().try_into().map_err(|_| corrupt("its key is not 8 bytes".into()))?;
+            let op: LedgerOp =
+                codec::decode(&value).map_err(|e| corrupt(format!("it does not decode: {e}")))?;
+            out.push((u64::from_be_bytes(key), op));
+        }
+        Ok(out)
     }
 
     /// Writes `record`, replacing the job's previous one; returns once it is on disk.
@@ -226,6 +310,37 @@ mod tests {
         store.db.insert(id.0, moved).unwrap();
         let err = store.get(&id).unwrap_err();
         assert!(err.to_string().contains("another job's key"), "{err}");
+    }
+
+    fn reserve(n: u8) -> LedgerOp {
+        use aimatrix_protocol::ledger::TransferId;
+        let job = JobId([n; 16]);
+        LedgerOp::Reserve {
+            id: TransferId::derive(job, "reserve", &[]),
+            job_id: job,
+            requester: "studio".into(),
+            amount: 10,
+            timeout_at_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn records_and_intended_ledger_instructions_are_written_together_and_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = {
+            let store = JobStore::open(dir.path()).unwrap();
+            let keys =
+                store.commit(&[record(1, 100, false)], &[reserve(1), reserve(2)], &[]).unwrap();
+            assert!(keys[0] < keys[1], "keys follow the order intended");
+            keys
+        };
+        let store = JobStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(&JobId([1; 16])).unwrap(), Some(record(1, 100, false)));
+        assert_eq!(store.outbox().unwrap(), [(keys[0], reserve(1)), (keys[1], reserve(2))]);
+        // Acknowledged entries leave the outbox with the next commit.
+        let more = store.commit(&[record(1, 100, true)], &[reserve(3)], &[keys[0]]).unwrap();
+        assert_eq!(store.outbox().unwrap(), [(keys[1], reserve(2)), (more[0], reserve(3))]);
+        assert_eq!(store.list().unwrap().len(), 1, "the outbox is not a job record");
     }
 
     #[test]
