@@ -613,7 +613,9 @@ impl Relay {
     fn halt(&mut self, why: String) {
         if self.halted.is_none() {
             tracing::error!(
-                "{why}; the relay takes no more work (posts and cancels are answered 503):                  free space or fix the storage, then restart the relay, which completes or                  undoes what was in flight"
+                "{why}; the relay takes no more work (posts and cancels are answered 503): free \
+                 space or fix the storage, then restart the relay, which completes or undoes \
+                 what was in flight"
             );
             self.halted = Some(why);
         }
