@@ -6,27 +6,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 
 use aimatrix_protocol::ledger::{LedgerOp, TransferId};
 use aimatrix_protocol::messages::JobId;
-use studio_relay::client::RelayClient;
 use studio_relay::ledger::Ledger;
 use studio_relay::store::{JobRecord, JobStore};
 
+use common::Serve;
+
 const FUNDS: u64 = 100;
-
-/// The relay process, killed when dropped.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn reserve(job: JobId, amount: u64) -> LedgerOp {
     LedgerOp::Reserve {
@@ -76,25 +67,9 @@ fn startup_applies_the_outbox_and_releases_reservations_no_live_job_explains() {
         jobs.commit(&[ended(in_outbox), ended(ended_open)], &[release], &[]).unwrap();
     }
 
-    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let log = dir.path().join("serve.log");
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_studio-relay"))
-        .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api.to_string()])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let serve = Serve(child);
-    let mut address = String::new();
-    BufReader::new(stdout).read_line(&mut address).unwrap();
-    assert!(address.contains("/p2p/"), "serve printed no address; its log:\n{}", log_text());
-
-    let client = RelayClient::new(api);
+    let serve = Serve::start(&data, &dir.path().join("serve.log"));
+    let log_text = || serve.log();
+    let client = serve.client();
     // The status is answered by the relay's loop, which starts once startup has reconciled.
     assert!(client.status().unwrap().halted.is_none());
     let balance = client.balance("studio").unwrap();
