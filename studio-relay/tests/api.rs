@@ -241,18 +241,30 @@ fn posting_refuses_unresolved_specs_and_passes_on_the_drivers_402() {
     let mut unresolved = spec_with_module(module);
     unresolved.workload.module = Some(ContentRef::Path("m.wasm".into()));
     let err = client
-        .post_job(&PostJobRequest { spec: unresolved, account: "studio".into() })
+        .post_job(&PostJobRequest {
+            spec: unresolved,
+            account: "studio".into(),
+            idempotency_key: None,
+        })
         .unwrap_err();
     assert_eq!(api_status(&err), Some(400), "{err}");
     assert!(err.to_string().contains("PUT /v1/blobs"), "{err}");
     assert!(relay.seen.lock().unwrap().posts.is_empty(), "refused before reaching the driver");
 
-    let poor = PostJobRequest { spec: spec_with_module(module), account: "poor".into() };
+    let poor = PostJobRequest {
+        spec: spec_with_module(module),
+        account: "poor".into(),
+        idempotency_key: None,
+    };
     let err = client.post_job(&poor).unwrap_err();
     assert_eq!(api_status(&err), Some(402), "{err}");
     assert!(err.to_string().contains("nothing was posted"), "{err}");
 
-    let ok = PostJobRequest { spec: spec_with_module(module), account: "studio".into() };
+    let ok = PostJobRequest {
+        spec: spec_with_module(module),
+        account: "studio".into(),
+        idempotency_key: None,
+    };
     assert_eq!(client.post_job(&ok).unwrap().job_id, JOB_ID.to_string());
     assert_eq!(relay.seen.lock().unwrap().posts.len(), 2);
 

@@ -113,7 +113,9 @@ fn a_ledger_outage_at_post_is_a_503_and_charges_nothing() {
     .unwrap();
     let digest: Digest = format!("sha256:{module}").parse().unwrap();
     spec.workload.module = Some(ContentRef::Digest(digest));
-    let err = client.post_job(&PostJobRequest { spec, account: "studio".into() }).unwrap_err();
+    let err = client
+        .post_job(&PostJobRequest { spec, account: "studio".into(), idempotency_key: None })
+        .unwrap_err();
     assert_eq!(err.status(), Some(503), "{err}");
     let message = err.to_string();
     assert!(message.starts_with("the relay's ledger cannot write right now"), "{message}");

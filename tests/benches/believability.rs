@@ -382,7 +382,8 @@ fn post_workload(client: &RelayClient, sc: &Scenario, digest: &str) -> anyhow::R
 }
 
 fn post(client: &RelayClient, spec: &JobSpec) -> anyhow::Result<String> {
-    let req = PostJobRequest { spec: spec.clone(), account: ACCOUNT.to_owned() };
+    let req =
+        PostJobRequest { spec: spec.clone(), account: ACCOUNT.to_owned(), idempotency_key: None };
     Ok(client.post_job(&req)?.job_id)
 }
 

@@ -453,14 +453,16 @@ fn wait_paid(
 
 /// Posts one job; returns its id and the client clock when the relay answered.
 fn post(client: &RelayClient, spec: &JobSpec, account: &str) -> anyhow::Result<(String, f64)> {
-    let req = PostJobRequest { spec: spec.clone(), account: account.to_owned() };
+    let req =
+        PostJobRequest { spec: spec.clone(), account: account.to_owned(), idempotency_key: None };
     let id = client.post_job(&req)?.job_id;
     Ok((id, now_ms_f64()))
 }
 
 /// Posts one job, retrying while the relay answers 503; returns the retries.
 fn post_retrying(client: &RelayClient, spec: &JobSpec, account: &str) -> anyhow::Result<u64> {
-    let req = PostJobRequest { spec: spec.clone(), account: account.to_owned() };
+    let req =
+        PostJobRequest { spec: spec.clone(), account: account.to_owned(), idempotency_key: None };
     let mut retries = 0;
     loop {
         match client.post_job(&req) {

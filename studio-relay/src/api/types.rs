@@ -19,6 +19,10 @@ pub struct PostJobRequest {
     pub spec: JobSpec,
     /// The requester's ledger account, charged the job's escrow.
     pub account: String,
+    /// A key the requester chooses for this post (1 to 128 bytes): a retry with the same key
+    /// returns the job the first try posted, never a second one, also after a relay restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// The answer to `POST /v1/jobs`.

@@ -111,6 +111,41 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Tries a post this many times when the relay cannot be reached or the connection drops.
+const POST_TRIES: u32 = 5;
+
+/// A fresh idempotency key: 16 random bytes, in hex.
+fn idempotency_key() -> String {
+    let mut bytes = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    hex::encode(bytes)
+}
+
+/// Posts `req`, trying again (with the same idempotency key, so the relay posts the job at
+/// most once) when the relay cannot be reached or the request fails on the way; an answer of
+/// the relay, error or not, is final.
+fn post_retrying(
+    client: &RelayClient,
+    req: &PostJobRequest,
+) -> Result<studio_relay::api::types::PostJobResponse, studio_relay::client::ClientError> {
+    use studio_relay::client::ClientError;
+    let mut delay = Duration::from_millis(500);
+    let mut tries = 1;
+    loop {
+        match client.post_job(req) {
+            Err(e @ (ClientError::Unreachable { .. } | ClientError::Transport { .. }))
+                if tries < POST_TRIES =>
+            {
+                tracing::warn!("post failed ({e}); trying again in {delay:?} with the same key");
+                std::thread::sleep(delay);
+                delay *= 2;
+                tries += 1;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 fn post(
     client: &RelayClient,
     job: &Path,
@@ -128,7 +163,14 @@ fn post(
     resolve_paths(&mut spec, &mut uploader).map_err(|e| anyhow::anyhow!("{shown}: {e:#}"))?;
     add_inputs(&mut spec, extra_inputs, &mut uploader)?;
     spec.validate().map_err(|e| anyhow::anyhow!("{}", e.with_source(&shown)))?;
-    let posted = client.post_job(&PostJobRequest { spec, account: account.to_owned() })?;
+    let posted = post_retrying(
+        client,
+        &PostJobRequest {
+            spec,
+            account: account.to_owned(),
+            idempotency_key: Some(idempotency_key()),
+        },
+    )?;
     if !wait {
         if json {
             print_json(&posted)?;

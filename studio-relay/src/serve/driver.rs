@@ -19,7 +19,7 @@ use libp2p::{Multiaddr, PeerId};
 use studio_relay::api::types::{JobView, RelayStatusView};
 use studio_relay::api::{ApiCommand, ApiError};
 use studio_relay::ledger::{Ledger, LedgerError, Op, OpError};
-use studio_relay::store::{BlobStore, JobRecord, JobStore};
+use studio_relay::store::{BlobStore, JobRecord, JobStore, KeyedPost};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +32,8 @@ const FINISHED_IN_MEMORY: usize = 1024;
 const STEP_INPUTS_MAX: usize = 512;
 /// Longest a message to a node is retried while the node cannot be reached.
 const DIRECT_RETRY_FOR: Duration = Duration::from_secs(10);
+/// Longest idempotency key a post may carry, in bytes.
+const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 /// How often the ledger voids reservations past their timeout.
 const LEDGER_EXPIRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -114,6 +116,8 @@ pub(crate) struct Relay {
     /// Why the relay stopped taking work (its job store or ledger cannot write); nothing more
     /// is fed to the core, and posts, cancels and uploads are answered 503 with this reason.
     halted: Option<String>,
+    /// Keyed posts of this step, recorded with their jobs' records at the next commit.
+    keyed: Vec<KeyedPost>,
     /// The ledger failed to reserve an escrow this step: the relay halts once the step's
     /// refusals are recorded.
     ledger_down: Option<String>,
@@ -153,6 +157,7 @@ impl Relay {
             outbox_done: Vec::new(),
             held: Vec::new(),
             halted: None,
+            keyed: Vec::new(),
             ledger_down: None,
             waiting: Vec::new(),
             escrow_refusals: HashMap::new(),
@@ -459,7 +464,7 @@ impl Relay {
             }
             ApiCommand::PostJob { req, reply } => {
                 let req = *req;
-                match self.post_job(req.spec, &req.account) {
+                match self.post_job(req.spec, &req.account, req.idempotency_key) {
                     Ok(id) => self.waiting.push(Waiting::Post { id, reply }),
                     // Refused before the core saw it: nothing to wait for.
                     Err(e) => {
@@ -482,7 +487,22 @@ impl Relay {
         }
     }
 
-    fn post_job(&mut self, spec: JobSpec, account: &str) -> Result<JobId, ApiError> {
+    fn post_job(
+        &mut self,
+        spec: JobSpec,
+        account: &str,
+        key: Option<String>,
+    ) -> Result<JobId, ApiError> {
+        let keyed = match key {
+            Some(key) => {
+                let (earlier, post) = self.keyed_post(&spec, account, key)?;
+                if let Some(id) = earlier {
+                    return Ok(id);
+                }
+                Some(post)
+            }
+            None => None,
+        };
         let named =
             spec.content_refs().into_iter().filter_map(|(what, r)| Some((what, r.digest()?)));
         for (what, digest) in named {
@@ -525,8 +545,55 @@ impl Relay {
             self.core.post_job(now_ms(), account, spec)
         };
         let id = posted.map_err(|e| ApiError::Invalid(e.to_string()))?;
+        if let Some(post) = keyed {
+            // Recorded with the job's record, in the step's first commit.
+            self.keyed.push(KeyedPost { job_id: id, ..post });
+        }
         tracing::info!("job {id} posted by {account}");
         Ok(id)
+    }
+
+    /// A post under idempotency `key`: the job an earlier post under the key made, if it had
+    /// the same spec (a retry), and the record to keep for a new one. A key that named another
+    /// spec is refused.
+    fn keyed_post(
+        &self,
+        spec: &JobSpec,
+        account: &str,
+        key: String,
+    ) -> Result<(Option<JobId>, KeyedPost), ApiError> {
+        if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX {
+            return Err(ApiError::Invalid(format!(
+                "idempotency_key must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} bytes, got {}",
+                key.len()
+            )));
+        }
+        let encoded = codec::encode(spec).map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let post = KeyedPost {
+            requester: account.to_owned(),
+            key,
+            job_id: JobId([0; 16]),
+            spec_digest: aimatrix_protocol::hash::Digest::of(&encoded),
+        };
+        let pending = self.keyed.iter().find(|p| p.requester == account && p.key == post.key);
+        let earlier = match pending {
+            Some(p) => Some(p.clone()),
+            None => self
+                .jobs
+                .keyed_post(account, &post.key)
+                .map_err(|e| ApiError::Internal(format!("cannot read the job store: {e}")))?,
+        };
+        match earlier {
+            None => Ok((None, post)),
+            Some(earlier) if earlier.spec_digest == post.spec_digest => {
+                Ok((Some(earlier.job_id), post))
+            }
+            Some(earlier) => Err(ApiError::Invalid(format!(
+                "idempotency_key {:?} already posted job {} with another spec; use a new key \
+                 for a new job",
+                post.key, earlier.job_id
+            ))),
+        }
     }
 
     /// Answers the API commands taken since the last pump, in the order they came.
@@ -853,7 +920,8 @@ impl Relay {
 
     /// Writes every changed job to the job store, in one batch and one flush.
     fn persist(&mut self) {
-        if self.halted.is_none() && !(self.dirty.is_empty() && self.outbox_done.is_empty()) {
+        let idle = self.dirty.is_empty() && self.outbox_done.is_empty() && self.keyed.is_empty();
+        if self.halted.is_none() && !idle {
             self.commit(&[]);
         }
     }
@@ -882,13 +950,18 @@ impl Relay {
             });
         }
         let done = std::mem::take(&mut self.outbox_done);
-        match tokio::task::block_in_place(|| self.jobs.commit(&records, intended, &done)) {
+        let keyed = std::mem::take(&mut self.keyed);
+        let written = tokio::task::block_in_place(|| {
+            self.jobs.commit_with_keys(&records, intended, &done, &keyed)
+        });
+        match written {
             Ok(keys) => {
                 self.dirty.clear();
                 Some(keys)
             }
             Err(e) => {
                 self.outbox_done = done;
+                self.keyed = keyed;
                 self.halt(format!("the job store cannot write ({e})"));
                 None
             }
@@ -1052,7 +1125,11 @@ mod tests {
     /// A post of a batch job escrowing 10 credits (reward 10, replication 1) from `account`.
     fn post_command(account: &str) -> (Input, oneshot::Receiver<Result<JobId, ApiError>>) {
         let (reply, answer) = oneshot::channel();
-        let req = PostJobRequest { spec: testkit::batch_spec(10), account: account.into() };
+        let req = PostJobRequest {
+            spec: testkit::batch_spec(10),
+            account: account.into(),
+            idempotency_key: None,
+        };
         (Input::Command(ApiCommand::PostJob { req: Box::new(req), reply }), answer)
     }
 

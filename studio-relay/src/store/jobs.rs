@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aimatrix_protocol::codec;
+use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::ledger::LedgerOp;
 use aimatrix_protocol::messages::{JobId, OutputDigest};
 use serde::{Deserialize, Serialize};
@@ -83,11 +84,39 @@ pub struct JobStore {
     /// Ledger instructions intended and not yet acknowledged, keyed by a sequence number
     /// (big-endian, so in the order they were intended).
     outbox: sled::Tree,
+    /// Keyed posts by requester and key.
+    keys: sled::Tree,
     path: PathBuf,
 }
 
 /// The name of the outbox's tree in the job store's database.
 const OUTBOX_TREE: &str = "ledger-outbox";
+/// The name of the tree of idempotency keys in the job store's database.
+const KEYS_TREE: &str = "post-keys";
+
+/// A post its requester named by an idempotency key: the job it made and its spec's digest,
+/// so that a retry finds the job and a reuse of the key for another spec is told apart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyedPost {
+    /// The requester's account.
+    pub requester: String,
+    /// The key the requester chose.
+    pub key: String,
+    /// The job the post made.
+    pub job_id: JobId,
+    /// SHA-256 of the codec encoding of the posted spec.
+    pub spec_digest: Digest,
+}
+
+/// The key of a keyed post in its tree: the requester and the key, each length-prefixed.
+fn post_key(requester: &str, key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + requester.len() + key.len());
+    out.extend_from_slice(&(requester.len() as u64).to_be_bytes());
+    out.extend_from_slice(requester.as_bytes());
+    out.extend_from_slice(&(key.len() as u64).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
 
 impl JobStore {
     /// Opens (or creates) the job store in `dir`.
@@ -116,7 +145,32 @@ impl JobStore {
             what: "cannot open the ledger outbox",
             detail: e.to_string(),
         })?;
-        Ok(Self { db, outbox, path })
+        let keys = db.open_tree(KEYS_TREE).map_err(|e| JobStoreError::Storage {
+            path: path.clone(),
+            what: "cannot open the idempotency keys",
+            detail: e.to_string(),
+        })?;
+        Ok(Self { db, outbox, keys, path })
+    }
+
+    /// The keyed post `requester` made under `key`, if any.
+    pub fn keyed_post(
+        &self,
+        requester: &str,
+        key: &str,
+    ) -> Result<Option<KeyedPost>, JobStoreError> {
+        let Some(bytes) = self
+            .keys
+            .get(post_key(requester, key))
+            .map_err(|e| self.storage("cannot read the idempotency keys", &e))?
+        else {
+            return Ok(None);
+        };
+        codec::decode(&bytes).map(Some).map_err(|e| JobStoreError::Corrupt {
+            path: self.path.clone(),
+            job: format!("idempotency key {key:?} of {requester}"),
+            detail: format!("it does not decode: {e}"),
+        })
     }
 
     /// Writes `records`, adds `intended` to the ledger outbox and removes the entries `done`,
@@ -128,6 +182,24 @@ impl JobStore {
         intended: &[LedgerOp],
         done: &[u64],
     ) -> Result<Vec<u64>, JobStoreError> {
+        self.commit_with_keys(records, intended, done, &[])
+    }
+
+    /// [`JobStore::commit`], also recording keyed posts (in the same transaction as the job
+    /// records they name).
+    pub fn commit_with_keys(
+        &self,
+        records: &[JobRecord],
+        intended: &[LedgerOp],
+        done: &[u64],
+        keyed: &[KeyedPost],
+    ) -> Result<Vec<u64>, JobStoreError> {
+        let mut posts = Vec::with_capacity(keyed.len());
+        for post in keyed {
+            let bytes = codec::encode(post)
+                .map_err(|e| JobStoreError::TooLarge { job: post.job_id, detail: e.to_string() })?;
+            posts.push((post_key(&post.requester, &post.key), bytes));
+        }
         let mut encoded = Vec::with_capacity(records.len());
         for record in records {
             let bytes = codec::encode_limited::<_, JOB_RECORD_BYTES_MAX>(record)
@@ -144,8 +216,11 @@ impl JobStore {
             ops.push((key.to_be_bytes(), bytes));
         }
         let jobs: &sled::Tree = &self.db;
-        (jobs, &self.outbox)
-            .transaction(|(jobs, outbox)| {
+        (jobs, &self.outbox, &self.keys)
+            .transaction(|(jobs, outbox, keys)| {
+                for (key, bytes) in &posts {
+                    keys.insert(key.as_slice(), bytes.as_slice())?;
+                }
                 for (id, bytes) in &encoded {
                     jobs.insert(&id[..], bytes.as_slice())?;
                 }
@@ -341,6 +416,29 @@ mod tests {
         let more = store.commit(&[record(1, 100, true)], &[reserve(3)], &[keys[0]]).unwrap();
         assert_eq!(store.outbox().unwrap(), [(keys[1], reserve(2)), (more[0], reserve(3))]);
         assert_eq!(store.list().unwrap().len(), 1, "the outbox is not a job record");
+    }
+
+    #[test]
+    fn keyed_posts_are_recorded_with_their_job_and_found_by_requester_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let post = KeyedPost {
+            requester: "studio".into(),
+            key: "order-17".into(),
+            job_id: JobId([1; 16]),
+            spec_digest: Digest::of(b"spec"),
+        };
+        {
+            let store = JobStore::open(dir.path()).unwrap();
+            store
+                .commit_with_keys(&[record(1, 100, false)], &[], &[], std::slice::from_ref(&post))
+                .unwrap();
+        }
+        let store = JobStore::open(dir.path()).unwrap();
+        assert_eq!(store.keyed_post("studio", "order-17").unwrap(), Some(post));
+        assert_eq!(store.keyed_post("studio", "order-18").unwrap(), None);
+        // Requester and key are length-prefixed: no other split of the same bytes matches.
+        assert_eq!(store.keyed_post("studioo", "rder-17").unwrap(), None);
+        assert_eq!(store.list().unwrap().len(), 1, "a key is not a job record");
     }
 
     #[test]
