@@ -220,7 +220,11 @@ impl Envelope {
 
     /// The exact bytes the signature covers.
     pub fn signing_bytes(&self) -> Vec<u8> {
-        signing_bytes(
+        self.signing_parts().concat()
+    }
+
+    fn signing_parts(&self) -> SigningParts<'_> {
+        SigningParts::new(
             self.domain,
             &self.signer,
             self.nonce,
@@ -242,14 +246,7 @@ impl Envelope {
     /// [`SignatureMemo`] in `memo_key` once it is computed, so that a caller that holds one
     /// decoded envelope for many receivers hashes its signed bytes once.
     pub(crate) fn verify_signature_keyed(&self, memo_key: &MemoKey) -> Result<(), VerifyError> {
-        let parts = SigningParts::new(
-            self.domain,
-            &self.signer,
-            self.nonce,
-            self.issued_at_ms,
-            self.expires_at_ms,
-            &self.payload,
-        );
+        let parts = self.signing_parts();
         // The signed bytes are put together only when the signature is actually checked.
         let check = || {
             let key = self.signer.verifying_key().map_err(|_| VerifyError::InvalidSigner)?;

@@ -42,6 +42,11 @@ impl TransferId {
         bytes.copy_from_slice(&d.0[..16]);
         Self(u128::from_le_bytes(bytes))
     }
+
+    /// The id of `job`'s reservation, which its payments and its release name too.
+    pub fn reserve_of(job: JobId) -> Self {
+        Self::derive(job, "reserve", &[])
+    }
 }
 
 /// A credit movement the driver must apply to the ledger.
@@ -90,6 +95,17 @@ pub enum LedgerOp {
 }
 
 impl LedgerOp {
+    /// The instruction that closes `job_id`'s reservation, returning `amount` (everything it
+    /// still holds) to the requester: the one release a job ever has.
+    pub fn release(job_id: JobId, amount: u64) -> Self {
+        Self::Release {
+            id: TransferId::derive(job_id, "release", &[]),
+            reserve_id: TransferId::reserve_of(job_id),
+            job_id,
+            amount,
+        }
+    }
+
     /// The operation's idempotency id.
     pub fn id(&self) -> TransferId {
         match self {

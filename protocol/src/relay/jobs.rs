@@ -132,7 +132,7 @@ pub struct RelayJob {
 
 impl RelayJob {
     pub(super) fn reserve_id(&self) -> TransferId {
-        TransferId::derive(self.id, "reserve", &[])
+        TransferId::reserve_of(self.id)
     }
 
     pub(super) fn reserve_op(&self) -> LedgerOp {

@@ -19,7 +19,7 @@ pub(super) fn pay_op(
     fee_bps: u16,
 ) -> (LedgerOp, u64, u64) {
     let (amount, fee) = split_fee(reward, fee_bps);
-    let reserve_id = TransferId::derive(job_id, "reserve", &[]);
+    let reserve_id = TransferId::reserve_of(job_id);
     (LedgerOp::Pay { id, reserve_id, job_id, node, amount, fee }, amount, amount + fee)
 }
 
@@ -160,12 +160,7 @@ impl RelayCore {
         let amount = amount.unwrap_or_else(|| panic!("job {job_id} paid more than its escrow"));
         job.refunded = amount;
         assert_eq!(job.paid + job.refunded, job.escrow, "paid + refunded = escrow at the end");
-        self.events.push_back(RelayEvent::Ledger(LedgerOp::Release {
-            id: TransferId::derive(job_id, "release", &[]),
-            reserve_id: TransferId::derive(job_id, "reserve", &[]),
-            job_id,
-            amount,
-        }));
+        self.events.push_back(RelayEvent::Ledger(LedgerOp::release(job_id, amount)));
     }
 
     pub(super) fn receipt(

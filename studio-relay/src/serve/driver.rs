@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aimatrix_net::{NetEvent, NetHandle, Outbound};
+use aimatrix_net::{NetEvent, NetHandle, Outbound, Responder};
 use aimatrix_protocol::capability::{advert_record_key, class_provider_key, requirement_class};
 use aimatrix_protocol::codec;
 use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
+use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::job::JobSpec;
-use aimatrix_protocol::ledger::{LedgerOp, TransferId};
+use aimatrix_protocol::ledger::LedgerOp;
 use aimatrix_protocol::messages::{JobId, Outcome, OutputDigest};
 use aimatrix_protocol::relay::{RelayCore, RelayEvent, RelayJob};
 use aimatrix_protocol::time::Millis;
@@ -225,6 +226,7 @@ impl Relay {
             );
         }
         for (reserve_id, reservation) in self.ledger.open_reservations()? {
+            // Every reservation here came from a core's `Reserve`, named after its job.
             let job_id = JobId(reservation.job_id);
             let record = self.jobs.get(&job_id)?;
             if record.as_ref().is_some_and(|r| !r.final_state) {
@@ -234,13 +236,7 @@ impl Relay {
                 if record.is_some() { "its job has ended" } else { "no job record explains it" };
             let held = u64::try_from(reservation.held())
                 .map_err(|_| anyhow::anyhow!("reservation {reserve_id} holds more than a u64"))?;
-            let release = Op::Release {
-                id: TransferId::derive(job_id, "release", &[]).0,
-                reserve_id,
-                job_id: reservation.job_id,
-                amount: held,
-            };
-            if let Err(e) = self.ledger.submit(release) {
+            if let Err(e) = self.ledger.apply_op(&LedgerOp::release(job_id, held)) {
                 anyhow::bail!(
                     "reservation {reserve_id} of job {job_id} holds {held} credits of {} and \
                      {why}, but the ledger refuses to release it ({e}); check the ledger with \
@@ -342,16 +338,7 @@ impl Relay {
                     request: DirectRequest::GetBlob(digest),
                     reply,
                     ..
-                }) => {
-                    let blobs = self.blobs.clone();
-                    tokio::task::spawn_blocking(move || {
-                        reply.send(match blobs.get(&digest) {
-                            Ok(Some(bytes)) => DirectResponse::Blob(bytes),
-                            Ok(None) => DirectResponse::NotFound,
-                            Err(e) => DirectResponse::refused(&format!("cannot read blob: {e}")),
-                        });
-                    });
-                }
+                }) => self.serve_blob(digest, reply),
                 Input::Net(NetEvent::Request { reply, .. }) => {
                     reply.send(DirectResponse::refused(&format!("the relay is halted: {why}")));
                 }
@@ -405,16 +392,7 @@ impl Relay {
             NetEvent::Request { peer, request, reply } => match request {
                 DirectRequest::Message(bytes) => reply
                     .take_message(&peer, |from| self.core.handle_message(now, Some(from), &bytes)),
-                DirectRequest::GetBlob(digest) => {
-                    let blobs = self.blobs.clone();
-                    tokio::task::spawn_blocking(move || {
-                        reply.send(match blobs.get(&digest) {
-                            Ok(Some(bytes)) => DirectResponse::Blob(bytes),
-                            Ok(None) => DirectResponse::NotFound,
-                            Err(e) => DirectResponse::Refused(format!("cannot read blob: {e}")),
-                        });
-                    });
-                }
+                DirectRequest::GetBlob(digest) => self.serve_blob(digest, reply),
                 DirectRequest::PutBlob { job_id, lease, bytes } => {
                     if let Err(why) = self.may_upload(&peer, job_id, lease) {
                         reply.send(DirectResponse::Refused(why));
@@ -431,6 +409,19 @@ impl Relay {
             },
             other => self.on_connection_event(other),
         }
+    }
+
+    /// Answers a request for content from the blob store, off the event loop (also while the
+    /// relay is halted).
+    fn serve_blob(&self, digest: Digest, reply: Responder) {
+        let blobs = self.blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            reply.send(match blobs.get(&digest) {
+                Ok(Some(bytes)) => DirectResponse::Blob(bytes),
+                Ok(None) => DirectResponse::NotFound,
+                Err(e) => DirectResponse::Refused(format!("cannot read blob: {e}")),
+            });
+        });
     }
 
     /// Connections and addresses; gossip and requests are the caller's.
@@ -918,7 +909,8 @@ impl Relay {
         });
     }
 
-    /// Writes every changed job to the job store, in one batch and one flush.
+    /// Writes every changed job and the outbox removals the ledger's answers allow, unless the
+    /// relay is halted.
     fn persist(&mut self) {
         let idle = self.dirty.is_empty() && self.outbox_done.is_empty() && self.keyed.is_empty();
         if self.halted.is_none() && !idle {

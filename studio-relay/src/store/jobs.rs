@@ -270,19 +270,6 @@ impl JobStore {
         Ok(())
     }
 
-    /// Writes every record in one atomic batch; returns once all are on disk.
-    pub fn put_all(&self, records: &[JobRecord]) -> Result<(), JobStoreError> {
-        let mut batch = sled::Batch::default();
-        for record in records {
-            let bytes = codec::encode_limited::<_, JOB_RECORD_BYTES_MAX>(record)
-                .map_err(|e| JobStoreError::TooLarge { job: record.id, detail: e.to_string() })?;
-            batch.insert(&record.id.0, bytes);
-        }
-        self.db.apply_batch(batch).map_err(|e| self.storage("cannot write", &e))?;
-        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
-        Ok(())
-    }
-
     /// The job's record, if stored.
     pub fn get(&self, id: &JobId) -> Result<Option<JobRecord>, JobStoreError> {
         match self.db.get(id.0).map_err(|e| self.storage("cannot read", &e))? {
