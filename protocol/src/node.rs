@@ -58,7 +58,15 @@ pub struct NodeConfig {
     pub max_known_offers: usize,
     /// Envelope verification limits.
     pub verify: VerifyConfig,
+    /// A result with no receipt after this long is sent again, then again after twice as long
+    /// each time (at most [`RECEIPT_ASK_EVERY_MAX_MS`] apart), until its receipt comes: the
+    /// relay answers a result it already settled with the same verdict, so a receipt lost in
+    /// transit or cut by a relay crash is recovered (issue 22).
+    pub receipt_ask_after_ms: u64,
 }
+
+/// Longest wait between two asks for one receipt.
+pub const RECEIPT_ASK_EVERY_MAX_MS: u64 = 300_000;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -70,6 +78,7 @@ impl Default for NodeConfig {
             claim_timeout_ms: 30_000,
             max_known_offers: 1024,
             verify: VerifyConfig::default(),
+            receipt_ask_after_ms: 30_000,
         }
     }
 }
@@ -212,6 +221,23 @@ const MAX_JOINED_TRAINING: usize = 256;
 /// Most results remembered while their receipts are awaited.
 const MAX_AWAITING_RECEIPTS: usize = 4096;
 
+/// A result sent whose receipt has not come yet.
+#[derive(Debug)]
+struct AwaitedReceipt {
+    relay: NodeId,
+    /// The result as sent, sent again (freshly sealed) at `ask_at_ms`.
+    result: JobResult,
+    ask_at_ms: Millis,
+    /// How many times it was sent again.
+    asked: u32,
+}
+
+impl AwaitedReceipt {
+    fn is_for(&self, job_id: JobId, lease: u32, relay: NodeId) -> bool {
+        self.result.job_id == job_id && self.result.lease == lease && self.relay == relay
+    }
+}
+
 /// The node's state machine.
 #[derive(Debug)]
 pub struct NodeCore {
@@ -229,7 +255,7 @@ pub struct NodeCore {
     offers: OfferTable,
     leases: BTreeMap<(JobId, u32), HeldLease>,
     joined_training: VecDeque<(JobId, NodeId, JobSpec)>,
-    awaiting_receipt: VecDeque<(JobId, u32, NodeId)>,
+    awaiting_receipt: VecDeque<AwaitedReceipt>,
     events: VecDeque<NodeEvent>,
     rejects: BTreeMap<&'static str, u64>,
     earned: u64,
@@ -328,7 +354,12 @@ impl NodeCore {
     pub fn poll_timeout(&self) -> Option<Millis> {
         let offers = self.offers.next_due(self.cfg.claim_timeout_ms);
         let advert = (!self.draining).then_some(self.next_advert_ms);
-        offers.into_iter().chain(advert).min()
+        offers.into_iter().chain(advert).chain(self.next_receipt_ask()).min()
+    }
+
+    /// When the next result without a receipt is sent again.
+    fn next_receipt_ask(&self) -> Option<Millis> {
+        self.awaiting_receipt.iter().map(|a| a.ask_at_ms).min()
     }
 
     /// When [`NodeCore::handle_timeout`] must next be called for the node to act (advertise,
@@ -342,7 +373,7 @@ impl NodeCore {
     pub fn poll_action_timeout(&self) -> Option<Millis> {
         let offers = self.offers.next_slot_due(self.cfg.claim_timeout_ms);
         let advert = (!self.draining).then_some(self.next_advert_ms);
-        offers.into_iter().chain(advert).min()
+        offers.into_iter().chain(advert).chain(self.next_receipt_ask()).min()
     }
 
     /// Replaces the hardware/policy profile (load is computed) and re-advertises.
@@ -367,6 +398,25 @@ impl NodeCore {
         self.offers.expire(now);
         self.offers.time_out_claims(now, self.cfg.claim_timeout_ms);
         self.claim_more(now);
+        self.ask_for_receipts(now);
+    }
+
+    /// Sends again every result whose receipt is due, doubling the wait for the next ask.
+    fn ask_for_receipts(&mut self, now: Millis) {
+        let after = self.cfg.receipt_ask_after_ms;
+        for i in 0..self.awaiting_receipt.len() {
+            let awaited = &mut self.awaiting_receipt[i];
+            if awaited.ask_at_ms > now {
+                continue;
+            }
+            awaited.asked = awaited.asked.saturating_add(1);
+            let wait = after.saturating_mul(1u64 << awaited.asked.min(16));
+            awaited.ask_at_ms = now.saturating_add(wait.min(RECEIPT_ASK_EVERY_MAX_MS));
+            let (relay, msg) = (awaited.relay, Message::Result(awaited.result.clone()));
+            if let Err(e) = self.outbox.send(now, relay, &msg) {
+                panic!("a result that was sent once always fits a frame: {e}");
+            }
+        }
     }
 
     fn advertise_if_due(&mut self, now: Millis) {
@@ -686,8 +736,9 @@ impl NodeCore {
             let why = Refusal::OtherNode { domain: Domain::Receipt, node: receipt.node };
             return self.reject(Some(relay), RejectReason::Refused(why));
         }
-        let key = (receipt.job_id, receipt.lease, relay);
-        let Some(pos) = self.awaiting_receipt.iter().position(|k| *k == key) else {
+        let (job_id, lease) = (receipt.job_id, receipt.lease);
+        let Some(pos) = self.awaiting_receipt.iter().position(|a| a.is_for(job_id, lease, relay))
+        else {
             let why = Refusal::UnexpectedReceipt { job_id: receipt.job_id, lease: receipt.lease };
             return self.reject(Some(relay), RejectReason::Refused(why));
         };
@@ -777,22 +828,22 @@ impl NodeCore {
         usage: Usage,
     ) {
         let (job_id, number) = (lease.job_id, lease.lease);
-        let msg = Message::Result(JobResult { job_id, lease: number, outcome, usage });
-        if let Err(e) = self.outbox.send(now, relay, &msg) {
+        let mut result = JobResult { job_id, lease: number, outcome, usage };
+        if let Err(e) = self.outbox.send(now, relay, &Message::Result(result.clone())) {
             // The workload named more outputs than a frame holds: the relay hears why instead.
             let reason = format!(
                 "the result is too large to send ({e}); the workload wrote too many outputs"
             );
-            let outcome = Outcome::Failed { reason };
-            let msg = Message::Result(JobResult { job_id, lease: number, outcome, usage });
-            if let Err(e) = self.outbox.send(now, relay, &msg) {
+            result.outcome = Outcome::Failed { reason };
+            if let Err(e) = self.outbox.send(now, relay, &Message::Result(result.clone())) {
                 panic!("a failed result without outputs always fits a frame: {e}");
             }
         }
         if self.awaiting_receipt.len() >= MAX_AWAITING_RECEIPTS {
             self.awaiting_receipt.pop_front();
         }
-        self.awaiting_receipt.push_back((lease.job_id, lease.lease, relay));
+        let ask_at_ms = now.saturating_add(self.cfg.receipt_ask_after_ms);
+        self.awaiting_receipt.push_back(AwaitedReceipt { relay, result, ask_at_ms, asked: 0 });
     }
 
     /// Jobs (by id) the node has joined as a training participant.

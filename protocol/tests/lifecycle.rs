@@ -6,17 +6,18 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aimatrix_protocol::envelope::VerifyConfig;
+use aimatrix_protocol::envelope::{Domain, VerifyConfig};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::job::{
     Aggregation, Compression, ContentRef, JobKind, JobSpec, TrainingParams,
 };
-use aimatrix_protocol::ledger::{LedgerOp, LedgerState, Op};
+use aimatrix_protocol::ledger::{Entry, LedgerOp, LedgerState, Op};
 use aimatrix_protocol::messages::{
     self, Advert, DenyReason, JobId, Message, Outcome, OutputDigest, Usage, Verdict,
 };
 use aimatrix_protocol::node::{AcceptMode, NodeConfig, NodeCore, NodeEvent};
+use aimatrix_protocol::relay::books::LedgerBooks;
 use aimatrix_protocol::relay::training::RoundVerdict;
 use aimatrix_protocol::relay::training::DELTA_DIGEST_FILE;
 use aimatrix_protocol::relay::{
@@ -54,6 +55,8 @@ struct Net {
     node_events: Vec<(usize, NodeEvent)>,
     /// Training: rounds closed and waiting for aggregation.
     closed_rounds: Vec<(JobId, u32, Vec<NodeId>)>,
+    /// The ledger's log, for the books check.
+    entries: Vec<Entry>,
 }
 
 /// What an honest node returns; for a training lease, `delta.sha256` is what a verifying
@@ -114,6 +117,7 @@ impl Net {
             relay_events: Vec::new(),
             node_events: Vec::new(),
             closed_rounds: Vec::new(),
+            entries: Vec::new(),
         };
         net.tick();
         net
@@ -183,12 +187,17 @@ impl Net {
         }
         let violations = self.ledger.violations();
         assert!(violations.is_empty(), "the ledger's invariants broke: {violations:?}");
+        let disagreements = self.books().check(self.relay.jobs());
+        assert!(
+            disagreements.is_empty(),
+            "the job records and the ledger disagree: {disagreements:?}"
+        );
     }
 
     fn on_relay_event(&mut self, e: RelayEvent) {
         match &e {
             RelayEvent::Ledger(op) => {
-                let result = self.ledger.apply_instruction(op);
+                let result = self.ledger.apply(Op::from(op), &mut self.entries);
                 if let LedgerOp::Reserve { job_id, .. } = op {
                     match result {
                         Ok(_) => self.relay.reserve_confirmed(self.now, *job_id).unwrap(),
@@ -277,6 +286,15 @@ impl Net {
     /// An account's available credits in the ledger.
     fn available(&self, account: &str) -> u64 {
         u64::try_from(self.ledger.account(account).available()).unwrap()
+    }
+
+    /// The ledger's entries, gathered by job.
+    fn books(&self) -> LedgerBooks {
+        let mut books = LedgerBooks::default();
+        for entry in &self.entries {
+            books.add_entry(entry);
+        }
+        books
     }
 
     fn paid_receipts(&self, i: usize) -> u64 {
@@ -835,6 +853,76 @@ fn assert_paid_once(net: &Net, job: JobId) {
     assert_eq!(net.ledger.held(), 0, "the escrow is released");
 }
 
+/// The books check finds each way a job record and the ledger can drift apart, and nothing
+/// when they agree.
+#[test]
+fn the_books_check_reports_each_disagreement() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let job = net.post(testkit::batch_spec(10));
+    net.run_until_final(job);
+    let record = net.relay.job(&job).unwrap().clone();
+    assert!(net.books().check([&record]).is_empty());
+    let node = net.nodes[0].id().account_name();
+
+    // A payment the ledger never got (a receipt sent before the ledger acknowledged it).
+    let mut books = LedgerBooks::default();
+    for entry in net.entries.iter().filter(|e| !matches!(e.op, Op::Pay { .. })) {
+        books.add_entry(entry);
+    }
+    let found: Vec<String> = books.check([&record]).iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found[0].contains(&format!("pays {node} 10 credits")) && found[0].ends_with("ledger 0")
+    );
+    assert!(found[1].contains("10 credits were paid, the ledger 0"), "{found:?}");
+
+    // The same payment, still in the outbox: counted once, whether or not the ledger has it.
+    let pay = net.relay_events.iter().find_map(|e| match e {
+        RelayEvent::Ledger(op @ LedgerOp::Pay { .. }) => Some(op.clone()),
+        _ => None,
+    });
+    books.add_pending(&pay.clone().unwrap());
+    assert!(books.check([&record]).is_empty());
+    let mut all = net.books();
+    all.add_pending(&pay.unwrap());
+    assert!(all.check([&record]).is_empty(), "an instruction the ledger applied counts once");
+
+    // A record that says more was refunded than the ledger returned.
+    let mut refunded = record.clone();
+    refunded.refunded += 1;
+    let found = net.books().check([&refunded]);
+    assert!(found[0].what.contains("refunded 1, the ledger returned 0"), "{found:?}");
+
+    // A reservation no record explains: reported while open, not once released whole.
+    let orphan = JobId([9; 16]);
+    let mut books = net.books();
+    let reserve = Op::Reserve {
+        id: 77,
+        job_id: orphan.0,
+        requester: REQUESTER.into(),
+        amount: 6,
+        timeout_at_ms: u64::MAX,
+    };
+    let mut ledger = net.ledger.clone();
+    let mut entries = Vec::new();
+    ledger.apply(reserve, &mut entries).unwrap();
+    books.add_entry(&entries[0]);
+    let found = books.check([&record]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].job_id, orphan);
+    let expected = format!("reservation of 6 credits of {REQUESTER}");
+    assert!(found[0].what.contains(&expected), "{found:?}");
+    books.add_pending(&LedgerOp::release(orphan, 6));
+    assert!(books.check([&record]).is_empty(), "voided whole, it moved no credits");
+
+    // A record still open whose reservation the ledger has closed.
+    let mut open = record.clone();
+    open.state = JobState::Open;
+    open.refunded = 0;
+    let found = net.books().check([&open]);
+    assert!(found.iter().any(|d| d.what.contains("still open but its reservation was released")));
+}
+
 #[test]
 fn a_relay_restarted_mid_job_completes_the_job_and_pays_once() {
     let (net, job, _) = restart_mid_job(false);
@@ -842,21 +930,64 @@ fn a_relay_restarted_mid_job_completes_the_job_and_pays_once() {
 
     let (mut net, job, held) = restart_mid_job(true);
     assert_paid_once(&net, job);
-    // Restarted again, the relay has forgotten the result's nonce, but the lease has its
-    // result: the same bytes are refused as a duplicate, and the finished job stays quiet.
+    // Restarted again, the relay has forgotten the result's nonce, but the lease is settled:
+    // the same bytes (a node that missed its receipt sends its result again) are answered with
+    // the same receipt, nothing is paid twice, and the finished job stays quiet.
     net.restart_relay(RelayConfig::default(), 9);
     assert_eq!(net.relay.poll_timeout(), None, "a finished job sets no timer");
     assert!(net.relay.poll_event().is_none() && net.relay.poll_transmit().is_none());
     net.relay.handle_message(net.now, Some(net.nodes[0].id()), &held[0]);
     let events: Vec<RelayEvent> = std::iter::from_fn(|| net.relay.poll_event()).collect();
-    assert!(
-        matches!(&events[..], [RelayEvent::Rejected { reason, .. }]
-            if reason.to_string().contains("duplicate result")),
-        "{events:?}"
-    );
-    assert!(net.relay.poll_transmit().is_none(), "no second receipt");
+    assert!(events.is_empty(), "{events:?}");
+    let answers: Vec<Transmit> = std::iter::from_fn(|| net.relay.poll_transmit()).collect();
+    let [Transmit::Direct { to, bytes }] = &answers[..] else { panic!("{answers:?}") };
+    assert_eq!(*to, net.nodes[0].id());
+    let mut verifier = aimatrix_protocol::envelope::Verifier::new(VerifyConfig::default());
+    let opened = messages::open(&mut verifier, net.now, bytes, &[Domain::Receipt]).unwrap();
+    let Message::Receipt(receipt) = opened.1 else { panic!("{opened:?}") };
+    assert_eq!((receipt.job_id, receipt.verdict), (job, Verdict::Paid { amount: 10 }));
     net.settle();
     assert_paid_once(&net, job);
+}
+
+/// The relay crashed after the ledger paid a result and before its receipt left: the node,
+/// with no receipt after `receipt_ask_after_ms`, sends its result again, and the restarted
+/// relay answers with the receipt it never sent. Paid once, and the node stops asking.
+#[test]
+fn a_receipt_cut_by_a_relay_crash_reaches_the_node_when_it_asks_again() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 5_000 }; 2]);
+    let job = net.post(testkit::batch_spec(10));
+    let (finish_at, i, job_id, lease) = net.running.pop().unwrap();
+    net.now = finish_at;
+    net.nodes[i].finish(net.now, job_id, lease, right_output(), Usage::default()).unwrap();
+    let from = Some(net.nodes[i].id());
+    while let Some(t) = net.nodes[i].poll_transmit() {
+        net.relay.handle_message(net.now, from, t.bytes());
+    }
+    while let Some(e) = net.relay.poll_event() {
+        net.on_relay_event(e);
+    }
+    assert!(matches!(net.relay.job(&job).unwrap().state, JobState::Completed { .. }));
+    assert_eq!(net.balance(0), 10, "the ledger paid");
+    let cut = std::iter::from_fn(|| net.relay.poll_transmit()).count();
+    assert!(cut > 0, "the receipt was to go out now");
+    net.restart_relay(RelayConfig::default(), 8);
+    assert_eq!(net.paid_receipts(0), 0, "the node has no receipt yet");
+
+    let asked_from = net.now;
+    for _ in 0..10 {
+        net.tick();
+    }
+    assert_paid_once(&net, job);
+    let asked_after = net.now - asked_from;
+    assert!(asked_after >= NodeConfig::default().receipt_ask_after_ms, "{asked_after} ms");
+    let receipts = net.node_events.iter();
+    let receipts = receipts.filter(|(_, e)| matches!(e, NodeEvent::ReceiptReceived { .. }));
+    assert_eq!(receipts.count(), 1, "one receipt");
+    assert!(
+        net.nodes[0].poll_timeout() > Some(net.now + 60_000),
+        "no more asks once it came (next timer: the advert)"
+    );
 }
 
 #[test]
@@ -889,7 +1020,7 @@ fn a_job_restored_while_reserving_asks_for_the_same_reservation_again() {
     let job = net.relay.post_job(net.now, REQUESTER, testkit::batch_spec(10)).unwrap();
     // The driver applies the reservation; the relay stops before it is confirmed.
     let Some(RelayEvent::Ledger(reserve)) = net.relay.poll_event() else { panic!("no reserve") };
-    net.ledger.apply_instruction(&reserve).unwrap();
+    net.ledger.apply(Op::from(&reserve), &mut net.entries).unwrap();
     net.relay_events.push(RelayEvent::Ledger(reserve.clone()));
     // A changed margin must not change the op: the ledger refuses an id reused differently.
     let cfg = RelayConfig { reserve_margin_ms: 1, ..RelayConfig::default() };
@@ -1022,7 +1153,7 @@ fn nodes_named_in_a_recent_offer_are_not_named_for_the_next_one() {
         let job = net.relay.post_job(net.now, REQUESTER, testkit::batch_spec(10)).unwrap();
         while let Some(e) = net.relay.poll_event() {
             if let RelayEvent::Ledger(op) = e {
-                net.ledger.apply_instruction(&op).unwrap();
+                net.ledger.apply(Op::from(&op), &mut net.entries).unwrap();
                 net.relay.reserve_confirmed(net.now, job).unwrap();
             }
         }

@@ -1,12 +1,12 @@
 //! Claims, leases and results: who may run a job, and what a returned lease means.
 
-use super::{training, JobState, LeaseRecord, LeaseStatus, RelayCore, RelayEvent};
+use super::{training, JobState, LeaseRecord, LeaseStatus, RelayCore, RelayEvent, RelayJob};
 use crate::envelope::Domain;
 use crate::identity::NodeId;
 use crate::matching::{self, Mismatch};
 use crate::messages::{
-    Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Outcome, Refusal,
-    RejectReason, RoundLease, Verdict, TAKEN_HINT_MAX,
+    Cancel, Claim, DenyReason, JobId, JobResult, Lease, LeaseDenied, Message, Outcome, Receipt,
+    Refusal, RejectReason, RoundLease, Verdict, TAKEN_HINT_MAX,
 };
 use crate::time::{secs, Millis};
 
@@ -235,22 +235,24 @@ impl RelayCore {
         }
         let round = lease.round;
         if lease.status != LeaseStatus::Active {
-            let reason = match lease.status {
-                LeaseStatus::Expired => "result arrived after the lease expired",
-                LeaseStatus::Cancelled => "lease was cancelled before the result arrived",
-                _ => {
-                    let why = Refusal::DuplicateResult { job_id, lease: lease_no };
-                    return self.reject(Some(node), RejectReason::Refused(why));
-                }
-            };
-            return self.receipt(
-                now,
-                job_id,
-                lease_no,
-                node,
-                round,
-                Verdict::Rejected { reason: reason.into() },
+            // A result for a lease that already has one, or that ended: a node that missed its
+            // receipt (lost in transit, or cut by a relay crash) sends its result again. A
+            // settled lease is answered with its verdict again; nothing changes. One whose job
+            // or round has not settled yet gets its receipt when that happens.
+            let asked_again = matches!(
+                (&lease.status, &r.outcome),
+                (LeaseStatus::Returned(held), Outcome::Succeeded { result_hash, .. })
+                    if held == result_hash
             );
+            let Some(verdict) = settled_verdict(job, lease_no, self.cfg.fee_bps) else {
+                if asked_again {
+                    return;
+                }
+                let why = Refusal::DuplicateResult { job_id, lease: lease_no };
+                return self.reject(Some(node), RejectReason::Refused(why));
+            };
+            let receipt = Receipt { job_id, lease: lease_no, node, round, verdict };
+            return self.send(now, node, &Message::Receipt(receipt));
         }
         if now >= lease.deadline_ms {
             lease.status = LeaseStatus::Expired;
@@ -315,4 +317,39 @@ impl RelayCore {
         }
         self.after_slot_change(now, job_id);
     }
+}
+
+/// The verdict on lease number `lease` of `job` once it is settled: paid, or why not. `None` while its result waits
+/// for the job's replicas or the training round to close. A paid amount is the reward less
+/// the relay's current fee, the amount the ledger was told to pay unless `fee_bps` changed
+/// between the payment and this answer.
+fn settled_verdict(job: &RelayJob, lease: u32, fee_bps: u16) -> Option<Verdict> {
+    let lease = job.leases.get(&lease)?;
+    if lease.paid {
+        let (amount, _) = super::split_fee(job.spec.reward, fee_bps);
+        return Some(Verdict::Paid { amount });
+    }
+    let reason = match &lease.status {
+        LeaseStatus::Active => return None,
+        LeaseStatus::Expired => "result arrived after the lease expired".to_owned(),
+        LeaseStatus::Cancelled => "lease was cancelled before the result arrived".to_owned(),
+        LeaseStatus::Failed(reason) => format!("not paid: {reason}"),
+        LeaseStatus::Returned(_) => {
+            let round_closed = match (lease.round, &job.training) {
+                (Some(round), Some(t)) => round < t.round,
+                _ => false,
+            };
+            match &job.state {
+                JobState::Failed { reason } => format!("job failed: {reason}"),
+                JobState::Refused { reason } => format!("job refused: {reason}"),
+                _ if round_closed => "update not accepted by the aggregation".to_owned(),
+                JobState::Completed { .. } if job.training.is_none() => {
+                    "result disagrees with the result the replicas agreed on".to_owned()
+                }
+                JobState::Completed { .. } => "update not accepted by the aggregation".to_owned(),
+                JobState::Reserving | JobState::Open => return None,
+            }
+        }
+    };
+    Some(Verdict::Rejected { reason })
 }

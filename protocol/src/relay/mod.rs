@@ -19,6 +19,7 @@
 //! out and whom it names first), [`training`] (rounds) and `restore` (jobs after a restart).
 
 mod announce;
+pub mod books;
 mod claims;
 mod jobs;
 mod restore;
