@@ -12,7 +12,7 @@ use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::job::{ContentRef, JobSpec};
 use aimatrix_protocol::messages::JobId;
 use studio_relay::api::types::{
-    JobView, MintRequest, OutputView, PostJobRequest, RelayStatusView, TransferView,
+    AuditView, JobView, MintRequest, OutputView, PostJobRequest, RelayStatusView, TransferView,
 };
 use studio_relay::api::{self, ApiCommand, ApiError, ApiState};
 use studio_relay::client::{ClientError, RelayClient};
@@ -52,7 +52,7 @@ impl Relay {
             .build()
             .unwrap();
         let (commands, rx) = tokio::sync::mpsc::channel(16);
-        runtime.spawn(fake_driver(rx, seen.clone()));
+        runtime.spawn(fake_driver(rx, seen.clone(), ledger.clone()));
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
@@ -119,8 +119,13 @@ fn completed_view(stdout_sha256: &str) -> JobView {
     }
 }
 
-/// Answers like the relay driver: account `poor` cannot pay; the one job is completed.
-async fn fake_driver(mut rx: tokio::sync::mpsc::Receiver<ApiCommand>, seen: Arc<Mutex<Seen>>) {
+/// Answers like the relay driver: account `poor` cannot pay; the one job is completed; the
+/// audit is the ledger's own (there is no job store).
+async fn fake_driver(
+    mut rx: tokio::sync::mpsc::Receiver<ApiCommand>,
+    seen: Arc<Mutex<Seen>>,
+    ledger: Arc<Ledger>,
+) {
     while let Some(command) = rx.recv().await {
         match command {
             ApiCommand::PostJob { req, reply } => {
@@ -158,6 +163,10 @@ async fn fake_driver(mut rx: tokio::sync::mpsc::Receiver<ApiCommand>, seen: Arc<
                     ledger_expired: 0,
                     halted: None,
                 });
+            }
+            ApiCommand::Audit { reply } => {
+                let report = tokio::task::block_in_place(|| ledger.audit_open()).unwrap();
+                let _ = reply.send(Ok(AuditView::new(report, None)));
             }
         }
     }

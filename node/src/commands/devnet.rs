@@ -493,9 +493,20 @@ fn available(balance: &Value) -> String {
 }
 
 fn summarize_audit(report: &Value) -> String {
-    match report.get("problems").and_then(Value::as_array) {
-        Some(p) if p.is_empty() => "clean".to_owned(),
-        Some(p) => format!("{} problem(s): {}", p.len(), Value::Array(p.clone())),
+    let list = |key: &str| report.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let (problems, disagreements) = (list("problems"), list("disagreements"));
+    match report.get("clean").and_then(Value::as_bool) {
+        Some(true) => match report.get("jobs").and_then(Value::as_u64) {
+            Some(jobs) => format!("clean ({jobs} job records agree with the ledger)"),
+            None => "clean".to_owned(),
+        },
+        Some(false) => format!(
+            "{} problem(s) in the ledger: {}; {} disagreement(s) with the job store: {}",
+            problems.len(),
+            Value::Array(problems),
+            disagreements.len(),
+            Value::Array(disagreements)
+        ),
         None => report.to_string(),
     }
 }

@@ -45,7 +45,7 @@ impl LedgerJob {
 }
 
 /// Every job's money as the ledger recorded it, gathered entry by entry.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LedgerBooks {
     jobs: BTreeMap<JobId, LedgerJob>,
     /// The job of each reservation, for expiries (which name only the reservation).
@@ -118,8 +118,9 @@ impl LedgerBooks {
         for job in jobs {
             seen.insert(job.id);
             let ledger = self.jobs.get(&job.id).cloned().unwrap_or_default();
+            let lasting = job.state.is_final();
             for what in disagreements(job, &ledger) {
-                out.push(Disagreement { job_id: job.id, what });
+                out.push(Disagreement { job_id: job.id, what, lasting });
             }
         }
         for (job_id, ledger) in &self.jobs {
@@ -141,10 +142,10 @@ impl LedgerBooks {
                     ),
                     None => format!("no job record explains {paid} credits paid from its escrow"),
                 };
-                out.push(Disagreement { job_id: *job_id, what });
+                out.push(Disagreement { job_id: *job_id, what, lasting: true });
             }
         }
-        out.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        out.sort_by_key(|d| d.job_id);
         out
     }
 }
@@ -242,6 +243,10 @@ pub struct Disagreement {
     pub job_id: JobId,
     /// What differs, with both books' numbers.
     pub what: String,
+    /// Whether it stays as it is: the job has ended, or there is no record of it. Otherwise
+    /// the job is still open and its settlement may yet bring the books together (a
+    /// reservation the ledger voided by its safety expiry while the relay was down, say).
+    pub lasting: bool,
 }
 
 impl fmt::Display for Disagreement {

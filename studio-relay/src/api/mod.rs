@@ -100,6 +100,12 @@ pub enum ApiCommand {
         /// The answer.
         reply: oneshot::Sender<RelayStatusView>,
     },
+    /// The ledger's audit, cross-checked with the job store between two steps of the relay,
+    /// when both books are up to date with each other.
+    Audit {
+        /// The answer.
+        reply: oneshot::Sender<Result<AuditView, ApiError>>,
+    },
 }
 
 /// Why an API request failed; each maps to an HTTP status. Messages say what to do.
@@ -404,8 +410,7 @@ async fn history(
 }
 
 async fn audit(State(state): State<ApiState>) -> Result<Json<AuditView>, ApiError> {
-    let ledger = state.ledger.clone();
-    blocking(move || Ok(AuditView::from(ledger.audit_open()?))).await.map(Json)
+    ask(&state, |reply| ApiCommand::Audit { reply }).await?.map(Json)
 }
 
 /// Every transfer, oldest first, as JSON lines (the same objects `ledger export --format json`

@@ -11,6 +11,7 @@ use aimatrix_training::TrainingParamsExt;
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{Account, AuditReport, Entry, LegKind, Op};
+use crate::store::CrossCheck;
 
 /// `POST /v1/jobs`: a job to post, charged to `account`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -497,18 +498,31 @@ pub struct AuditView {
     pub accounts: usize,
     /// Reservations still open.
     pub open_reservations: usize,
-    /// Each discrepancy.
+    /// Each discrepancy within the ledger.
     pub problems: Vec<String>,
+    /// Job records cross-checked with the ledger; absent when there was no job store.
+    #[serde(default)]
+    pub jobs: Option<usize>,
+    /// Each disagreement between the job store and the ledger (`job <id>: ...`).
+    #[serde(default)]
+    pub disagreements: Vec<String>,
 }
 
-impl From<AuditReport> for AuditView {
-    fn from(r: AuditReport) -> Self {
+impl AuditView {
+    /// The ledger's own audit and, if a job store was read, how it disagrees with the ledger.
+    pub fn new(r: AuditReport, check: Option<CrossCheck>) -> Self {
+        let jobs = check.as_ref().map(|c| c.jobs);
+        let disagreements: Vec<String> = check
+            .map(|c| c.disagreements.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
         Self {
-            clean: r.problems.is_empty(),
+            jobs,
+            clean: r.problems.is_empty() && disagreements.is_empty(),
             entries: r.entries,
             accounts: r.accounts,
             open_reservations: r.open_reservations,
             problems: r.problems,
+            disagreements,
         }
     }
 }

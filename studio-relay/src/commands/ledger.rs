@@ -16,6 +16,7 @@ use studio_relay::api::types::{AuditView, BalanceView, MintRequest, MintView, Tr
 use studio_relay::api::ApiArg;
 use studio_relay::client::RelayClient;
 use studio_relay::ledger::{Ledger, LedgerError, Op, OpError};
+use studio_relay::store::JobStore;
 
 /// Work on the credit ledger.
 ///
@@ -262,7 +263,7 @@ fn history(target: &Target, account: &str, limit: usize, json: bool) -> anyhow::
 
 fn audit(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
     let report = match target {
-        Target::Dir(dir) => AuditView::from(Ledger::audit(dir)?),
+        Target::Dir(dir) => offline_audit(dir)?,
         Target::Api(client) => client.audit()?,
     };
     let clean = report.clean;
@@ -273,16 +274,44 @@ fn audit(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
         writeln!(
             stdout,
             "clean: {} transfers replayed, {} accounts match, {} reservations open, \
-             debits equal credits",
-            report.entries, report.accounts, report.open_reservations
+             debits equal credits{}",
+            report.entries,
+            report.accounts,
+            report.open_reservations,
+            report.jobs.map_or_else(String::new, |n| format!(", {n} job records agree"))
         )?;
     } else {
-        writeln!(stdout, "{} discrepancies:", report.problems.len())?;
-        for p in &report.problems {
-            writeln!(stdout, "  {p}")?;
+        if !report.problems.is_empty() {
+            writeln!(stdout, "{} discrepancies in the ledger:", report.problems.len())?;
+            for p in &report.problems {
+                writeln!(stdout, "  {p}")?;
+            }
+        }
+        if !report.disagreements.is_empty() {
+            writeln!(
+                stdout,
+                "{} disagreements between the job store and the ledger:",
+                report.disagreements.len()
+            )?;
+            for d in &report.disagreements {
+                writeln!(stdout, "  {d}")?;
+            }
         }
     }
     Ok(if clean { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The ledger's audit in `dir`, cross-checked with the job store beside it (`../jobs`) when
+/// there is one.
+fn offline_audit(dir: &Path) -> anyhow::Result<AuditView> {
+    let report = Ledger::audit(dir)?;
+    let jobs_dir = dir.parent().map(|d| d.join("jobs")).filter(|d| d.join("db").exists());
+    let Some(jobs_dir) = jobs_dir else {
+        eprintln!("no job store beside {}: the ledger is audited on its own", dir.display());
+        return Ok(AuditView::new(report, None));
+    };
+    let check = JobStore::open(&jobs_dir)?.cross_check(&report.books)?;
+    Ok(AuditView::new(report, Some(check)))
 }
 
 fn export(target: &Target, format: ExportFormat) -> anyhow::Result<ExitCode> {

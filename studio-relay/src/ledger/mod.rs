@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use aimatrix_protocol::ledger::LedgerOp;
+use aimatrix_protocol::relay::books::LedgerBooks;
 
 pub use aimatrix_protocol::ledger::{
     add_leg, Account, Applied, Closed, Entry, LedgerState, Leg, LegKind, Op, OpError, Reservation,
@@ -94,6 +95,8 @@ pub struct AuditReport {
     pub open_reservations: usize,
     /// Every discrepancy, one line each; empty when clean.
     pub problems: Vec<String>,
+    /// Each job's money as the log records it, for [`crate::store::JobStore::cross_check`].
+    pub books: LedgerBooks,
 }
 
 impl From<store::Scan> for AuditReport {
@@ -108,6 +111,7 @@ impl From<store::Scan> for AuditReport {
                 .filter(|r| r.closed == Closed::Open)
                 .count(),
             problems: scan.problems,
+            books: scan.books,
         }
     }
 }

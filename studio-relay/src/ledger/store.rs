@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::LedgerError;
-use super::{Account, Entry, LedgerState};
+use super::{Account, Entry, LedgerBooks, LedgerState};
 
 /// Layout version stored under `m/format`.
 const FORMAT: &[u8] = b"aimatrix-ledger/1";
@@ -163,6 +163,8 @@ pub(crate) struct Scan {
     pub(crate) problems: Vec<String>,
     /// Entries read.
     pub(crate) entries: u64,
+    /// Each job's money as the entries read record it, for the cross-check with the job store.
+    pub(crate) books: LedgerBooks,
 }
 
 /// Replays the log and checks it against the stored accounts, the stored head, the head file
@@ -176,6 +178,7 @@ pub(crate) fn scan(db: &sled::Db, paths: &Paths, was_recovered: bool) -> Scan {
     let file_heads = read_head_file(&paths.head);
     let wanted: Vec<u64> = file_heads.iter().map(|h| h.seq).collect();
     let mut entries = 0;
+    let mut books = LedgerBooks::default();
     match db.get(KEY_FORMAT) {
         Ok(Some(v)) if v.as_ref() == FORMAT => {}
         Ok(Some(v)) => problems.push(format!(
@@ -219,6 +222,7 @@ pub(crate) fn scan(db: &sled::Db, paths: &Paths, was_recovered: bool) -> Scan {
             problems.push(why);
             break;
         }
+        books.add_entry(&record.entry);
         for l in &record.entry.legs {
             super::add_leg(&mut sums, l);
         }
@@ -241,7 +245,7 @@ pub(crate) fn scan(db: &sled::Db, paths: &Paths, was_recovered: bool) -> Scan {
     check_accounts(db, &state, &sums, &mut problems);
     problems.extend(state.violations());
     check_head_file(&file_heads, &chains_at, head, was_recovered, &mut problems);
-    Scan { state, head, problems, entries }
+    Scan { state, head, problems, entries, books }
 }
 
 fn check_accounts(

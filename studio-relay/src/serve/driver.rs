@@ -17,7 +17,7 @@ use aimatrix_protocol::relay::{RelayCore, RelayEvent, RelayJob};
 use aimatrix_protocol::time::Millis;
 use aimatrix_protocol::Transmit;
 use libp2p::{Multiaddr, PeerId};
-use studio_relay::api::types::{JobView, RelayStatusView};
+use studio_relay::api::types::{AuditView, JobView, RelayStatusView};
 use studio_relay::api::{ApiCommand, ApiError};
 use studio_relay::ledger::{Ledger, LedgerError, Op, OpError};
 use studio_relay::store::{BlobStore, JobRecord, JobStore, KeyedPost};
@@ -85,6 +85,8 @@ enum Waiting {
     Jobs { reply: oneshot::Sender<Vec<JobView>> },
     /// The relay's status.
     Status { reply: oneshot::Sender<RelayStatusView> },
+    /// The ledger's audit, cross-checked with the job store.
+    Audit { reply: oneshot::Sender<Result<AuditView, ApiError>> },
 }
 
 /// The relay driver.
@@ -167,12 +169,23 @@ impl Relay {
         }
     }
 
-    /// Puts every unfinished job of the job store back into the core.
-    pub(crate) fn restore(&mut self) -> anyhow::Result<()> {
+    /// Puts every unfinished job of the job store back into the core, and the most recently
+    /// posted finished ones (up to [`FINISHED_IN_MEMORY`]), so a node that missed a receipt
+    /// before the restart gets it when it sends its result again.
+    pub(crate) fn restore(&mut self, accept_disagreements: bool) -> anyhow::Result<()> {
         self.reconcile()?;
+        self.check_books(accept_disagreements)?;
         let now = now_ms();
-        let mut restored = 0;
-        for record in self.jobs.unfinished()? {
+        let mut records = self.jobs.list()?;
+        records.sort_by_key(|r| std::cmp::Reverse(r.posted_at_ms));
+        let (mut restored, mut finished) = (0, 0);
+        for record in records {
+            if record.final_state {
+                if finished >= FINISHED_IN_MEMORY {
+                    continue;
+                }
+                finished += 1;
+            }
             let job: RelayJob = codec::decode(&record.snapshot).map_err(|e| {
                 anyhow::anyhow!(
                     "job record {} in the job store cannot be read ({e}); move the relay's jobs \
@@ -181,9 +194,11 @@ impl Relay {
                 )
             })?;
             self.outputs.insert(record.id, record.outputs.clone());
+            if !record.final_state {
+                self.dirty.insert(record.id);
+                restored += 1;
+            }
             self.core.restore_job(now, job)?;
-            self.dirty.insert(record.id);
-            restored += 1;
         }
         if restored > 0 {
             tracing::info!("restored {restored} unfinished job(s) from the job store");
@@ -251,6 +266,44 @@ impl Relay {
             );
         }
         Ok(())
+    }
+
+    /// Cross-checks the job store with the ledger once reconciliation is done: a job that
+    /// ended must have been paid and refunded exactly as its record says, and no credits may
+    /// have moved for a job without a record. Such a disagreement stops the relay (unless
+    /// `accept` says the operator has seen them), with each one and what to do; one about a
+    /// job still open is logged, as its settlement may yet bring the books together.
+    fn check_books(&self, accept: bool) -> anyhow::Result<()> {
+        let report = self.ledger.audit_open()?;
+        let check = self.jobs.cross_check(&report.books)?;
+        let (lasting, open): (Vec<_>, Vec<_>) =
+            check.disagreements.into_iter().partition(|d| d.lasting);
+        for d in &open {
+            tracing::warn!("the job store and the ledger disagree on an open job: {d}");
+        }
+        if lasting.is_empty() {
+            return Ok(());
+        }
+        for d in &lasting {
+            tracing::error!("the job store and the ledger disagree: {d}");
+        }
+        if accept {
+            tracing::warn!(
+                "starting anyway (--accept-disagreements): {} disagreement(s) stay in the books",
+                lasting.len()
+            );
+            return Ok(());
+        }
+        let shown: Vec<String> = lasting.iter().take(5).map(ToString::to_string).collect();
+        anyhow::bail!(
+            "the job store and the ledger disagree on {} point(s), which no restart can settle: \
+             {}{}. Nothing was changed. Look at every one with `studio-relay ledger audit \
+             --data-dir DIR`; restore the ledger and jobs directories from the same backup, or \
+             start with `serve --accept-disagreements` to run on with them recorded",
+            lasting.len(),
+            shown.join("; "),
+            if lasting.len() > shown.len() { "; ..." } else { "" }
+        )
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -475,6 +528,7 @@ impl Relay {
                 self.waiting.push(Waiting::Cancel { result, reply });
             }
             ApiCommand::Status { reply } => self.waiting.push(Waiting::Status { reply }),
+            ApiCommand::Audit { reply } => self.waiting.push(Waiting::Audit { reply }),
         }
     }
 
@@ -609,6 +663,9 @@ impl Relay {
                 }
                 Waiting::Status { reply } => {
                     let _ = reply.send(self.status_view());
+                }
+                Waiting::Audit { reply } => {
+                    let _ = reply.send(self.audit());
                 }
             }
         }
@@ -958,6 +1015,20 @@ impl Relay {
                 None
             }
         }
+    }
+
+    /// The ledger's audit and the job store's cross-check with it, at the end of a step, when
+    /// every job record and ledger instruction of the step is recorded. The loop waits for
+    /// the scan of both (for a large ledger, a second or more).
+    fn audit(&self) -> Result<AuditView, ApiError> {
+        tokio::task::block_in_place(|| {
+            let report = self.ledger.audit_open()?;
+            let check = self
+                .jobs
+                .cross_check(&report.books)
+                .map_err(|e| ApiError::Internal(format!("cannot read the job store: {e}")))?;
+            Ok(AuditView::new(report, Some(check)))
+        })
     }
 
     fn job_view(&self, id: &JobId) -> Option<JobView> {

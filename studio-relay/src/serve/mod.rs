@@ -51,6 +51,11 @@ pub(crate) struct ServeArgs {
     /// How often an open job with free slots is announced again.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     reannounce_s: u64,
+    /// Start even if the job store and the ledger disagree on a job that has ended (each
+    /// disagreement is logged). Without it such a relay refuses to start and lists them; use
+    /// it once you have looked at them with `studio-relay ledger audit --data-dir DIR`
+    #[arg(long)]
+    accept_disagreements: bool,
 }
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -112,7 +117,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         let api_task = tokio::spawn(api::serve(api_listener, api_state, shutdown.clone()));
 
         let mut relay = driver::Relay::new(core, net.clone(), ledger, blobs, jobs, address);
-        relay.restore()?;
+        relay.restore(args.accept_disagreements)?;
         let stop = shutdown.clone();
         tokio::spawn(async move {
             aimatrix_cli_support::shutdown_signal().await;

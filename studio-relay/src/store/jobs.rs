@@ -10,6 +10,8 @@ use aimatrix_protocol::codec;
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::ledger::LedgerOp;
 use aimatrix_protocol::messages::{JobId, OutputDigest};
+use aimatrix_protocol::relay::books::{Disagreement, LedgerBooks};
+use aimatrix_protocol::relay::RelayJob;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 
@@ -31,6 +33,15 @@ pub struct JobRecord {
     pub final_state: bool,
     /// The outputs each lease reported, by lease number.
     pub outputs: BTreeMap<u32, Vec<OutputDigest>>,
+}
+
+/// The job store checked against the ledger ([`JobStore::cross_check`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CrossCheck {
+    /// Job records read.
+    pub jobs: usize,
+    /// Every disagreement, in job order; empty when the books agree.
+    pub disagreements: Vec<Disagreement>,
 }
 
 /// Why the job store failed.
@@ -287,6 +298,31 @@ impl JobStore {
         }
         out.sort_by(|a, b| b.posted_at_ms.cmp(&a.posted_at_ms).then(a.id.cmp(&b.id)));
         Ok(out)
+    }
+    /// Every job record, decoded: the core's jobs as last stored.
+    pub fn jobs(&self) -> Result<Vec<RelayJob>, JobStoreError> {
+        let mut out = Vec::new();
+        for record in self.list()? {
+            let job = codec::decode(&record.snapshot).map_err(|e| JobStoreError::Corrupt {
+                path: self.path.clone(),
+                job: record.id.to_string(),
+                detail: format!("its job snapshot does not decode: {e}"),
+            })?;
+            out.push(job);
+        }
+        Ok(out)
+    }
+
+    /// Every way the job records disagree with `books` (the ledger's, from its audit). The
+    /// outbox's instructions count as applied: the relay applies them at its next start, and
+    /// an instruction the ledger already holds counts once.
+    pub fn cross_check(&self, books: &LedgerBooks) -> Result<CrossCheck, JobStoreError> {
+        let mut books = books.clone();
+        for (_, op) in self.outbox()? {
+            books.add_pending(&op);
+        }
+        let jobs = self.jobs()?;
+        Ok(CrossCheck { jobs: jobs.len(), disagreements: books.check(&jobs) })
     }
 
     /// The records of jobs that have not ended, newest first.

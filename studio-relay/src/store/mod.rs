@@ -15,4 +15,4 @@ mod blobs;
 mod jobs;
 
 pub use blobs::{BlobError, BlobStore, BLOB_BYTES_MAX};
-pub use jobs::{JobRecord, JobStore, JobStoreError, KeyedPost, JOB_RECORD_BYTES_MAX};
+pub use jobs::{CrossCheck, JobRecord, JobStore, JobStoreError, KeyedPost, JOB_RECORD_BYTES_MAX};

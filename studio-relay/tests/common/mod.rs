@@ -22,9 +22,15 @@ impl Serve {
     /// Starts the relay on `data` (logging at `info` to `log`) and returns once it printed its
     /// address, that is once its API listens.
     pub(crate) fn start(data: &Path, log: &Path) -> Self {
+        Self::start_with(data, log, &[])
+    }
+
+    /// [`Serve::start`] with more `serve` arguments.
+    pub(crate) fn start_with(data: &Path, log: &Path, args: &[&str]) -> Self {
         let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_studio-relay"))
             .args(["serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api.to_string()])
+            .args(args)
             .arg("--data-dir")
             .arg(data)
             .env("RUST_LOG", "info")
