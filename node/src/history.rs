@@ -264,6 +264,31 @@ fn push_bounded(recent: &mut VecDeque<RunRecord>, record: RunRecord) {
     recent.push_back(record);
 }
 
+/// Every receipt in `data_dir`'s receipts file, read without changing it (a running node may be
+/// appending): an unreadable or unfinished line is skipped with a warning.
+pub(crate) fn read_receipts(data_dir: &Path) -> anyhow::Result<Vec<ReceiptRecord>> {
+    let path = data_dir.join(RECEIPTS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut out = Vec::new();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    for (i, line) in complete.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(record) => out.push(record),
+            Err(e) => {
+                tracing::warn!("{}:{}: skipped an unreadable record: {e}", path.display(), i + 1)
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// One record as one line, in one write, then fsync.
 fn append<T: Serialize>(file: &mut File, record: &T) -> io::Result<()> {
     let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;

@@ -801,6 +801,100 @@ fn a_job_survives_a_relay_restart_and_is_paid_once() {
     net.assert_books_balance(&[]);
 }
 
+/// Posts `job` for `studio` under idempotency `key` through `studio-relay job post`, running it
+/// again with the same key until the relay answers with a job id (a requester that retries);
+/// returns the id.
+fn post_until_accepted(relay_api: &str, job: &Path, key: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let output = Command::new(binary("studio-relay"))
+            .args(["job", "post", path_str(job), "--json", "--idempotency-key", key])
+            .env("AIMATRIX_RELAY_API", relay_api)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if output.status.success() {
+            let posted = parse_json(&String::from_utf8_lossy(&output.stdout));
+            return posted["job_id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "post {key} never succeeded: {}", show(&output));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The relay SIGKILLed at 20 random moments while four requesters post 40 jobs with
+/// idempotency keys (retrying each until it is accepted) and three nodes run them and return
+/// results (issue 22). Afterwards every post exists exactly once, every job has ended, no
+/// reservation is left open, each node's receipts equal what the ledger paid it
+/// (`aimatrix-node earnings --check`), and the audit that cross-checks the job store with the
+/// ledger is clean.
+#[test]
+fn the_books_agree_after_twenty_relay_kills_under_load() {
+    const KILLS: usize = 20;
+    const REQUESTERS: usize = 4;
+    const POSTS_EACH: usize = 10;
+    let mut net = Net::start(Setup {
+        nodes: 3,
+        lease_grace_s: Some(2),
+        fixed_relay_port: true,
+        ..Setup::default()
+    });
+    let job = net.batch_stats_job("stats", 1);
+    let mut seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    eprintln!("kill schedule seed: {seed}");
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let requesters: Vec<_> = (0..REQUESTERS)
+        .map(|r| {
+            let (api, job) = (net.relay_api.clone(), job.clone());
+            std::thread::spawn(move || {
+                let keys = (0..POSTS_EACH).map(|n| format!("requester-{r}-post-{n}"));
+                keys.map(|key| post_until_accepted(&api, &job, &key)).collect::<Vec<String>>()
+            })
+        })
+        .collect();
+    for _ in 0..KILLS {
+        std::thread::sleep(Duration::from_millis(200 + next() % 1300));
+        net.kill_relay();
+        net.start_relay();
+    }
+    let mut posted: Vec<String> = requesters.into_iter().flat_map(|r| r.join().unwrap()).collect();
+    assert_eq!(posted.len(), REQUESTERS * POSTS_EACH);
+    posted.sort();
+    posted.dedup();
+    assert_eq!(posted.len(), REQUESTERS * POSTS_EACH, "each post made its own job");
+
+    for id in &posted {
+        let view = net.wait_for_end(id);
+        assert!(matches!(view["state"].as_str(), Some("completed" | "failed")), "{view}");
+    }
+    let listed = net.relay_ok(&["job", "list", "--json"]);
+    let mut listed: Vec<String> =
+        listed.lines().map(|l| parse_json(l)["id"].as_str().unwrap().to_owned()).collect();
+    listed.sort();
+    assert_eq!(listed, posted, "the relay holds exactly the jobs its requesters were told of");
+    for (i, node) in net.nodes.iter().enumerate() {
+        let data_dir = path_str(&node.data_dir).to_owned();
+        wait_for(&format!("node-{i}'s receipts to equal its ledger credits"), || {
+            let args = ["earnings", "--check", &net.relay_api, "--data-dir", &data_dir, "--json"];
+            let output = net.run("aimatrix-node", &args);
+            let view = parse_json(&String::from_utf8_lossy(&output.stdout));
+            (view["check"]["agrees"] == true).then_some(())
+        });
+    }
+    let audit = net.relay_json(&["ledger", "audit", "--json"]);
+    assert_eq!(audit["open_reservations"], 0, "{audit}");
+    assert_eq!(audit["jobs"], posted.len(), "{audit}");
+    net.assert_books_balance(&[]);
+    let kills = net.relay_starts - 1;
+    eprintln!("{kills} kills; jobs: {}", posted.len());
+}
+
 /// A libp2p peer started by the test with a key of its own, to send forged messages.
 struct Forger {
     runtime: tokio::runtime::Runtime,

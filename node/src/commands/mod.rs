@@ -3,6 +3,7 @@
 pub(crate) mod compute;
 pub(crate) mod detect;
 pub(crate) mod devnet;
+pub(crate) mod earnings;
 pub(crate) mod exec;
 pub(crate) mod status;
 pub(crate) mod workloads;

@@ -54,6 +54,11 @@ enum JobCommand {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Post under this idempotency key (1 to 128 bytes) instead of a fresh one: a script
+        /// that runs `job post` again after it gave up passes the same key, and the relay
+        /// answers with the job the first attempt made, if it made one
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// Show a job: state, attempts, leases, and the reasons when no node can serve it.
     Status {
@@ -90,8 +95,9 @@ enum JobCommand {
 pub(crate) fn run(args: JobArgs) -> anyhow::Result<ExitCode> {
     let client = RelayClient::new(args.api.addr);
     match args.command {
-        JobCommand::Post { job, inputs, account, wait, json } => {
-            post(&client, &job, &inputs, &account, wait, json)
+        JobCommand::Post { job, inputs, account, wait, json, idempotency_key: key } => {
+            let key = key.unwrap_or_else(idempotency_key);
+            post(&client, &job, &inputs, &account, &key, wait, json)
         }
         JobCommand::Status { id, json } => status(&client, &id, json),
         JobCommand::List { json } => list(&client, json),
@@ -151,6 +157,7 @@ fn post(
     job: &Path,
     extra_inputs: &[PathBuf],
     account: &str,
+    key: &str,
     wait: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -168,7 +175,7 @@ fn post(
         &PostJobRequest {
             spec,
             account: account.to_owned(),
-            idempotency_key: Some(idempotency_key()),
+            idempotency_key: Some(key.to_owned()),
         },
     )?;
     if !wait {
