@@ -40,6 +40,9 @@ struct Setup {
     manual: bool,
     /// The relay listens on a port chosen up front, so it can be restarted on the same address.
     fixed_relay_port: bool,
+    /// The relay's data directory is a tmpfs of these mount options (`size=32m`), mounted in
+    /// a user and mount namespace of its own that outlives relay restarts.
+    relay_tmpfs: Option<&'static str>,
 }
 
 /// A compute node: `aimatrix-node join`.
@@ -64,6 +67,8 @@ struct Net {
     nodes: Vec<Node>,
     /// Every child's stderr, by name, in start order.
     logs: Vec<(String, PathBuf)>,
+    /// The process holding the namespace with the relay's tmpfs, when it has one.
+    tmpfs_holder: Option<Child>,
 }
 
 impl Net {
@@ -85,7 +90,11 @@ impl Net {
             relay_starts: 0,
             nodes: Vec::new(),
             logs: Vec::new(),
+            tmpfs_holder: None,
         };
+        if let Some(options) = setup.relay_tmpfs {
+            net.mount_relay_tmpfs(options);
+        }
         net.start_relay();
         for i in 0..setup.nodes {
             net.start_node(i, setup.manual);
@@ -97,10 +106,15 @@ impl Net {
     }
 
     fn command(&mut self, name: &str, program: &str) -> Command {
+        let cmd = Command::new(binary(program));
+        self.logged(name, cmd)
+    }
+
+    /// `cmd` with its stderr in the log `name` and none of the caller's aimatrix settings.
+    fn logged(&mut self, name: &str, mut cmd: Command) -> Command {
         let log_path = self.root.join("logs").join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         self.logs.push((name.to_owned(), log_path));
-        let mut cmd = Command::new(binary(program));
         cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("AIMATRIX_RELAY_DATA_DIR")
             .env_remove("AIMATRIX_RELAY_API")
@@ -121,7 +135,14 @@ impl Net {
             n => format!("relay-restart-{n}"),
         };
         self.relay_starts += 1;
-        let mut cmd = self.command(&name, "studio-relay");
+        let mut cmd = match &self.tmpfs_holder {
+            Some(holder) => {
+                let mut cmd = in_namespace_of(holder);
+                cmd.arg(binary("studio-relay"));
+                self.logged(&name, cmd)
+            }
+            None => self.command(&name, "studio-relay"),
+        };
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(self.root.join("relay"))
@@ -188,6 +209,36 @@ impl Net {
             let status = self.try_relay_json(&["status", "--json"])?;
             (status["known_nodes"].as_u64()? >= expected).then_some(())
         });
+    }
+
+    /// Mounts a tmpfs with `options` on the relay's data directory, in a user and mount
+    /// namespace held by a sleeping process, and waits until it is mounted.
+    fn mount_relay_tmpfs(&mut self, options: &str) {
+        let dir = self.root.join("relay");
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = format!(
+            "mount -t tmpfs -o {options} tmpfs \"$0\" && echo mounted && exec sleep 100000"
+        );
+        let mut holder = Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "mounted", "cannot mount the relay's tmpfs");
+        self.tmpfs_holder = Some(holder);
+    }
+
+    /// Runs `script` (sh) in the namespace of the relay's tmpfs, with `$0` its data directory.
+    fn in_relay_tmpfs(&self, script: &str) -> Output {
+        let holder = self.tmpfs_holder.as_ref().expect("the relay has a tmpfs");
+        in_namespace_of(holder)
+            .args(["sh", "-c", script])
+            .arg(self.root.join("relay"))
+            .output()
+            .unwrap()
     }
 
     /// SIGKILLs the relay.
@@ -336,6 +387,15 @@ impl Net {
         })
     }
 
+    /// `aimatrix-node earnings --check` of node `i` against the relay: its `check` object.
+    fn earnings_check(&self, i: usize) -> Value {
+        let data_dir = path_str(&self.nodes[i].data_dir);
+        let args = ["earnings", "--check", &self.relay_api, "--data-dir", data_dir, "--json"];
+        let output = self.run("aimatrix-node", &args);
+        let view = parse_json(&String::from_utf8_lossy(&output.stdout));
+        view["check"].clone()
+    }
+
     /// An account's available balance, once nothing of it is held in a reservation.
     fn settled_balance(&self, account: &str) -> i64 {
         wait_for(&format!("the reservations of {account} to be settled"), || {
@@ -411,8 +471,11 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        let children =
-            self.relay.iter_mut().chain(self.nodes.iter_mut().flat_map(|n| &mut n.child));
+        let children = self
+            .relay
+            .iter_mut()
+            .chain(self.nodes.iter_mut().flat_map(|n| &mut n.child))
+            .chain(&mut self.tmpfs_holder);
         for child in children {
             let _ = child.kill();
             let _ = child.wait();
@@ -801,6 +864,114 @@ fn a_job_survives_a_relay_restart_and_is_paid_once() {
     net.assert_books_balance(&[]);
 }
 
+/// A command that runs in the user and mount namespace of `holder` (its first argument is the
+/// program).
+fn in_namespace_of(holder: &Child) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.args(["--target", &holder.id().to_string(), "--user", "--mount", "--preserve-credentials"])
+        .arg("--");
+    cmd
+}
+
+/// Whether this host lets a test mount a tmpfs in a user and mount namespace of its own; in CI
+/// it must.
+fn can_mount_tmpfs() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+        .arg("mount -t tmpfs -o size=1m tmpfs \"$0\"")
+        .arg(dir.path())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let nsenter = Command::new("nsenter").arg("--version").output().is_ok();
+    if !(mounted && nsenter) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to mount a tmpfs in a user and mount namespace (`unshare` and \
+             `nsenter` from util-linux, user namespaces enabled)"
+        );
+        eprintln!(
+            "skipped: cannot mount a tmpfs in a user and mount namespace (util-linux's \
+             `unshare` or `nsenter` missing, or user namespaces disabled)"
+        );
+    }
+    mounted && nsenter
+}
+
+/// The relay's data directory (a small tmpfs) fills while jobs run (issue 22): the ledger
+/// stops writing, the relay halts and says why, posts are refused with a 503, and no node holds
+/// a receipt the ledger does not pay. Space is freed and the relay restarted: what was in flight
+/// is completed, every job ends, each node's receipts equal its ledger credits, no reservation
+/// is left open, and the cross-checking audit is clean.
+#[test]
+fn the_books_agree_after_the_relays_disk_fills_while_jobs_run() {
+    if !can_mount_tmpfs() {
+        return;
+    }
+    let mut net = Net::start(Setup {
+        nodes: 3,
+        lease_grace_s: Some(2),
+        fixed_relay_port: true,
+        relay_tmpfs: Some("size=48m"),
+        ..Setup::default()
+    });
+    // 4 s of work each, three at a time on three nodes.
+    let ids: Vec<String> =
+        (0..6).map(|n| net.post(&net.slow_job(&format!("slow-{n}"), 8, 30))).collect();
+    net.wait_for_running_lease(&ids[0]);
+    let filled = net.in_relay_tmpfs("dd if=/dev/zero of=\"$0/filler\" bs=64k 2>&1; df -k \"$0\"");
+    let df = String::from_utf8_lossy(&filled.stdout);
+    assert!(df.contains("No space left on device"), "{df}");
+    // A large memo needs a new file: the ledger cannot write it and stops writing.
+    let client = studio_relay::client::RelayClient::new(&net.relay_api);
+    let filler = studio_relay::api::types::MintRequest {
+        account: "filler".into(),
+        amount: 1,
+        memo: "x".repeat(200 * 1024),
+        id: None,
+    };
+    let refused = client.mint(&filler).unwrap_err();
+    assert!(refused.status().is_some_and(|s| s >= 500), "a mint onto a full disk: {refused}");
+    // The next payment or record the relay cannot write halts it, with the reason.
+    let halted = wait_for("the relay to halt", || {
+        let status = net.try_relay_json(&["status", "--json"])?;
+        status["halted"].as_str().map(str::to_owned)
+    });
+    assert!(halted.contains("cannot write"), "{halted}");
+    // The same job again: its module is stored already, so only the post itself is refused.
+    let post = net.run("studio-relay", &["job", "post", path_str(&net.slow_job("slow-0", 8, 30))]);
+    assert_eq!(post.status.code(), Some(2), "a post to a halted relay: {}", show(&post));
+    assert!(
+        String::from_utf8_lossy(&post.stderr).contains("the relay is halted"),
+        "{}",
+        show(&post)
+    );
+    // No node holds a receipt for a payment the ledger does not have.
+    for i in 0..net.nodes.len() {
+        let check = net.earnings_check(i);
+        let unpaid = check["disagreements"].as_array().unwrap().iter().filter(|d| d["ledger"] == 0);
+        assert_eq!(unpaid.count(), 0, "node-{i}: {check}");
+    }
+
+    let freed = net.in_relay_tmpfs("rm \"$0/filler\"");
+    assert!(freed.status.success(), "{}", show(&freed));
+    net.kill_relay();
+    net.start_relay();
+    for id in &ids {
+        let view = net.wait_for_end(id);
+        assert!(matches!(view["state"].as_str(), Some("completed" | "failed")), "{view}");
+    }
+    for i in 0..net.nodes.len() {
+        wait_for(&format!("node-{i}'s receipts to equal its ledger credits"), || {
+            (net.earnings_check(i)["agrees"] == true).then_some(())
+        });
+    }
+    let audit = net.relay_json(&["ledger", "audit", "--json"]);
+    assert_eq!(audit["open_reservations"], 0, "{audit}");
+    net.assert_books_balance(&[]);
+}
+
 /// Posts `job` for `studio` under idempotency `key` through `studio-relay job post`, running it
 /// again with the same key until the relay answers with a job id (a requester that retries);
 /// returns the id.
@@ -878,13 +1049,9 @@ fn the_books_agree_after_twenty_relay_kills_under_load() {
         listed.lines().map(|l| parse_json(l)["id"].as_str().unwrap().to_owned()).collect();
     listed.sort();
     assert_eq!(listed, posted, "the relay holds exactly the jobs its requesters were told of");
-    for (i, node) in net.nodes.iter().enumerate() {
-        let data_dir = path_str(&node.data_dir).to_owned();
+    for i in 0..net.nodes.len() {
         wait_for(&format!("node-{i}'s receipts to equal its ledger credits"), || {
-            let args = ["earnings", "--check", &net.relay_api, "--data-dir", &data_dir, "--json"];
-            let output = net.run("aimatrix-node", &args);
-            let view = parse_json(&String::from_utf8_lossy(&output.stdout));
-            (view["check"]["agrees"] == true).then_some(())
+            (net.earnings_check(i)["agrees"] == true).then_some(())
         });
     }
     let audit = net.relay_json(&["ledger", "audit", "--json"]);
