@@ -120,7 +120,8 @@ impl From<store::Scan> for AuditReport {
 pub struct Ledger {
     tx: Option<mpsc::SyncSender<writer::Request>>,
     db: sled::Db,
-    writer: Option<std::thread::JoinHandle<()>>,
+    /// The writer thread; it returns whether it stopped after a storage failure.
+    writer: Option<std::thread::JoinHandle<bool>>,
 }
 
 impl Ledger {
@@ -265,7 +266,13 @@ impl Ledger {
         drop(self.tx.take());
         if let Some(writer) = self.writer.take() {
             // A panicking writer already failed every waiting ticket; nothing more to report.
-            let _ = writer.join();
+            if let Ok(true) = writer.join() {
+                // sled flushes a database when its last handle goes, and after a failed write
+                // that flush waits forever (its failed buffer never becomes stable): a relay
+                // stopped with Ctrl-C would hang. Everything acknowledged was flushed before it
+                // was acknowledged, so this handle is leaked instead of dropped.
+                std::mem::forget(self.db.clone());
+            }
         }
     }
 }

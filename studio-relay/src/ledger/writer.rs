@@ -53,8 +53,8 @@ pub(crate) fn reply_pair() -> (mpsc::SyncSender<Result<Outcome, LedgerError>>, T
     (tx, Ticket(rx))
 }
 
-/// Runs until every sender is gone or storage fails.
-pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<Request>) {
+/// Runs until every sender is gone (returns false) or storage fails (returns true).
+pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<Request>) -> bool {
     let mut batch: Vec<Request> = Vec::with_capacity(BATCH_LEN_MAX);
     let mut results: Vec<Result<Outcome, LedgerError>> = Vec::with_capacity(BATCH_LEN_MAX);
     let mut entries: Vec<Entry> = Vec::new();
@@ -99,7 +99,7 @@ pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<R
                 }
                 // The in-memory state is now ahead of the disk: stop, so nothing else is
                 // acknowledged; reopening replays what is durable.
-                return;
+                return true;
             }
             entries.clear();
         }
@@ -111,4 +111,5 @@ pub(crate) fn run(mut store: Store, mut state: LedgerState, rx: mpsc::Receiver<R
             let _ = request.reply.send(result);
         }
     }
+    false
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use aimatrix_protocol::codec;
 use aimatrix_protocol::hash::Digest;
@@ -98,6 +99,8 @@ pub struct JobStore {
     /// Keyed posts by requester and key.
     keys: sled::Tree,
     path: PathBuf,
+    /// A read or write failed: the database is not flushed when dropped (see `Drop`).
+    failed: AtomicBool,
 }
 
 /// The name of the outbox's tree in the job store's database.
@@ -161,7 +164,7 @@ impl JobStore {
             what: "cannot open the idempotency keys",
             detail: e.to_string(),
         })?;
-        Ok(Self { db, outbox, keys, path })
+        Ok(Self { db, outbox, keys, path, failed: AtomicBool::new(false) })
     }
 
     /// The keyed post `requester` made under `key`, if any.
@@ -243,10 +246,13 @@ impl JobStore {
                 }
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
-            .map_err(|e| JobStoreError::Storage {
-                path: self.path.clone(),
-                what: "cannot write",
-                detail: format!("{e:?}"),
+            .map_err(|e| {
+                self.failed.store(true, Ordering::Relaxed);
+                JobStoreError::Storage {
+                    path: self.path.clone(),
+                    what: "cannot write",
+                    detail: format!("{e:?}"),
+                }
             })?;
         self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
         Ok(keys)
@@ -347,7 +353,20 @@ impl JobStore {
     }
 
     fn storage(&self, what: &'static str, err: &sled::Error) -> JobStoreError {
+        self.failed.store(true, Ordering::Relaxed);
         JobStoreError::Storage { path: self.path.clone(), what, detail: err.to_string() }
+    }
+}
+
+impl Drop for JobStore {
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::Relaxed) {
+            // sled flushes a database when its last handle goes, and after a failed write that
+            // flush waits forever (its failed buffer never becomes stable): a relay stopped
+            // with Ctrl-C would hang. Everything acknowledged was flushed when it was written,
+            // so this handle is leaked instead of dropped; the files are left as they are.
+            std::mem::forget(self.db.clone());
+        }
     }
 }
 
