@@ -40,7 +40,7 @@ struct Opts {
 }
 
 fn parse_opts() -> anyhow::Result<Opts> {
-    let mut opts = Opts { before: None, sequential: 300, posts: 2_000, clients: 4, rounds: 3 };
+    let mut opts = Opts { before: None, sequential: 300, posts: 2_000, clients: 4, rounds: 5 };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -175,11 +175,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let med = |i: usize, f: fn(&Sample) -> f64| median(samples[i].iter().map(f));
-    let metrics: [(&str, fn(&Sample) -> f64, bool); 4] = [
-        ("post latency p50, one at a time (ms)", |s| s.p50_ms, false),
-        ("post latency p99, one at a time (ms)", |s| s.p99_ms, false),
-        ("posts/s", |s| s.posts_per_s, true),
-        ("post latency p99 under load (ms)", |s| s.loaded_p99_ms, false),
+    // (label, value, higher is better, held to the target)
+    type Metric = (&'static str, fn(&Sample) -> f64, bool, bool);
+    let metrics: [Metric; 4] = [
+        ("post latency p50, one at a time (ms)", |s| s.p50_ms, false, false),
+        ("post latency p99, one at a time (ms)", |s| s.p99_ms, false, true),
+        ("posts/s", |s| s.posts_per_s, true, true),
+        ("post latency p99 under load (ms)", |s| s.loaded_p99_ms, false, true),
     ];
     println!(
         "\npost bench: {} sequential posts, then {} posts from {} clients; median of {} round(s)",
@@ -193,7 +195,7 @@ fn main() -> anyhow::Result<()> {
         header.push_str(&format!(" {:>14} {:>14} {:>8}", "ratio", "ratio keyed", "target"));
     }
     println!("{header}");
-    for (label, f, higher_is_better) in metrics {
+    for (label, f, higher_is_better, held) in metrics {
         let mut row = format!("{label:<40}");
         for i in 0..builds.len() {
             row.push_str(&format!(" {:>18.2}", med(i, f)));
@@ -204,15 +206,20 @@ fn main() -> anyhow::Result<()> {
             let slowdown =
                 |after: f64| if higher_is_better { before / after } else { after / before };
             let (plain, keyed) = (slowdown(med(1, f)), slowdown(med(2, f)));
-            let verdict = if plain <= SLOWDOWN_MAX { "PASS" } else { "MISS" };
+            let verdict = match (held, plain <= SLOWDOWN_MAX) {
+                (false, _) => "info",
+                (true, true) => "PASS",
+                (true, false) => "MISS",
+            };
             row.push_str(&format!(" {plain:>13.3}x {keyed:>13.3}x {verdict:>8}"));
         }
         println!("{row}");
     }
     if opts.before.is_some() {
         println!(
-            "ratio: how much slower this build is than the one before (>1 slower; target at \
-             most {SLOWDOWN_MAX:.2}x, without keys, the same requests as before)"
+            "ratio: how much slower this build is than the one before (>1 slower); the target \
+             (issue 22) holds posts/s and the p99 rows to at most {SLOWDOWN_MAX:.2}x, without \
+             keys, the same requests as before"
         );
     }
     Ok(())

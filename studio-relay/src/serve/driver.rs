@@ -349,7 +349,7 @@ impl Relay {
             );
             self.step(inputs);
         }
-        self.persist();
+        self.persist_all();
         if !self.out.flush(Duration::from_secs(5)).await {
             tracing::warn!("some messages to nodes could not be delivered before exit");
         }
@@ -430,7 +430,7 @@ impl Relay {
     }
 
     fn housekeeping(&mut self) {
-        self.persist();
+        self.persist_all();
         let forgotten = self.core.forget_finished(FINISHED_IN_MEMORY);
         if forgotten > 0 {
             let live: BTreeSet<JobId> = self.core.jobs().map(|j| j.id).collect();
@@ -676,6 +676,7 @@ impl Relay {
     /// Drains the core's outputs until it has nothing more to say, persists changed jobs, then
     /// answers the waiting API commands.
     fn pump(&mut self, now: Millis) {
+        let mut after_ledger = false;
         while self.halted.is_none() {
             let mut progressed = false;
             while let Some(transmit) = self.core.poll_transmit() {
@@ -691,16 +692,22 @@ impl Relay {
                 // together before the ledger sees any of them, so a crash in between leaves
                 // instructions that startup replays (docs/ledger.md, "One order of effects").
                 let ops = std::mem::take(&mut self.ledger_ops);
-                if let Some(keys) = self.commit(&ops) {
+                if let Some(keys) = self.commit(&ops, true) {
                     self.apply_ledger(now, &ops, &keys);
                 }
+                after_ledger = true;
                 continue;
             }
             if !progressed {
                 break;
             }
         }
-        self.persist();
+        // After an intent commit, what is left to write came from the ledger's answers: a
+        // refused escrow (its job is dirty), which must be on disk before its poster is told.
+        // Confirmed reservations and acknowledged outbox entries are not written now: after a
+        // crash startup replays the outbox (idempotently) and a job stored as `Reserving`
+        // confirms again (docs/ledger.md, "One order of effects").
+        self.persist(!after_ledger || !self.escrow_refusals.is_empty());
         if let Some(why) = self.ledger_down.take() {
             self.halt(why);
         }
@@ -752,7 +759,8 @@ impl Relay {
                 self.ledger_ops.push(op);
             }
             RelayEvent::JobOpen { job_id } => {
-                self.dirty.insert(job_id);
+                // Not marked changed: its record keeps `Reserving` until the job's next
+                // change, and a job restored as `Reserving` confirms again.
                 self.look_up_nodes(job_id);
             }
             RelayEvent::ResultReceived { job_id, lease, outcome, node } => {
@@ -917,6 +925,7 @@ impl Relay {
                     }
                 }
                 (LedgerOp::Reserve { requester, .. }, Err(e)) => {
+                    self.dirty.insert(job_id);
                     let (reason, refusal) = escrow_refusal(job_id, requester, e);
                     self.escrow_refusals.insert(job_id, refusal);
                     if let Err(e) = self.core.reserve_failed(now, job_id, reason) {
@@ -931,7 +940,6 @@ impl Relay {
                     tracing::error!("job {job_id}: the ledger refused {op:?}: {e}");
                 }
             }
-            self.dirty.insert(job_id);
         }
     }
 
@@ -966,19 +974,30 @@ impl Relay {
         });
     }
 
-    /// Writes every changed job and the outbox removals the ledger's answers allow, unless the
-    /// relay is halted.
-    fn persist(&mut self) {
-        let idle = self.dirty.is_empty() && self.outbox_done.is_empty() && self.keyed.is_empty();
+    /// Writes every changed job, with the outbox removals the ledger's answers allow, unless
+    /// the relay is halted; on disk before it returns if `flush`. Removals alone wait for the
+    /// next commit (or [`Relay::persist_all`]): an entry left in the outbox is replayed
+    /// harmlessly after a crash.
+    fn persist(&mut self, flush: bool) {
+        let idle = self.dirty.is_empty() && self.keyed.is_empty();
         if self.halted.is_none() && !idle {
-            self.commit(&[]);
+            self.commit(&[], flush);
+        }
+    }
+
+    /// Writes and flushes everything pending, outbox removals included (housekeeping, exit).
+    fn persist_all(&mut self) {
+        let idle = self.dirty.is_empty() && self.keyed.is_empty() && self.outbox_done.is_empty();
+        if self.halted.is_none() && !idle {
+            self.commit(&[], true);
         }
     }
 
     /// Writes every changed job, adds `intended` to the ledger outbox and removes the entries
-    /// the ledger acknowledged, in one transaction and one flush; returns the outbox keys of
+    /// the ledger acknowledged, in one transaction (and one flush if `flush`: then all of it,
+    /// and everything written before, is on disk when it returns); returns the outbox keys of
     /// `intended`, or halts the relay when the job store cannot write.
-    fn commit(&mut self, intended: &[LedgerOp]) -> Option<Vec<u64>> {
+    fn commit(&mut self, intended: &[LedgerOp], flush: bool) -> Option<Vec<u64>> {
         let mut records = Vec::with_capacity(self.dirty.len());
         for id in &self.dirty {
             let Some(job) = self.core.job(id) else { continue };
@@ -1001,7 +1020,11 @@ impl Relay {
         let done = std::mem::take(&mut self.outbox_done);
         let keyed = std::mem::take(&mut self.keyed);
         let written = tokio::task::block_in_place(|| {
-            self.jobs.commit_with_keys(&records, intended, &done, &keyed)
+            if flush {
+                self.jobs.commit_with_keys(&records, intended, &done, &keyed)
+            } else {
+                self.jobs.write(&records, intended, &done, &keyed)
+            }
         });
         match written {
             Ok(keys) => {

@@ -208,6 +208,21 @@ impl JobStore {
         done: &[u64],
         keyed: &[KeyedPost],
     ) -> Result<Vec<u64>, JobStoreError> {
+        let keys = self.write(records, intended, done, keyed)?;
+        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
+        Ok(keys)
+    }
+
+    /// [`JobStore::commit_with_keys`] without the flush: the transaction is atomic, and on disk
+    /// with the next flush (the next commit's); a crash before it loses all of it or none, and
+    /// never anything written after it.
+    pub fn write(
+        &self,
+        records: &[JobRecord],
+        intended: &[LedgerOp],
+        done: &[u64],
+        keyed: &[KeyedPost],
+    ) -> Result<Vec<u64>, JobStoreError> {
         let mut posts = Vec::with_capacity(keyed.len());
         for post in keyed {
             let bytes = codec::encode(post)
@@ -254,7 +269,6 @@ impl JobStore {
                     detail: format!("{e:?}"),
                 }
             })?;
-        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
         Ok(keys)
     }
 
