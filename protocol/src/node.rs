@@ -59,7 +59,8 @@ pub struct NodeConfig {
     /// Envelope verification limits.
     pub verify: VerifyConfig,
     /// A result with no receipt after this long is sent again, then again after twice as long
-    /// each time (at most [`RECEIPT_ASK_EVERY_MAX_MS`] apart), until its receipt comes: the
+    /// each time (at most [`RECEIPT_ASK_EVERY_MAX_MS`] apart, [`RECEIPT_ASKS_MAX`] times at
+    /// most), until its receipt comes: the
     /// relay answers a result it already settled with the same verdict, so a receipt lost in
     /// transit or cut by a relay crash is recovered (issue 22).
     pub receipt_ask_after_ms: u64,
@@ -67,6 +68,11 @@ pub struct NodeConfig {
 
 /// Longest wait between two asks for one receipt.
 pub const RECEIPT_ASK_EVERY_MAX_MS: u64 = 300_000;
+
+/// Asks for one receipt at most (with the default delays, over about an hour and a half); the
+/// result is still remembered afterwards, and a receipt that comes later is taken. A relay
+/// that cannot answer (it forgot the job) is not asked forever.
+pub const RECEIPT_ASKS_MAX: u32 = 20;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -359,7 +365,11 @@ impl NodeCore {
 
     /// When the next result without a receipt is sent again.
     fn next_receipt_ask(&self) -> Option<Millis> {
-        self.awaiting_receipt.iter().map(|a| a.ask_at_ms).min()
+        self.awaiting_receipt
+            .iter()
+            .filter(|a| a.asked < RECEIPT_ASKS_MAX)
+            .map(|a| a.ask_at_ms)
+            .min()
     }
 
     /// When [`NodeCore::handle_timeout`] must next be called for the node to act (advertise,
@@ -406,7 +416,7 @@ impl NodeCore {
         let after = self.cfg.receipt_ask_after_ms;
         for i in 0..self.awaiting_receipt.len() {
             let awaited = &mut self.awaiting_receipt[i];
-            if awaited.ask_at_ms > now {
+            if awaited.ask_at_ms > now || awaited.asked >= RECEIPT_ASKS_MAX {
                 continue;
             }
             awaited.asked = awaited.asked.saturating_add(1);

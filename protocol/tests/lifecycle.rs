@@ -990,6 +990,31 @@ fn a_receipt_cut_by_a_relay_crash_reaches_the_node_when_it_asks_again() {
     );
 }
 
+/// A node whose relay never answers asks for the receipt after 30 s, then after twice as long
+/// each time (at most 5 minutes apart), and stops after `RECEIPT_ASKS_MAX` asks.
+#[test]
+fn a_node_asks_for_a_missing_receipt_a_bounded_number_of_times() {
+    let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }]);
+    let _job = net.post(testkit::batch_spec(10));
+    let (finish_at, i, job_id, lease) = net.running.pop().unwrap();
+    let node = &mut net.nodes[i];
+    node.finish(finish_at, job_id, lease, right_output(), Usage::default()).unwrap();
+    while node.poll_transmit().is_some() {} // the relay never hears it
+    let mut asks = Vec::new();
+    let mut now = finish_at;
+    while let Some(next) = node.poll_timeout().filter(|&t| t < finish_at + 6 * 3_600_000) {
+        now = next;
+        node.handle_timeout(now);
+        while let Some(t) = node.poll_transmit() {
+            if let Transmit::Direct { .. } = t {
+                asks.push(now - finish_at);
+            }
+        }
+    }
+    assert_eq!(asks.len() as u32, aimatrix_protocol::node::RECEIPT_ASKS_MAX, "{asks:?}");
+    assert_eq!(&asks[..6], &[30_000, 90_000, 210_000, 450_000, 750_000, 1_050_000]);
+}
+
 #[test]
 fn a_lease_that_expires_while_the_relay_is_down_is_reoffered_after_the_restart() {
     let mut net = Net::new(&[Behaviour::Vanish, Behaviour::Honest { ms: 5_000 }]);
