@@ -1001,9 +1001,7 @@ fn a_node_asks_for_a_missing_receipt_a_bounded_number_of_times() {
     node.finish(finish_at, job_id, lease, right_output(), Usage::default()).unwrap();
     while node.poll_transmit().is_some() {} // the relay never hears it
     let mut asks = Vec::new();
-    let mut now = finish_at;
-    while let Some(next) = node.poll_timeout().filter(|&t| t < finish_at + 6 * 3_600_000) {
-        now = next;
+    while let Some(now) = node.poll_timeout().filter(|&t| t < finish_at + 6 * 3_600_000) {
         node.handle_timeout(now);
         while let Some(t) = node.poll_transmit() {
             if let Transmit::Direct { .. } = t {
