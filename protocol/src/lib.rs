@@ -27,6 +27,7 @@
 
 pub mod capability;
 pub mod codec;
+pub mod dht;
 pub mod direct;
 pub mod envelope;
 pub mod hash;
