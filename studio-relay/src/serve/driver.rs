@@ -174,30 +174,24 @@ impl Relay {
     /// before the restart gets it when it sends its result again.
     pub(crate) fn restore(&mut self, accept_disagreements: bool) -> anyhow::Result<()> {
         self.reconcile()?;
-        self.check_books(accept_disagreements)?;
+        // Newest first; each record read and decoded once, for the books check and the core.
+        let records = self.jobs.list()?;
+        let jobs: Vec<RelayJob> =
+            records.iter().map(|r| self.jobs.snapshot(r)).collect::<Result<_, _>>()?;
+        self.check_books(&jobs, accept_disagreements)?;
         let now = now_ms();
-        let mut records = self.jobs.list()?;
-        records.sort_by_key(|r| std::cmp::Reverse(r.posted_at_ms));
         let (mut restored, mut finished) = (0, 0);
-        for record in records {
+        for (record, job) in records.into_iter().zip(jobs) {
             if record.final_state {
                 if finished >= FINISHED_IN_MEMORY {
                     continue;
                 }
                 finished += 1;
-            }
-            let job: RelayJob = codec::decode(&record.snapshot).map_err(|e| {
-                anyhow::anyhow!(
-                    "job record {} in the job store cannot be read ({e}); move the relay's jobs \
-                     directory aside to start without it",
-                    record.id
-                )
-            })?;
-            self.outputs.insert(record.id, record.outputs.clone());
-            if !record.final_state {
+            } else {
                 self.dirty.insert(record.id);
                 restored += 1;
             }
+            self.outputs.insert(record.id, record.outputs);
             self.core.restore_job(now, job)?;
         }
         if restored > 0 {
@@ -273,9 +267,9 @@ impl Relay {
     /// have moved for a job without a record. Such a disagreement stops the relay (unless
     /// `accept` says the operator has seen them), with each one and what to do; one about a
     /// job still open is logged, as its settlement may yet bring the books together.
-    fn check_books(&self, accept: bool) -> anyhow::Result<()> {
+    fn check_books(&self, jobs: &[RelayJob], accept: bool) -> anyhow::Result<()> {
         let report = self.ledger.audit_open()?;
-        let check = self.jobs.cross_check(&report.books)?;
+        let check = self.jobs.cross_check_jobs(&report.books, jobs)?;
         let (lasting, open): (Vec<_>, Vec<_>) =
             check.disagreements.into_iter().partition(|d| d.lasting);
         for d in &open {
@@ -676,7 +670,6 @@ impl Relay {
     /// Drains the core's outputs until it has nothing more to say, persists changed jobs, then
     /// answers the waiting API commands.
     fn pump(&mut self, now: Millis) {
-        let mut after_ledger = false;
         while self.halted.is_none() {
             let mut progressed = false;
             while let Some(transmit) = self.core.poll_transmit() {
@@ -692,22 +685,20 @@ impl Relay {
                 // together before the ledger sees any of them, so a crash in between leaves
                 // instructions that startup replays (docs/ledger.md, "One order of effects").
                 let ops = std::mem::take(&mut self.ledger_ops);
-                if let Some(keys) = self.commit(&ops, true) {
+                if let Some(keys) = self.commit(&ops) {
                     self.apply_ledger(now, &ops, &keys);
                 }
-                after_ledger = true;
                 continue;
             }
             if !progressed {
                 break;
             }
         }
-        // After an intent commit, what is left to write came from the ledger's answers: a
-        // refused escrow (its job is dirty), which must be on disk before its poster is told.
-        // Confirmed reservations and acknowledged outbox entries are not written now: after a
-        // crash startup replays the outbox (idempotently) and a job stored as `Reserving`
-        // confirms again (docs/ledger.md, "One order of effects").
-        self.persist(!after_ledger || !self.escrow_refusals.is_empty());
+        // What the ledger's answers change is not marked for writing, but for a refused escrow
+        // (written here, before its poster is told): a confirmed reservation and acknowledged
+        // outbox entries are redone by startup (docs/ledger.md, "One order of effects"), so a
+        // post costs two flushes, intent and ledger.
+        self.persist();
         if let Some(why) = self.ledger_down.take() {
             self.halt(why);
         }
@@ -975,29 +966,28 @@ impl Relay {
     }
 
     /// Writes every changed job, with the outbox removals the ledger's answers allow, unless
-    /// the relay is halted; on disk before it returns if `flush`. Removals alone wait for the
-    /// next commit (or [`Relay::persist_all`]): an entry left in the outbox is replayed
-    /// harmlessly after a crash.
-    fn persist(&mut self, flush: bool) {
+    /// the relay is halted. Removals alone wait for the next commit (or
+    /// [`Relay::persist_all`]): an entry left in the outbox is replayed harmlessly after a
+    /// crash.
+    fn persist(&mut self) {
         let idle = self.dirty.is_empty() && self.keyed.is_empty();
         if self.halted.is_none() && !idle {
-            self.commit(&[], flush);
+            self.commit(&[]);
         }
     }
 
-    /// Writes and flushes everything pending, outbox removals included (housekeeping, exit).
+    /// Writes everything pending, outbox removals included (housekeeping, exit).
     fn persist_all(&mut self) {
         let idle = self.dirty.is_empty() && self.keyed.is_empty() && self.outbox_done.is_empty();
         if self.halted.is_none() && !idle {
-            self.commit(&[], true);
+            self.commit(&[]);
         }
     }
 
     /// Writes every changed job, adds `intended` to the ledger outbox and removes the entries
-    /// the ledger acknowledged, in one transaction (and one flush if `flush`: then all of it,
-    /// and everything written before, is on disk when it returns); returns the outbox keys of
+    /// the ledger acknowledged, in one transaction and one flush; returns the outbox keys of
     /// `intended`, or halts the relay when the job store cannot write.
-    fn commit(&mut self, intended: &[LedgerOp], flush: bool) -> Option<Vec<u64>> {
+    fn commit(&mut self, intended: &[LedgerOp]) -> Option<Vec<u64>> {
         let mut records = Vec::with_capacity(self.dirty.len());
         for id in &self.dirty {
             let Some(job) = self.core.job(id) else { continue };
@@ -1020,11 +1010,7 @@ impl Relay {
         let done = std::mem::take(&mut self.outbox_done);
         let keyed = std::mem::take(&mut self.keyed);
         let written = tokio::task::block_in_place(|| {
-            if flush {
-                self.jobs.commit_with_keys(&records, intended, &done, &keyed)
-            } else {
-                self.jobs.write(&records, intended, &done, &keyed)
-            }
+            self.jobs.commit_with_keys(&records, intended, &done, &keyed)
         });
         match written {
             Ok(keys) => {

@@ -208,21 +208,6 @@ impl JobStore {
         done: &[u64],
         keyed: &[KeyedPost],
     ) -> Result<Vec<u64>, JobStoreError> {
-        let keys = self.write(records, intended, done, keyed)?;
-        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
-        Ok(keys)
-    }
-
-    /// [`JobStore::commit_with_keys`] without the flush: the transaction is atomic, and on disk
-    /// with the next flush (the next commit's); a crash before it loses all of it or none, and
-    /// never anything written after it.
-    pub fn write(
-        &self,
-        records: &[JobRecord],
-        intended: &[LedgerOp],
-        done: &[u64],
-        keyed: &[KeyedPost],
-    ) -> Result<Vec<u64>, JobStoreError> {
         let mut posts = Vec::with_capacity(keyed.len());
         for post in keyed {
             let bytes = codec::encode(post)
@@ -269,6 +254,7 @@ impl JobStore {
                     detail: format!("{e:?}"),
                 }
             })?;
+        self.db.flush().map_err(|e| self.storage("cannot flush", &e))?;
         Ok(keys)
     }
 
@@ -319,37 +305,36 @@ impl JobStore {
         out.sort_by(|a, b| b.posted_at_ms.cmp(&a.posted_at_ms).then(a.id.cmp(&b.id)));
         Ok(out)
     }
-    /// Every job record, decoded: the core's jobs as last stored.
-    pub fn jobs(&self) -> Result<Vec<RelayJob>, JobStoreError> {
-        let mut out = Vec::new();
-        for record in self.list()? {
-            let job = codec::decode(&record.snapshot).map_err(|e| JobStoreError::Corrupt {
-                path: self.path.clone(),
-                job: record.id.to_string(),
-                detail: format!("its job snapshot does not decode: {e}"),
-            })?;
-            out.push(job);
-        }
-        Ok(out)
+    /// The core's job a record stores.
+    pub fn snapshot(&self, record: &JobRecord) -> Result<RelayJob, JobStoreError> {
+        codec::decode(&record.snapshot).map_err(|e| JobStoreError::Corrupt {
+            path: self.path.clone(),
+            job: record.id.to_string(),
+            detail: format!("its job snapshot does not decode: {e}"),
+        })
     }
 
     /// Every way the job records disagree with `books` (the ledger's, from its audit). The
     /// outbox's instructions count as applied: the relay applies them at its next start, and
     /// an instruction the ledger already holds counts once.
     pub fn cross_check(&self, books: &LedgerBooks) -> Result<CrossCheck, JobStoreError> {
+        let records = self.list()?;
+        let jobs: Vec<RelayJob> =
+            records.iter().map(|r| self.snapshot(r)).collect::<Result<_, _>>()?;
+        self.cross_check_jobs(books, &jobs)
+    }
+
+    /// [`JobStore::cross_check`] of `jobs`, every job of this store already read.
+    pub fn cross_check_jobs(
+        &self,
+        books: &LedgerBooks,
+        jobs: &[RelayJob],
+    ) -> Result<CrossCheck, JobStoreError> {
         let mut books = books.clone();
         for (_, op) in self.outbox()? {
             books.add_pending(&op);
         }
-        let jobs = self.jobs()?;
-        Ok(CrossCheck { jobs: jobs.len(), disagreements: books.check(&jobs) })
-    }
-
-    /// The records of jobs that have not ended, newest first.
-    pub fn unfinished(&self) -> Result<Vec<JobRecord>, JobStoreError> {
-        let mut all = self.list()?;
-        all.retain(|r| !r.final_state);
-        Ok(all)
+        Ok(CrossCheck { jobs: jobs.len(), disagreements: books.check(jobs) })
     }
 
     fn decode(&self, key: &[u8], bytes: &[u8]) -> Result<JobRecord, JobStoreError> {
@@ -417,7 +402,9 @@ mod tests {
         let store = JobStore::open(dir.path()).unwrap();
         let ids: Vec<u8> = store.list().unwrap().iter().map(|r| r.id.0[0]).collect();
         assert_eq!(ids, [2, 3, 1]);
-        let unfinished: Vec<u8> = store.unfinished().unwrap().iter().map(|r| r.id.0[0]).collect();
+        let listed = store.list().unwrap();
+        let unfinished: Vec<u8> =
+            listed.iter().filter(|r| !r.final_state).map(|r| r.id.0[0]).collect();
         assert_eq!(unfinished, [2]);
         assert_eq!(store.get(&JobId([1; 16])).unwrap(), Some(record(1, 100, true)));
         assert_eq!(store.get(&JobId([9; 16])).unwrap(), None);
@@ -434,7 +421,6 @@ mod tests {
         assert!(matches!(err, JobStoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains(&id.to_string()), "{err}");
         assert!(store.list().is_err(), "a listing does not skip a corrupt record silently");
-        assert!(store.unfinished().is_err());
         // A valid record under another job's key is refused too.
         let moved =
             codec::encode_limited::<_, JOB_RECORD_BYTES_MAX>(&record(1, 100, false)).unwrap();

@@ -7,7 +7,7 @@
 //! let digest = blobs.put(b"hello")?;
 //! assert_eq!(blobs.get(&digest)?.as_deref(), Some(&b"hello"[..]));
 //! let jobs = JobStore::open(std::path::Path::new("/tmp/relay/jobs"))?;
-//! assert!(jobs.unfinished()?.is_empty());
+//! assert!(jobs.list()?.is_empty());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
