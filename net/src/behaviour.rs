@@ -5,9 +5,12 @@ use std::time::Duration;
 use aimatrix_protocol::hash::Digest;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response};
+use libp2p::{
+    dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response, StreamProtocol,
+};
 
 use crate::codec::{DirectCodec, DIRECT_PROTOCOL};
+use crate::store::DhtStore;
 use crate::{NetConfig, NetError, Role};
 
 /// The identify protocol version: peers of other networks are told apart by it.
@@ -22,6 +25,14 @@ pub(crate) const GOSSIP_TRANSMIT_BYTES_MAX: usize =
 /// so this bounds how soon a new peer joins the mesh, not delivery latency.
 const GOSSIP_HEARTBEAT: Duration = Duration::from_millis(500);
 
+/// The network's Kademlia protocol: its own, so its DHT never merges with IPFS's
+/// (`/ipfs/kad/1.0.0`) or another network's.
+pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/aimatrix/kad/1");
+
+/// The largest Kademlia message: a record of the largest advert, with room for the message's
+/// own fields, or an answer of `store::PROVIDERS_ANSWERED` providers with their addresses.
+const KAD_PACKET_BYTES_MAX: usize = aimatrix_protocol::dht::ADVERT_RECORD_BYTES_MAX + (16 << 10);
+
 /// How long a Kademlia query may run.
 const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -30,7 +41,7 @@ const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Behaviour {
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
-    pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) kad: kad::Behaviour<DhtStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) direct: request_response::Behaviour<DirectCodec>,
     pub(crate) relay_server: Toggle<relay::Behaviour>,
@@ -55,10 +66,12 @@ impl Behaviour {
                 .with_push_listen_addr_updates(true),
         );
 
-        let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config.set_query_timeout(KAD_QUERY_TIMEOUT);
-        let mut kad =
-            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        kad_config.set_max_packet_size(KAD_PACKET_BYTES_MAX);
+        // Nothing a peer sends is stored before the protocol's checks (`SwarmTask::on_dht_inbound`).
+        kad_config.set_record_filtering(kad::StoreInserts::FilterBoth);
+        let mut kad = kad::Behaviour::with_config(peer_id, DhtStore::new(peer_id), kad_config);
         // The relay always serves the DHT; a node serves it only once it has a confirmed direct
         // external address (see `SwarmTask::update_kad_mode`).
         kad.set_mode(Some(if is_relay { kad::Mode::Server } else { kad::Mode::Client }));

@@ -38,8 +38,11 @@
 mod behaviour;
 pub mod codec;
 pub mod outbound;
+pub mod store;
 mod task;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use aimatrix_protocol::codec::EncodeError;
@@ -144,6 +147,34 @@ pub enum NetEvent {
     ListenAddr(Multiaddr),
 }
 
+/// What this peer's DHT holds and refused, for status views (`status --json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DhtStats {
+    /// `server` when this peer answers other peers' DHT queries and stores their records,
+    /// `client` when it only asks (a node without a confirmed direct external address).
+    pub mode: DhtMode,
+    /// Records (adverts) held.
+    pub records: usize,
+    /// Keys (capability classes) with providers held.
+    pub provider_keys: usize,
+    /// Provider records held, over every key.
+    pub providers: usize,
+    /// Records and provider records peers sent that were not stored, by reason: the labels
+    /// of `aimatrix_protocol::dht::RecordRefusal`, and `store_full`.
+    pub refused: BTreeMap<String, u64>,
+}
+
+/// Whether a peer serves the DHT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DhtMode {
+    /// Answers queries and stores records.
+    Server,
+    /// Only asks.
+    #[default]
+    Client,
+}
+
 /// The answer slot of one inbound direct request.
 ///
 /// Dropping it without [`Responder::send`] answers `Refused("no response")`; not answering
@@ -229,6 +260,7 @@ pub enum NetError {
 pub struct NetHandle {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
+    dht: Arc<Mutex<DhtStats>>,
 }
 
 /// Builds the swarm, binds every listen address, starts dialing the bootstrap peers and runs
@@ -239,9 +271,10 @@ pub async fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent
     let peer_id = peer_id_of(&cfg.keypair.public());
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
-    let task = task::SwarmTask::start(cfg, events_tx).await?;
+    let dht = Arc::new(Mutex::new(DhtStats::default()));
+    let task = task::SwarmTask::start(cfg, events_tx, dht.clone()).await?;
     tokio::spawn(task.run(commands_rx));
-    Ok((NetHandle { peer_id, commands: commands_tx }, events_rx))
+    Ok((NetHandle { peer_id, commands: commands_tx, dht }, events_rx))
 }
 
 impl NetHandle {
@@ -332,6 +365,12 @@ impl NetHandle {
     /// Every peer with an open connection (empty once the task has stopped).
     pub async fn connected_peers(&self) -> Vec<PeerId> {
         self.call(|reply| Command::ConnectedPeers { reply }).await.unwrap_or_default()
+    }
+
+    /// What the DHT holds and refused, as of the swarm's last update (counts are refreshed
+    /// every few seconds, refusals at once). Does not wait for the swarm task.
+    pub fn dht_stats(&self) -> DhtStats {
+        self.dht.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Stops the swarm task and waits until it has stopped. Pending operations fail with

@@ -4,8 +4,10 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
+use aimatrix_protocol::dht::{check_advert_update, check_provider_key};
 use aimatrix_protocol::direct::{self, DirectRequest, DirectResponse};
 use aimatrix_protocol::Topic;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -22,14 +24,17 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::{libp2p_keypair, NetConfig, NetError, NetEvent, Responder, Role};
+use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::{libp2p_keypair, DhtMode, DhtStats, NetConfig, NetError, NetEvent, Responder, Role};
 
 /// How long [`crate::spawn`] waits for each listen address to be bound.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often disconnected bootstrap peers are redialed.
 const BOOTSTRAP_REDIAL: Duration = Duration::from_secs(10);
+
+/// How often the DHT's counts in [`DhtStats`] are refreshed and expired entries pruned.
+const DHT_HOUSEKEEPING: Duration = Duration::from_secs(5);
 
 /// How long an idle connection stays open.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -85,6 +90,10 @@ pub(crate) struct SwarmTask {
     queries: HashMap<QueryId, Query>,
     dials: HashMap<ConnectionId, Reply<()>>,
     inbound: FuturesUnordered<PendingResponse>,
+    /// What the DHT holds and refused, shared with every handle.
+    dht: Arc<Mutex<DhtStats>>,
+    /// Connected peers that serve the DHT (identified as speaking its protocol).
+    dht_servers: HashSet<PeerId>,
 }
 
 impl SwarmTask {
@@ -92,6 +101,7 @@ impl SwarmTask {
     pub(crate) async fn start(
         cfg: NetConfig,
         events: mpsc::Sender<NetEvent>,
+        dht: Arc<Mutex<DhtStats>>,
     ) -> Result<Self, NetError> {
         let bootstrap = parse_bootstrap(&cfg.bootstrap)?;
         let swarm = build_swarm(&cfg)?;
@@ -111,7 +121,10 @@ impl SwarmTask {
             queries: HashMap::new(),
             dials: HashMap::new(),
             inbound: FuturesUnordered::new(),
+            dht,
+            dht_servers: HashSet::new(),
         };
+        task.update_kad_mode();
         for topic in [Topic::Adverts, Topic::Offers] {
             task.swarm
                 .behaviour_mut()
@@ -182,6 +195,8 @@ impl SwarmTask {
         let mut redial = tokio::time::interval(BOOTSTRAP_REDIAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         redial.reset();
+        let mut dht_housekeeping = tokio::time::interval(DHT_HOUSEKEEPING);
+        dht_housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A permit borrows its sender: reserve through a clone, not through `self`.
         let events = self.events.clone();
         loop {
@@ -210,6 +225,7 @@ impl SwarmTask {
                     Err(_) => self.overflow.clear(), // the driver is gone
                 },
                 _ = redial.tick() => self.redial_bootstrap(),
+                _ = dht_housekeeping.tick() => self.dht_housekeeping(),
             }
         }
     }
@@ -299,6 +315,7 @@ impl SwarmTask {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 debug!(peer = %peer_id, "disconnected");
+                self.dht_servers.remove(&peer_id);
                 self.emit(NetEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
@@ -345,6 +362,9 @@ impl SwarmTask {
                 id, result, step, ..
             }) => {
                 self.on_query_progress(id, result, step.last);
+            }
+            BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
+                self.on_dht_inbound(request);
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 self.on_identified(peer_id, info);
@@ -484,7 +504,11 @@ impl SwarmTask {
     }
 
     fn on_identified(&mut self, peer: PeerId, info: identify::Info) {
-        let serves_dht = info.protocols.contains(&kad::PROTOCOL_NAME);
+        let serves_dht = info.protocols.contains(&KAD_PROTOCOL);
+        if serves_dht && self.dht_servers.insert(peer) && self.dht_servers.len() == 1 {
+            debug!(%peer, "first DHT server connected: publishing own records again");
+            self.republish_own();
+        }
         for addr in info.listen_addrs {
             if serves_dht {
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
@@ -510,11 +534,84 @@ impl SwarmTask {
     /// relay circuit: a DHT server behind a relay would send every query through it.
     fn update_kad_mode(&mut self) {
         if self.role == Role::Relay {
+            self.dht_stats().mode = DhtMode::Server;
             return;
         }
         let direct = self.swarm.external_addresses().any(|a| !is_circuit(a));
         let mode = if direct { kad::Mode::Server } else { kad::Mode::Client };
         self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        self.dht_stats().mode = if direct { DhtMode::Server } else { DhtMode::Client };
+    }
+
+    /// Stores what a peer sent only if the protocol's rules allow it
+    /// (`aimatrix_protocol::dht`), and counts each refusal by reason.
+    fn on_dht_inbound(&mut self, request: kad::InboundRequest) {
+        let refused = match request {
+            kad::InboundRequest::PutRecord { source, record: Some(record), .. } => {
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                let stored = store.get(&record.key).map(|r| r.value.clone());
+                match check_advert_update(record.key.as_ref(), &record.value, stored.as_deref()) {
+                    Ok(_) => match store.put(record) {
+                        Ok(()) => None,
+                        Err(e) => Some((source, "store_full", e.to_string())),
+                    },
+                    Err(refusal) => Some((source, refusal.label(), refusal.to_string())),
+                }
+            }
+            kad::InboundRequest::AddProvider { record: Some(record) } => {
+                let source = record.provider;
+                match check_provider_key(record.key.as_ref()) {
+                    Ok(()) => match self.swarm.behaviour_mut().kad.store_mut().add_provider(record)
+                    {
+                        Ok(()) => None,
+                        Err(e) => Some((source, "store_full", e.to_string())),
+                    },
+                    Err(refusal) => Some((source, refusal.label(), refusal.to_string())),
+                }
+            }
+            _ => None,
+        };
+        if let Some((peer, label, why)) = refused {
+            debug!(%peer, reason = label, "DHT entry refused: {why}");
+            *self.dht_stats().refused.entry(label.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Publishes this peer's own records and provider records again, at once. Called when a
+    /// DHT server connects while no other is connected (the peer has just started, or lost
+    /// every DHT peer and found one again, such as a restarted relay): the DHT may have
+    /// forgotten them or never had them (they were stored while no peer was connected), and
+    /// Kademlia would otherwise republish them only hours later.
+    fn republish_own(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let own: Vec<kad::Record> = kad
+            .store_mut()
+            .records()
+            .filter(|r| r.publisher == Some(local))
+            .map(std::borrow::Cow::into_owned)
+            .collect();
+        for record in own {
+            if let Err(e) = kad.put_record(record, kad::Quorum::One) {
+                warn!(error = ?e, "cannot publish an own record again");
+            }
+        }
+        self.reannounce_provided();
+    }
+
+    /// Refreshes the store counts and drops expired entries.
+    fn dht_housekeeping(&mut self) {
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        store.prune(Instant::now());
+        let counts = store.counts();
+        let mut stats = self.dht_stats();
+        stats.records = counts.records;
+        stats.provider_keys = counts.provider_keys;
+        stats.providers = counts.providers;
+    }
+
+    fn dht_stats(&self) -> std::sync::MutexGuard<'_, DhtStats> {
+        self.dht.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Announces every provided key again: a provider record carries the provider's external

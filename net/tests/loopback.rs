@@ -9,12 +9,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use aimatrix_net::{
-    node_id_of, peer_id_of, spawn, DirectRequest, DirectResponse, Multiaddr, NetConfig, NetError,
-    NetEvent, NetHandle, PeerId, Role, Topic,
+    node_id_of, peer_id_of, spawn, DhtMode, DirectRequest, DirectResponse, Multiaddr, NetConfig,
+    NetError, NetEvent, NetHandle, PeerId, Role, Topic,
 };
+use aimatrix_protocol::capability::{advert_record_key, class_provider_key};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::Keypair;
-use aimatrix_protocol::messages::JobId;
+use aimatrix_protocol::messages::{seal, Advert, JobId, Message};
+use aimatrix_protocol::testkit;
 use tokio::sync::mpsc;
 
 /// Long enough for a loaded 2-core machine; a passing run takes far less.
@@ -206,26 +208,135 @@ async fn direct_requests_are_answered_both_ways() {
     assert!(matches!(a.request(stranger, envelope).await, Err(NetError::Dial(_))));
 }
 
+/// The advert record of the node with secret `seed`, numbered `seq`: its DHT key and value.
+fn advert_record(seed: u8, seq: u64) -> (Vec<u8>, Vec<u8>) {
+    let key = Keypair::from_secret_bytes([seed; 32]);
+    let advert = Message::Advert(Advert { seq, profile: testkit::profile() });
+    (advert_record_key(&key.public()), seal(&key, &advert, seq, 0, 60_000).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_and_providers_travel_through_the_relay() {
     let net = network(Vec::new()).await;
     let (a, b) = (&net.a.net, &net.b.net);
 
-    a.put_record(b"advert/a".to_vec(), b"signed advert".to_vec()).await.unwrap();
-    let found = eventually("b to find a's record", || async {
-        b.get_record(b"advert/a".to_vec()).await.unwrap()
-    })
-    .await;
-    assert_eq!(found, b"signed advert");
-    assert_eq!(b.get_record(b"advert/nobody".to_vec()).await.unwrap(), None);
+    let (key, advert) = advert_record(2, 1);
+    a.put_record(key.clone(), advert.clone()).await.unwrap();
+    let found =
+        eventually("b to find a's advert", || async { b.get_record(key.clone()).await.unwrap() })
+            .await;
+    assert_eq!(found, advert);
+    let (nobody, _) = advert_record(77, 1);
+    assert_eq!(b.get_record(nobody).await.unwrap(), None);
 
-    a.start_providing(b"runtime/wasm".to_vec()).await.unwrap();
+    let wasm = class_provider_key("runtime/wasm");
+    a.start_providing(wasm.clone()).await.unwrap();
     let a_id = a.local_peer_id();
     eventually("b to find a as a provider", || async {
-        b.get_providers(b"runtime/wasm".to_vec()).await.unwrap().contains(&a_id).then_some(())
+        b.get_providers(wasm.clone()).await.unwrap().contains(&a_id).then_some(())
     })
     .await;
-    assert!(b.get_providers(b"gpu/vram>=16g".to_vec()).await.unwrap().is_empty());
+    assert!(b.get_providers(class_provider_key("gpu/vram>=16g")).await.unwrap().is_empty());
+
+    let stats = eventually("the relay to count what it holds", || async {
+        let stats = net.relay.net.dht_stats();
+        (stats.records == 1 && stats.providers == 1).then_some(stats)
+    })
+    .await;
+    assert_eq!((stats.mode, stats.provider_keys), (DhtMode::Server, 1));
+    assert!(stats.refused.is_empty(), "{stats:?}");
+    assert_eq!(a.dht_stats().mode, DhtMode::Client, "a node without an external address");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dht_refuses_forged_foreign_and_stale_records_and_keeps_what_it_had() {
+    let net = network(Vec::new()).await;
+    let (relay, a, b) = (&net.relay.net, &net.a.net, &net.b.net);
+    let (a_key, a_advert) = advert_record(2, 5);
+    a.put_record(a_key.clone(), a_advert.clone()).await.unwrap();
+    eventually("the relay to hold a's advert", || async {
+        relay.get_record(a_key.clone()).await.unwrap().filter(|v| *v == a_advert)
+    })
+    .await;
+
+    // b is hostile: it overwrites a's record with its own advert, replays an older advert a
+    // signed, forges a's signature, stores junk under junk, and provides a key that is no
+    // capability class. (A peer's own store keeps what it puts; only others check.)
+    let (_, b_advert) = advert_record(3, 9);
+    let (_, a_old) = advert_record(2, 1);
+    let mut forged = a_advert.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    let _ = b.put_record(a_key.clone(), b_advert).await;
+    let _ = b.put_record(a_key.clone(), a_old).await;
+    let _ = b.put_record(a_key.clone(), forged).await;
+    let _ = b.put_record(b"junk".to_vec(), b"junk".to_vec()).await;
+    let _ = b.start_providing(b"/ipfs/anything".to_vec()).await;
+
+    let expected = [
+        "foreign_key_record",
+        "stale_record",
+        "bad_signature_record",
+        "not_advert_key",
+        "not_class_key",
+    ];
+    let refused = eventually("the relay to count every refusal", || async {
+        let refused = relay.dht_stats().refused;
+        expected.iter().all(|label| refused.get(*label) == Some(&1)).then_some(refused)
+    })
+    .await;
+    assert_eq!(refused.len(), expected.len(), "{refused:?}");
+
+    // Nothing stored was lost or replaced: the relay still answers a's own advert, and a
+    // third peer finds it there.
+    assert_eq!(relay.get_record(a_key.clone()).await.unwrap(), Some(a_advert.clone()));
+    assert_eq!(relay.get_record(b"junk".to_vec()).await.unwrap(), None);
+    let c = start(Role::Node, 4, vec![relay_addr(relay).await], Vec::new()).await;
+    let found = eventually("a fresh node to find a's advert", || async {
+        c.net.get_record(a_key.clone()).await.ok().flatten()
+    })
+    .await;
+    assert_eq!(found, a_advert);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_publishes_its_records_again_when_a_restarted_relay_comes_back() {
+    let relay = start(Role::Relay, 1, Vec::new(), Vec::new()).await;
+    let addr = relay_addr(&relay.net).await;
+    let a = start(Role::Node, 2, vec![addr.clone()], Vec::new()).await;
+    let (key, advert) = advert_record(2, 1);
+    let wasm = class_provider_key("runtime/wasm");
+    eventually("a to store its advert and provide its class at the relay", || async {
+        let stored = a.net.put_record(key.clone(), advert.clone()).await.is_ok()
+            && a.net.start_providing(wasm.clone()).await.is_ok();
+        let stats = relay.net.dht_stats();
+        (stored && stats.records == 1 && stats.providers == 1).then_some(())
+    })
+    .await;
+
+    // The relay restarts with an empty store, on the same address.
+    relay.net.shutdown().await;
+    let mut listen = addr.clone();
+    listen.pop(); // the /p2p suffix
+    let mut cfg = NetConfig::new(Keypair::from_secret_bytes([1; 32]), Role::Relay);
+    cfg.listen = vec![listen];
+    let (restarted, _events) = spawn(cfg).await.unwrap();
+    assert_eq!(restarted.dht_stats().records, 0);
+
+    // The node redials it and publishes again without being asked; nothing waits hours.
+    let a_id = a.net.local_peer_id();
+    eventually("the restarted relay to hold a's advert and provider record", || async {
+        let record = restarted.get_record(key.clone()).await.ok().flatten();
+        let providers = restarted.get_providers(wasm.clone()).await.unwrap_or_default();
+        (record.as_ref() == Some(&advert) && providers.contains(&a_id)).then_some(())
+    })
+    .await;
+}
+
+/// The relay's first listen address, ending in its `/p2p` id.
+async fn relay_addr(relay: &NetHandle) -> Multiaddr {
+    let addr = relay.listen_addrs().await.into_iter().next().unwrap();
+    addr.with(libp2p::multiaddr::Protocol::P2p(relay.local_peer_id()))
 }
 
 #[tokio::test]

@@ -5,22 +5,31 @@
 //! Two kinds of entries exist. An **advert record** is stored under
 //! [`advert_record_key`]`(node)` and holds the node's latest signed advert envelope: it is kept
 //! only if it is an advert, well signed, by the very node its key names, so nobody can publish
-//! (or overwrite) another node's profile. A **provider record** says a peer holds a capability
+//! (or overwrite) another node's profile, and it replaces a stored one only if its advert is
+//! not older ([`check_advert_update`]), so an old signed advert cannot be replayed over a newer
+//! one. A **provider record** says a peer holds a capability
 //! class (under [`class_provider_key`]); its key must be a class key, and Kademlia itself
 //! records the sender as the provider.
 //!
 //! ```
 //! use aimatrix_protocol::capability::advert_record_key;
-//! use aimatrix_protocol::dht::{check_advert_record, RecordRefusal};
+//! use aimatrix_protocol::dht::{check_advert_record, check_advert_update, RecordRefusal};
 //! use aimatrix_protocol::messages::{seal, Advert, Message};
 //! use aimatrix_protocol::testkit;
 //!
 //! let key = testkit::keypair(1);
 //! let advert = Message::Advert(Advert { seq: 1, profile: testkit::profile() });
 //! let value = seal(&key, &advert, 1, 0, 60_000).unwrap();
-//! assert_eq!(check_advert_record(&advert_record_key(&key.public()), &value), Ok(key.public()));
+//! let record_key = advert_record_key(&key.public());
+//! assert_eq!(check_advert_record(&record_key, &value).unwrap().owner, key.public());
 //! let other = advert_record_key(&testkit::keypair(2).public());
 //! assert!(matches!(check_advert_record(&other, &value), Err(RecordRefusal::ForeignKey { .. })));
+//!
+//! let newer = Message::Advert(Advert { seq: 2, profile: testkit::profile() });
+//! let newer = seal(&key, &newer, 2, 0, 60_000).unwrap();
+//! assert_eq!(check_advert_update(&record_key, &newer, Some(&value)).unwrap().seq, 2);
+//! let replay = check_advert_update(&record_key, &value, Some(&newer)).unwrap_err();
+//! assert_eq!(replay.label(), "stale_record");
 //! ```
 
 use crate::capability::{advert_record_key, class_provider_key};
@@ -33,6 +42,15 @@ use crate::messages::Message;
 pub const ADVERT_RECORD_BYTES_MAX: usize = 64 * 1024;
 /// The longest capability class name in a provider key, in bytes.
 pub const CLASS_NAME_BYTES_MAX: usize = 64;
+
+/// What an advert record that passed the checks says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedAdvert {
+    /// The node the record is for (its key names it, and it signed the advert).
+    pub owner: NodeId,
+    /// The advert's sequence number.
+    pub seq: u64,
+}
 
 /// Why a DHT record was not stored. [`RecordRefusal::label`] is the stable name it is counted
 /// under.
@@ -69,6 +87,14 @@ pub enum RecordRefusal {
     /// The payload is not an advert.
     #[error("the advert does not decode: {0}")]
     BadAdvert(String),
+    /// The advert is older than the one stored under its key.
+    #[error("the advert is number {seq}; the one stored is number {stored}, newer")]
+    Stale {
+        /// The incoming advert's sequence number.
+        seq: u64,
+        /// The stored advert's sequence number.
+        stored: u64,
+    },
     /// A provider record's key is not a capability class key.
     #[error("the key is not a capability class key (aimatrix/class/<name>)")]
     NotClassKey,
@@ -85,6 +111,7 @@ impl RecordRefusal {
             Self::ForeignKey { .. } => "foreign_key_record",
             Self::BadSignature => "bad_signature_record",
             Self::BadAdvert(_) => "bad_advert_record",
+            Self::Stale { .. } => "stale_record",
             Self::NotClassKey => "not_class_key",
         }
     }
@@ -93,7 +120,7 @@ impl RecordRefusal {
 /// Whether `value` may be stored under `key` as an advert record; the node it belongs to if
 /// so. Time is not checked: a reader checks an advert's lifetime when it uses it, and the
 /// DHT's own expiry drops records nobody republishes.
-pub fn check_advert_record(key: &[u8], value: &[u8]) -> Result<NodeId, RecordRefusal> {
+pub fn check_advert_record(key: &[u8], value: &[u8]) -> Result<CheckedAdvert, RecordRefusal> {
     let prefix = advert_record_key(&NodeId::from_bytes([0; PUBLIC_KEY_LEN]));
     let prefix = &prefix[..prefix.len() - PUBLIC_KEY_LEN];
     let owner = key
@@ -114,10 +141,28 @@ pub fn check_advert_record(key: &[u8], value: &[u8]) -> Result<NodeId, RecordRef
     }
     envelope.verify_signature().map_err(|_| RecordRefusal::BadSignature)?;
     match Message::decode_payload(Domain::Advert, &envelope.payload) {
-        Ok(Message::Advert(_)) => Ok(owner),
+        Ok(Message::Advert(advert)) => Ok(CheckedAdvert { owner, seq: advert.seq }),
         Ok(_) => Err(RecordRefusal::BadAdvert("not an advert".into())),
         Err(e) => Err(RecordRefusal::BadAdvert(e.to_string())),
     }
+}
+
+/// Whether `value` may replace `stored` under `key`: it passes [`check_advert_record`] and its
+/// advert is not older than the stored one (the same advert again is accepted: Kademlia
+/// replicates records). A stored value that no longer passes the checks does not protect its
+/// key.
+pub fn check_advert_update(
+    key: &[u8],
+    value: &[u8],
+    stored: Option<&[u8]>,
+) -> Result<CheckedAdvert, RecordRefusal> {
+    let incoming = check_advert_record(key, value)?;
+    if let Some(Ok(stored)) = stored.map(|stored| check_advert_record(key, stored)) {
+        if incoming.seq < stored.seq {
+            return Err(RecordRefusal::Stale { seq: incoming.seq, stored: stored.seq });
+        }
+    }
+    Ok(incoming)
 }
 
 /// Whether `key` may be provided: a capability class key whose class name is 1 to
@@ -142,15 +187,22 @@ mod tests {
     use crate::testkit;
 
     fn advert_value(n: u64) -> Vec<u8> {
-        let advert = Message::Advert(Advert { seq: 1, profile: testkit::profile() });
-        seal(&testkit::keypair(n), &advert, 1, 0, 60_000).unwrap()
+        advert_value_seq(n, 1)
+    }
+
+    fn advert_value_seq(n: u64, seq: u64) -> Vec<u8> {
+        let advert = Message::Advert(Advert { seq, profile: testkit::profile() });
+        seal(&testkit::keypair(n), &advert, seq, 0, 60_000).unwrap()
     }
 
     #[test]
     fn an_advert_record_is_kept_only_under_its_signers_key() {
         let owner = testkit::keypair(1).public();
         let key = advert_record_key(&owner);
-        assert_eq!(check_advert_record(&key, &advert_value(1)), Ok(owner));
+        assert_eq!(
+            check_advert_record(&key, &advert_value(1)),
+            Ok(CheckedAdvert { owner, seq: 1 })
+        );
 
         let foreign = check_advert_record(&key, &advert_value(2)).unwrap_err();
         assert_eq!(foreign.label(), "foreign_key_record");
@@ -173,6 +225,26 @@ mod tests {
         assert_eq!(garbage.label(), "undecodable_record");
         let huge = vec![0u8; ADVERT_RECORD_BYTES_MAX + 1];
         assert_eq!(check_advert_record(&key, &huge).unwrap_err().label(), "oversized_record");
+    }
+
+    #[test]
+    fn an_advert_record_is_replaced_only_by_a_newer_or_equal_advert() {
+        let key = advert_record_key(&testkit::keypair(1).public());
+        let (old, new) = (advert_value_seq(1, 3), advert_value_seq(1, 7));
+        assert_eq!(check_advert_update(&key, &new, None).unwrap().seq, 7);
+        assert_eq!(check_advert_update(&key, &new, Some(&old)).unwrap().seq, 7);
+        assert_eq!(check_advert_update(&key, &new, Some(&new)).unwrap().seq, 7);
+        assert_eq!(
+            check_advert_update(&key, &old, Some(&new)),
+            Err(RecordRefusal::Stale { seq: 3, stored: 7 })
+        );
+        // A stored value that does not pass protects nothing; a bad incoming one is refused.
+        assert_eq!(check_advert_update(&key, &old, Some(b"junk")).unwrap().seq, 3);
+        let foreign = advert_value_seq(2, 9);
+        assert_eq!(
+            check_advert_update(&key, &foreign, Some(&old)).unwrap_err().label(),
+            "foreign_key_record"
+        );
     }
 
     #[test]

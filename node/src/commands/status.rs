@@ -51,6 +51,19 @@ fn print_human(s: &StatusView, now_ms: u64) -> std::io::Result<()> {
     let link = if s.relay.connected { "connected" } else { "not connected" };
     line("relay", &format!("{} at {} ({link})", s.relay.peer_id, s.relay.address))?;
     line("peers", &format!("{} connected", s.connected_peers.len()))?;
+    let dht = &s.dht;
+    let mode = match dht.mode {
+        aimatrix_net::DhtMode::Server => "server",
+        aimatrix_net::DhtMode::Client => "client",
+    };
+    let refused: u64 = dht.refused.values().sum();
+    line(
+        "dht",
+        &format!(
+            "{mode}; {} records, {} providers of {} classes held; {refused} entries refused",
+            dht.records, dht.providers, dht.provider_keys
+        ),
+    )?;
     let accepting = match (s.draining, s.accept_mode) {
         (true, _) => "nothing new: the node is shutting down",
         (false, AcceptMode::Auto) => "auto: claims matching offers by itself",

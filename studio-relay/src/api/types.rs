@@ -326,6 +326,9 @@ pub struct RelayStatusView {
     pub reject_counts: BTreeMap<String, u64>,
     /// Reservations the ledger expired since the start.
     pub ledger_expired: u64,
+    /// The DHT as the relay sees it: what it holds, what peers sent that it refused.
+    #[serde(default)]
+    pub dht: aimatrix_net::DhtStats,
     /// Why the relay stopped taking work (its job store or ledger cannot write), if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted: Option<String>,

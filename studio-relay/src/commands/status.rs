@@ -39,5 +39,13 @@ pub(crate) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     for (reason, n) in &status.reject_counts {
         println!("rejected     {n} × {reason}");
     }
+    let dht = &status.dht;
+    println!(
+        "dht          {} records, {} providers of {} classes held",
+        dht.records, dht.providers, dht.provider_keys
+    );
+    for (reason, n) in &dht.refused {
+        println!("dht refused  {n} × {reason}");
+    }
     Ok(ExitCode::SUCCESS)
 }
