@@ -6,7 +6,8 @@ use aimatrix_protocol::hash::Digest;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response, StreamProtocol,
+    autonat, dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response,
+    StreamProtocol,
 };
 
 use crate::codec::{DirectCodec, DIRECT_PROTOCOL};
@@ -41,6 +42,11 @@ const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Behaviour {
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
+    /// AutoNAT v2, asking side: has other peers dial this one's candidate addresses back and
+    /// confirms those that work as external addresses (a node then serves the DHT).
+    pub(crate) autonat_client: Toggle<autonat::v2::client::Behaviour>,
+    /// AutoNAT v2, answering side: every peer dials back the addresses others ask it to test.
+    pub(crate) autonat_server: autonat::v2::server::Behaviour,
     pub(crate) kad: kad::Behaviour<DhtStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) direct: request_response::Behaviour<DirectCodec>,
@@ -109,6 +115,11 @@ impl Behaviour {
         Ok(Self {
             identify,
             ping: ping::Behaviour::default(),
+            // A relay is told its external addresses (or takes its listen addresses); a node
+            // finds out.
+            // (libp2p's defaults: a candidate tested every 5 s, at most 10 candidates.)
+            autonat_client: (!is_relay).then(autonat::v2::client::Behaviour::default).into(),
+            autonat_server: autonat::v2::server::Behaviour::default(),
             kad,
             gossipsub,
             direct,

@@ -147,6 +147,44 @@ pub enum NetEvent {
     ListenAddr(Multiaddr),
 }
 
+/// What the swarm knows about its place in the network, for status views (`status --json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetStats {
+    /// Whether other peers can dial this one directly.
+    pub nat: NatStatus,
+    /// The addresses others can dial this peer at: confirmed by AutoNAT on a node, configured
+    /// (or its listen addresses) on a relay.
+    pub external_addrs: Vec<String>,
+    /// The peers connected now, relays and nodes apart.
+    pub peers: PeersView,
+    /// The DHT.
+    pub dht: DhtStats,
+}
+
+/// Whether other peers can dial this one directly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatStatus {
+    /// Not tested yet (AutoNAT needs a connected peer that answers its probes).
+    #[default]
+    Unknown,
+    /// At least one address was dialed back by another peer (or is configured as external).
+    Public,
+    /// Every address tested so far failed: the peer is behind a NAT or firewall that drops
+    /// inbound connections; others reach it through a relay circuit.
+    Private,
+}
+
+/// The peers connected now, by kind (told apart by identify: a relay speaks the circuit relay
+/// protocol).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeersView {
+    /// Relays, by PeerId.
+    pub relays: Vec<String>,
+    /// Every other peer, by PeerId (nodes, and peers not identified yet).
+    pub nodes: Vec<String>,
+}
+
 /// What this peer's DHT holds and refused, for status views (`status --json`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DhtStats {
@@ -260,7 +298,7 @@ pub enum NetError {
 pub struct NetHandle {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
-    dht: Arc<Mutex<DhtStats>>,
+    stats: Arc<Mutex<NetStats>>,
 }
 
 /// Builds the swarm, binds every listen address, starts dialing the bootstrap peers and runs
@@ -271,10 +309,10 @@ pub async fn spawn(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent
     let peer_id = peer_id_of(&cfg.keypair.public());
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_CHANNEL_CAPACITY);
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
-    let dht = Arc::new(Mutex::new(DhtStats::default()));
-    let task = task::SwarmTask::start(cfg, events_tx, dht.clone()).await?;
+    let stats = Arc::new(Mutex::new(NetStats::default()));
+    let task = task::SwarmTask::start(cfg, events_tx, stats.clone()).await?;
     tokio::spawn(task.run(commands_rx));
-    Ok((NetHandle { peer_id, commands: commands_tx, dht }, events_rx))
+    Ok((NetHandle { peer_id, commands: commands_tx, stats }, events_rx))
 }
 
 impl NetHandle {
@@ -367,10 +405,11 @@ impl NetHandle {
         self.call(|reply| Command::ConnectedPeers { reply }).await.unwrap_or_default()
     }
 
-    /// What the DHT holds and refused, as of the swarm's last update (counts are refreshed
-    /// every few seconds, refusals at once). Does not wait for the swarm task.
-    pub fn dht_stats(&self) -> DhtStats {
-        self.dht.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    /// Reachability, connected peers by kind and the DHT, as of the swarm's last update (the
+    /// DHT's counts are refreshed every few seconds, everything else at once). Does not wait
+    /// for the swarm task.
+    pub fn stats(&self) -> NetStats {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Stops the swarm task and waits until it has stopped. Pending operations fail with

@@ -25,7 +25,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
-use crate::{libp2p_keypair, DhtMode, DhtStats, NetConfig, NetError, NetEvent, Responder, Role};
+use crate::{
+    libp2p_keypair, DhtMode, NatStatus, NetConfig, NetError, NetEvent, NetStats, Responder, Role,
+};
 
 /// How long [`crate::spawn`] waits for each listen address to be bound.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,10 +92,14 @@ pub(crate) struct SwarmTask {
     queries: HashMap<QueryId, Query>,
     dials: HashMap<ConnectionId, Reply<()>>,
     inbound: FuturesUnordered<PendingResponse>,
-    /// What the DHT holds and refused, shared with every handle.
-    dht: Arc<Mutex<DhtStats>>,
+    /// What the swarm knows, shared with every handle.
+    stats: Arc<Mutex<NetStats>>,
     /// Connected peers that serve the DHT (identified as speaking its protocol).
     dht_servers: HashSet<PeerId>,
+    /// Connected peers identified as relays.
+    relays: HashSet<PeerId>,
+    /// AutoNAT tests that failed since the last confirmed address.
+    nat_failures: u32,
 }
 
 impl SwarmTask {
@@ -101,7 +107,7 @@ impl SwarmTask {
     pub(crate) async fn start(
         cfg: NetConfig,
         events: mpsc::Sender<NetEvent>,
-        dht: Arc<Mutex<DhtStats>>,
+        stats: Arc<Mutex<NetStats>>,
     ) -> Result<Self, NetError> {
         let bootstrap = parse_bootstrap(&cfg.bootstrap)?;
         let swarm = build_swarm(&cfg)?;
@@ -121,8 +127,10 @@ impl SwarmTask {
             queries: HashMap::new(),
             dials: HashMap::new(),
             inbound: FuturesUnordered::new(),
-            dht,
+            stats,
             dht_servers: HashSet::new(),
+            relays: HashSet::new(),
+            nat_failures: 0,
         };
         task.update_kad_mode();
         for topic in [Topic::Adverts, Topic::Offers] {
@@ -310,12 +318,15 @@ impl SwarmTask {
                 }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "connected");
+                    self.update_peers();
                     self.emit(NetEvent::PeerConnected(peer_id));
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 debug!(peer = %peer_id, "disconnected");
                 self.dht_servers.remove(&peer_id);
+                self.relays.remove(&peer_id);
+                self.update_peers();
                 self.emit(NetEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
@@ -338,6 +349,7 @@ impl SwarmTask {
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 info!(%address, "external address confirmed");
+                self.nat_failures = 0;
                 self.update_kad_mode();
                 self.reannounce_provided();
             }
@@ -380,6 +392,25 @@ impl SwarmTask {
                         debug!(%peer, error = %e, "cannot dial an mDNS peer");
                     }
                 }
+            }
+            BehaviourEvent::AutonatClient(event) => {
+                match &event.result {
+                    Ok(()) => {
+                        debug!(addr = %event.tested_addr, server = %event.server, "reachable")
+                    }
+                    Err(e) => {
+                        self.nat_failures += 1;
+                        info!(
+                            addr = %event.tested_addr,
+                            server = %event.server,
+                            "not reachable at this address: {e}"
+                        );
+                    }
+                }
+                self.update_kad_mode();
+            }
+            BehaviourEvent::AutonatServer(event) => {
+                debug!(client = %event.client, addr = %event.tested_addr, ok = event.result.is_ok(), "dialed back");
             }
             BehaviourEvent::RelayClient(event) => debug!(?event, "relay client"),
             BehaviourEvent::RelayServer(event) => debug!(?event, "relay server"),
@@ -516,6 +547,9 @@ impl SwarmTask {
             self.swarm.add_peer_address(peer, addr);
         }
         let is_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
+        if is_relay && self.relays.insert(peer) {
+            self.update_peers();
+        }
         if self.role == Role::Node && is_relay && !self.circuits.values().any(|r| *r == peer) {
             if let Some(addr) = self.bootstrap.get(&peer) {
                 let circuit = addr.clone().with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
@@ -532,15 +566,37 @@ impl SwarmTask {
 
     /// A node serves the DHT only while it has a confirmed external address that is not a
     /// relay circuit: a DHT server behind a relay would send every query through it.
+    ///
+    /// Also records the reachability this implies in the stats.
     fn update_kad_mode(&mut self) {
-        if self.role == Role::Relay {
-            self.dht_stats().mode = DhtMode::Server;
-            return;
+        let direct: Vec<String> = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !is_circuit(a))
+            .map(ToString::to_string)
+            .collect();
+        let public = self.role == Role::Relay || !direct.is_empty();
+        if self.role == Role::Node {
+            let mode = if public { kad::Mode::Server } else { kad::Mode::Client };
+            self.swarm.behaviour_mut().kad.set_mode(Some(mode));
         }
-        let direct = self.swarm.external_addresses().any(|a| !is_circuit(a));
-        let mode = if direct { kad::Mode::Server } else { kad::Mode::Client };
-        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
-        self.dht_stats().mode = if direct { DhtMode::Server } else { DhtMode::Client };
+        let mut stats = self.stats();
+        stats.dht.mode = if public { DhtMode::Server } else { DhtMode::Client };
+        stats.nat = match (public, self.nat_failures) {
+            (true, _) => NatStatus::Public,
+            (false, 0) => NatStatus::Unknown,
+            (false, _) => NatStatus::Private,
+        };
+        stats.external_addrs = direct;
+    }
+
+    /// Records the connected peers, relays and nodes apart, in the stats.
+    fn update_peers(&mut self) {
+        let (relays, nodes): (Vec<PeerId>, Vec<PeerId>) =
+            self.swarm.connected_peers().partition(|peer| self.relays.contains(peer));
+        let mut stats = self.stats();
+        stats.peers.relays = relays.iter().map(ToString::to_string).collect();
+        stats.peers.nodes = nodes.iter().map(ToString::to_string).collect();
     }
 
     /// Stores what a peer sent only if the protocol's rules allow it
@@ -573,7 +629,7 @@ impl SwarmTask {
         };
         if let Some((peer, label, why)) = refused {
             debug!(%peer, reason = label, "DHT entry refused: {why}");
-            *self.dht_stats().refused.entry(label.to_owned()).or_default() += 1;
+            *self.stats().dht.refused.entry(label.to_owned()).or_default() += 1;
         }
     }
 
@@ -604,14 +660,14 @@ impl SwarmTask {
         let store = self.swarm.behaviour_mut().kad.store_mut();
         store.prune(Instant::now());
         let counts = store.counts();
-        let mut stats = self.dht_stats();
-        stats.records = counts.records;
-        stats.provider_keys = counts.provider_keys;
-        stats.providers = counts.providers;
+        let mut stats = self.stats();
+        stats.dht.records = counts.records;
+        stats.dht.provider_keys = counts.provider_keys;
+        stats.dht.providers = counts.providers;
     }
 
-    fn dht_stats(&self) -> std::sync::MutexGuard<'_, DhtStats> {
-        self.dht.lock().unwrap_or_else(PoisonError::into_inner)
+    fn stats(&self) -> std::sync::MutexGuard<'_, NetStats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Announces every provided key again: a provider record carries the provider's external

@@ -9,8 +9,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use aimatrix_net::{
-    node_id_of, peer_id_of, spawn, DhtMode, DirectRequest, DirectResponse, Multiaddr, NetConfig,
-    NetError, NetEvent, NetHandle, PeerId, Role, Topic,
+    node_id_of, peer_id_of, spawn, DhtMode, DirectRequest, DirectResponse, Multiaddr, NatStatus,
+    NetConfig, NetError, NetEvent, NetHandle, PeerId, Role, Topic,
 };
 use aimatrix_protocol::capability::{advert_record_key, class_provider_key};
 use aimatrix_protocol::hash::Digest;
@@ -239,13 +239,34 @@ async fn records_and_providers_travel_through_the_relay() {
     assert!(b.get_providers(class_provider_key("gpu/vram>=16g")).await.unwrap().is_empty());
 
     let stats = eventually("the relay to count what it holds", || async {
-        let stats = net.relay.net.dht_stats();
+        let stats = net.relay.net.stats().dht;
         (stats.records == 1 && stats.providers == 1).then_some(stats)
     })
     .await;
     assert_eq!((stats.mode, stats.provider_keys), (DhtMode::Server, 1));
     assert!(stats.refused.is_empty(), "{stats:?}");
-    assert_eq!(a.dht_stats().mode, DhtMode::Client, "a node without an external address");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autonat_confirms_a_reachable_node_which_then_serves_the_dht() {
+    let net = network(Vec::new()).await;
+    let relay_id = net.relay.net.local_peer_id().to_string();
+    // Before any probe, or until one succeeds, a node only asks the DHT.
+    let stats = eventually("the relay to dial node a back and confirm its address", || async {
+        let stats = net.a.net.stats();
+        (stats.nat == NatStatus::Public).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats.dht.mode, DhtMode::Server, "{stats:?}");
+    assert!(stats.external_addrs.iter().any(|a| a.starts_with("/ip4/127.0.0.1/tcp/")), "{stats:?}");
+    assert!(stats.external_addrs.iter().all(|a| !a.contains("p2p-circuit")), "{stats:?}");
+    assert_eq!(stats.peers.relays, vec![relay_id], "{stats:?}");
+
+    let relay = net.relay.net.stats();
+    assert_eq!((relay.nat, relay.dht.mode), (NatStatus::Public, DhtMode::Server));
+    assert!(relay.peers.relays.is_empty(), "{relay:?}");
+    let a_id = net.a.net.local_peer_id().to_string();
+    assert!(relay.peers.nodes.contains(&a_id), "{relay:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,7 +302,7 @@ async fn the_dht_refuses_forged_foreign_and_stale_records_and_keeps_what_it_had(
         "not_class_key",
     ];
     let refused = eventually("the relay to count every refusal", || async {
-        let refused = relay.dht_stats().refused;
+        let refused = relay.stats().dht.refused;
         expected.iter().all(|label| refused.get(*label) == Some(&1)).then_some(refused)
     })
     .await;
@@ -309,7 +330,7 @@ async fn a_node_publishes_its_records_again_when_a_restarted_relay_comes_back() 
     eventually("a to store its advert and provide its class at the relay", || async {
         let stored = a.net.put_record(key.clone(), advert.clone()).await.is_ok()
             && a.net.start_providing(wasm.clone()).await.is_ok();
-        let stats = relay.net.dht_stats();
+        let stats = relay.net.stats().dht;
         (stored && stats.records == 1 && stats.providers == 1).then_some(())
     })
     .await;
@@ -321,7 +342,7 @@ async fn a_node_publishes_its_records_again_when_a_restarted_relay_comes_back() 
     let mut cfg = NetConfig::new(Keypair::from_secret_bytes([1; 32]), Role::Relay);
     cfg.listen = vec![listen];
     let (restarted, _events) = spawn(cfg).await.unwrap();
-    assert_eq!(restarted.dht_stats().records, 0);
+    assert_eq!(restarted.stats().dht.records, 0);
 
     // The node redials it and publishes again without being asked; nothing waits hours.
     let a_id = a.net.local_peer_id();

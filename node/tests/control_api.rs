@@ -72,7 +72,7 @@ fn status() -> StatusView {
         jobs_run: 7,
         claims_sent: 4,
         reject_counts: BTreeMap::from([("refused".to_owned(), 2)]),
-        dht: aimatrix_net::DhtStats::default(),
+        network: aimatrix_net::NetStats::default(),
     }
 }
 

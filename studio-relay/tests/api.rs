@@ -161,7 +161,7 @@ async fn fake_driver(
                     jobs_open: 0,
                     reject_counts: Default::default(),
                     ledger_expired: 0,
-                    dht: Default::default(),
+                    network: Default::default(),
                     halted: None,
                 });
             }

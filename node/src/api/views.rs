@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use aimatrix_net::DhtStats;
+use aimatrix_net::NetStats;
 use aimatrix_protocol::capability::CapabilityProfile;
 use aimatrix_protocol::job::{JobKind, Runtime};
 use aimatrix_protocol::matching;
@@ -38,8 +38,9 @@ pub(crate) struct StatusView {
     pub(crate) claims_sent: u64,
     /// Messages not acted on, by reason.
     pub(crate) reject_counts: BTreeMap<String, u64>,
-    /// The DHT as this node sees it: whether it serves it, what it holds, what it refused.
-    pub(crate) dht: DhtStats,
+    /// The node's place in the network: reachability (AutoNAT), peers connected (relays and
+    /// nodes apart), the DHT (mode, what it holds, what it refused).
+    pub(crate) network: NetStats,
 }
 
 /// The relay a node joined.
@@ -113,8 +114,8 @@ pub(crate) struct NetView {
     pub(crate) connected_peers: Vec<String>,
     /// The relay.
     pub(crate) relay: RelayView,
-    /// The DHT.
-    pub(crate) dht: DhtStats,
+    /// Reachability, peers by kind, the DHT.
+    pub(crate) network: NetStats,
 }
 
 impl StatusView {
@@ -134,7 +135,7 @@ impl StatusView {
             listen_addrs: net.listen_addrs,
             connected_peers: net.connected_peers,
             relay: net.relay,
-            dht: net.dht,
+            network: net.network,
             accept_mode,
             draining: core.is_draining(),
             running: core.leases().map(RunningView::from_held).collect(),
@@ -369,10 +370,13 @@ mod tests {
                 address: "/ip4/127.0.0.1/tcp/4000".into(),
                 connected: true,
             },
-            dht: DhtStats {
-                records: 2,
-                refused: [("foreign_key_record".to_owned(), 5)].into(),
-                ..DhtStats::default()
+            network: NetStats {
+                dht: aimatrix_net::DhtStats {
+                    records: 2,
+                    refused: [("foreign_key_record".to_owned(), 5)].into(),
+                    ..Default::default()
+                },
+                ..NetStats::default()
             },
         };
         let tally = EventTally { claims_sent: 1 };
@@ -392,8 +396,9 @@ mod tests {
         assert_eq!(json["running"][0]["job_id"], "01".repeat(16));
         assert_eq!(json["running"][0]["kind"], "batch");
         assert_eq!(json["claims_sent"], 1);
-        assert_eq!(json["dht"]["mode"], "client");
-        assert_eq!(json["dht"]["refused"]["foreign_key_record"], 5);
+        assert_eq!(json["network"]["dht"]["mode"], "client");
+        assert_eq!(json["network"]["dht"]["refused"]["foreign_key_record"], 5);
+        assert_eq!(json["network"]["nat"], "unknown");
         let back: StatusView = serde_json::from_value(json).unwrap();
         assert_eq!(back, status);
     }

@@ -50,8 +50,22 @@ fn print_human(s: &StatusView, now_ms: u64) -> std::io::Result<()> {
     }
     let link = if s.relay.connected { "connected" } else { "not connected" };
     line("relay", &format!("{} at {} ({link})", s.relay.peer_id, s.relay.address))?;
-    line("peers", &format!("{} connected", s.connected_peers.len()))?;
-    let dht = &s.dht;
+    let peers = &s.network.peers;
+    line(
+        "peers",
+        &format!("{} relays and {} nodes connected", peers.relays.len(), peers.nodes.len()),
+    )?;
+    let reachable = match s.network.nat {
+        aimatrix_net::NatStatus::Unknown => "not tested yet".to_owned(),
+        aimatrix_net::NatStatus::Public => {
+            format!("yes, at {}", s.network.external_addrs.join(", "))
+        }
+        aimatrix_net::NatStatus::Private => {
+            "no: behind a NAT or firewall; reached through a relay".to_owned()
+        }
+    };
+    line("reachable", &reachable)?;
+    let dht = &s.network.dht;
     let mode = match dht.mode {
         aimatrix_net::DhtMode::Server => "server",
         aimatrix_net::DhtMode::Client => "client",

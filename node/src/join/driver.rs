@@ -370,7 +370,7 @@ impl Node {
                 address: self.relay_addr.to_string(),
                 connected: self.connected.contains(&self.ctx.relay_peer),
             },
-            dht: self.ctx.net.dht_stats(),
+            network: self.ctx.net.stats(),
         };
         StatusView::from_core(
             &self.core,

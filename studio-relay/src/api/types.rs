@@ -326,9 +326,10 @@ pub struct RelayStatusView {
     pub reject_counts: BTreeMap<String, u64>,
     /// Reservations the ledger expired since the start.
     pub ledger_expired: u64,
-    /// The DHT as the relay sees it: what it holds, what peers sent that it refused.
+    /// The relay's place in the network: reachability, peers connected (relays and nodes
+    /// apart), the DHT (what it holds, what peers sent that it refused).
     #[serde(default)]
-    pub dht: aimatrix_net::DhtStats,
+    pub network: aimatrix_net::NetStats,
     /// Why the relay stopped taking work (its job store or ledger cannot write), if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halted: Option<String>,

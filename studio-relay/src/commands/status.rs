@@ -39,7 +39,9 @@ pub(crate) fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     for (reason, n) in &status.reject_counts {
         println!("rejected     {n} × {reason}");
     }
-    let dht = &status.dht;
+    let peers = &status.network.peers;
+    println!("peer kinds   {} relays, {} nodes", peers.relays.len(), peers.nodes.len());
+    let dht = &status.network.dht;
     println!(
         "dht          {} records, {} providers of {} classes held",
         dht.records, dht.providers, dht.provider_keys

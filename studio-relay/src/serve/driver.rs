@@ -1077,7 +1077,7 @@ impl Relay {
             self.ledger_refused,
             self.ledger_expired.load(std::sync::atomic::Ordering::Relaxed),
             self.halted.clone(),
-            self.net.dht_stats(),
+            self.net.stats(),
         )
     }
 }

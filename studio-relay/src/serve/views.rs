@@ -72,7 +72,7 @@ pub(crate) fn status_view(
     ledger_refused: u64,
     ledger_expired: u64,
     halted: Option<String>,
-    dht: aimatrix_net::DhtStats,
+    network: aimatrix_net::NetStats,
 ) -> RelayStatusView {
     let mut reject_counts: BTreeMap<String, u64> =
         core.reject_counts().iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
@@ -87,7 +87,7 @@ pub(crate) fn status_view(
         jobs_open: core.jobs().filter(|j| j.state == JobState::Open).count(),
         reject_counts,
         ledger_expired,
-        dht,
+        network,
         halted,
     }
 }
