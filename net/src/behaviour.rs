@@ -84,6 +84,12 @@ impl Behaviour {
 
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(GOSSIP_HEARTBEAT)
+            // A node keeps about a dozen node peers (`protocol::mesh`); most of them join the
+            // topic meshes, which also keeps their connections open.
+            .mesh_n(8)
+            .mesh_n_low(6)
+            .mesh_n_high(16)
+            .mesh_outbound_min(3)
             .validation_mode(gossipsub::ValidationMode::Strict)
             .message_id_fn(|msg: &gossipsub::Message| {
                 gossipsub::MessageId::new(&Digest::of(&msg.data).0)
@@ -92,11 +98,14 @@ impl Behaviour {
             .flood_publish(true)
             .build()
             .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
-        let gossipsub = gossipsub::Behaviour::new(
+        let mut gossipsub = gossipsub::Behaviour::new(
             gossipsub::MessageAuthenticity::Signed(key.clone()),
             gossip_config,
         )
         .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
+        gossipsub
+            .with_peer_score(gossip_score_params(), gossip_score_thresholds())
+            .map_err(|e| NetError::Config(format!("gossipsub scoring: {e}")))?;
 
         let direct = request_response::Behaviour::with_codec(
             DirectCodec,
@@ -130,5 +139,48 @@ impl Behaviour {
             dcutr: (!is_relay).then(|| dcutr::Behaviour::new(peer_id)).into(),
             mdns: mdns.into(),
         })
+    }
+}
+
+/// Gossipsub peer scoring (docs/network.md, "Gossip scoring"): a peer gains score for
+/// delivering messages first and for time in the mesh, and loses it fast for messages that fail
+/// validation (a bad signature) and for protocol misbehaviour. Mesh-delivery penalties are off:
+/// offers and adverts are rare, so a quiet mesh peer is normal, not a sign of an attack. The
+/// same-address penalty is off: many honest nodes share one public address behind a NAT.
+fn gossip_score_params() -> gossipsub::PeerScoreParams {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 3600.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.5,
+        first_message_deliveries_cap: 100.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.3,
+        ..gossipsub::TopicScoreParams::default()
+    };
+    let mut params = gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        ..gossipsub::PeerScoreParams::default()
+    };
+    for t in [aimatrix_protocol::Topic::Adverts, aimatrix_protocol::Topic::Offers] {
+        params.topics.insert(gossipsub::IdentTopic::new(t.name()).hash(), topic.clone());
+    }
+    params
+}
+
+/// Below `gossip_threshold` a peer gets no gossip from us, below `publish_threshold` none of
+/// our messages, below `graylist_threshold` nothing it sends is read. One invalid message costs
+/// 100, so a peer forging messages is graylisted at its first.
+fn gossip_score_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        gossip_threshold: -10.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        accept_px_threshold: 10.0,
+        opportunistic_graft_threshold: 5.0,
     }
 }

@@ -100,11 +100,15 @@ pub struct NetConfig {
     pub mdns: bool,
     /// How long a direct request may take, either way, before it fails.
     pub request_timeout: Duration,
+    /// How many other nodes a node keeps connections to, so gossip travels over a mesh among
+    /// nodes (clamped to `aimatrix_protocol::mesh::NODE_PEERS_MIN..=NODE_PEERS_MAX`; unused on
+    /// a relay).
+    pub node_peers: usize,
 }
 
 impl NetConfig {
-    /// A configuration with no listen, external or bootstrap addresses, no mDNS and
-    /// [`REQUEST_TIMEOUT_DEFAULT`].
+    /// A configuration with no listen, external or bootstrap addresses, no mDNS,
+    /// [`REQUEST_TIMEOUT_DEFAULT`] and the default number of node peers.
     pub fn new(keypair: Keypair, role: Role) -> Self {
         Self {
             keypair,
@@ -114,6 +118,7 @@ impl NetConfig {
             role,
             mdns: false,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
+            node_peers: aimatrix_protocol::mesh::NODE_PEERS_DEFAULT,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use aimatrix_protocol::dht::{check_advert_update, check_provider_key};
 use aimatrix_protocol::direct::{self, DirectRequest, DirectResponse};
+use aimatrix_protocol::mesh::{MeshAction, PeerKind, PeerSet};
 use aimatrix_protocol::Topic;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use libp2p::core::transport::ListenerId;
@@ -26,7 +27,8 @@ use tracing::{debug, info, warn};
 
 use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use crate::{
-    libp2p_keypair, DhtMode, NatStatus, NetConfig, NetError, NetEvent, NetStats, Responder, Role,
+    libp2p_keypair, node_id_of, DhtMode, NatStatus, NetConfig, NetError, NetEvent, NetStats,
+    Responder, Role,
 };
 
 /// How long [`crate::spawn`] waits for each listen address to be bound.
@@ -37,6 +39,9 @@ const BOOTSTRAP_REDIAL: Duration = Duration::from_secs(10);
 
 /// How often the DHT's counts in [`DhtStats`] are refreshed and expired entries pruned.
 const DHT_HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+/// How often the node's peer set is asked what to dial, drop or look up.
+const MESH_TICK: Duration = Duration::from_secs(1);
 
 /// How long an idle connection stays open.
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
@@ -100,6 +105,10 @@ pub(crate) struct SwarmTask {
     relays: HashSet<PeerId>,
     /// AutoNAT tests that failed since the last confirmed address.
     nat_failures: u32,
+    /// The node peers a node keeps (`None` on a relay).
+    mesh: Option<PeerSet>,
+    /// The mesh's clock starts with the task.
+    started: Instant,
 }
 
 impl SwarmTask {
@@ -131,6 +140,9 @@ impl SwarmTask {
             dht_servers: HashSet::new(),
             relays: HashSet::new(),
             nat_failures: 0,
+            mesh: (cfg.role == Role::Node)
+                .then(|| PeerSet::new(cfg.keypair.public(), cfg.node_peers, rand_seed())),
+            started: Instant::now(),
         };
         task.update_kad_mode();
         for topic in [Topic::Adverts, Topic::Offers] {
@@ -203,6 +215,8 @@ impl SwarmTask {
         let mut redial = tokio::time::interval(BOOTSTRAP_REDIAL);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         redial.reset();
+        let mut mesh_tick = tokio::time::interval(MESH_TICK);
+        mesh_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut dht_housekeeping = tokio::time::interval(DHT_HOUSEKEEPING);
         dht_housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A permit borrows its sender: reserve through a clone, not through `self`.
@@ -234,6 +248,7 @@ impl SwarmTask {
                 },
                 _ = redial.tick() => self.redial_bootstrap(),
                 _ = dht_housekeeping.tick() => self.dht_housekeeping(),
+                _ = mesh_tick.tick(), if self.mesh.is_some() => self.mesh_tick(),
             }
         }
     }
@@ -318,6 +333,8 @@ impl SwarmTask {
                 }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "connected");
+                    let now = self.now_ms();
+                    self.with_mesh(peer_id, |mesh, peer| mesh.connected(now, peer));
                     self.update_peers();
                     self.emit(NetEvent::PeerConnected(peer_id));
                 }
@@ -326,11 +343,17 @@ impl SwarmTask {
                 debug!(peer = %peer_id, "disconnected");
                 self.dht_servers.remove(&peer_id);
                 self.relays.remove(&peer_id);
+                let now = self.now_ms();
+                self.with_mesh(peer_id, |mesh, peer| mesh.disconnected(now, peer));
                 self.update_peers();
                 self.emit(NetEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
+                if let Some(peer) = peer_id {
+                    let now = self.now_ms();
+                    self.with_mesh(peer, |mesh, peer| mesh.dial_failed(now, peer));
+                }
                 if let Some(reply) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Err(NetError::Dial(error.to_string())));
                 }
@@ -371,9 +394,29 @@ impl SwarmTask {
             }
             BehaviourEvent::Direct(event) => self.on_direct_event(event),
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: QueryResult::GetClosestPeers(result),
+                ..
+            }) => {
+                // Only the mesh's random walks ask for closest peers.
+                let found = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                for info in found {
+                    for addr in info.addrs {
+                        self.swarm.add_peer_address(info.peer_id, addr);
+                    }
+                    self.with_mesh(info.peer_id, |mesh, peer| mesh.heard_of(peer));
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             }) => {
                 self.on_query_progress(id, result, step.last);
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                // A peer that serves the DHT, so one others can dial.
+                self.with_mesh(peer, |mesh, peer| mesh.heard_of(peer));
             }
             BehaviourEvent::Kad(kad::Event::InboundRequest { request }) => {
                 self.on_dht_inbound(request);
@@ -550,6 +593,8 @@ impl SwarmTask {
         if is_relay && self.relays.insert(peer) {
             self.update_peers();
         }
+        let kind = if is_relay { PeerKind::Relay } else { PeerKind::Node };
+        self.with_mesh(peer, |mesh, peer| mesh.identified(peer, kind));
         if self.role == Role::Node && is_relay && !self.circuits.values().any(|r| *r == peer) {
             if let Some(addr) = self.bootstrap.get(&peer) {
                 let circuit = addr.clone().with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
@@ -655,6 +700,52 @@ impl SwarmTask {
         self.reannounce_provided();
     }
 
+    /// Carries out what the node's peer set asks for now.
+    fn mesh_tick(&mut self) {
+        let now = self.now_ms();
+        let Some(mesh) = self.mesh.as_mut() else { return };
+        for action in mesh.poll(now) {
+            match action {
+                MeshAction::Dial(node) => {
+                    let peer = crate::peer_id_of(&node);
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        debug!(%peer, error = %e, "cannot dial a mesh peer");
+                        if let Some(mesh) = self.mesh.as_mut() {
+                            mesh.dial_failed(now, node);
+                        }
+                    }
+                }
+                MeshAction::Disconnect(node) => {
+                    let _ = self.swarm.disconnect_peer_id(crate::peer_id_of(&node));
+                }
+                MeshAction::Walk => {
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    if kad.kbuckets().any(|bucket| bucket.num_entries() > 0) {
+                        kad.get_closest_peers(PeerId::random());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands `peer` to the peer set, if this is a node and the peer has an aimatrix identity.
+    fn with_mesh(
+        &mut self,
+        peer: PeerId,
+        f: impl FnOnce(&mut PeerSet, aimatrix_protocol::identity::NodeId),
+    ) {
+        if let (Some(mesh), Some(node)) = (self.mesh.as_mut(), node_id_of(&peer)) {
+            f(mesh, node);
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Refreshes the store counts and drops expired entries.
     fn dht_housekeeping(&mut self) {
         let store = self.swarm.behaviour_mut().kad.store_mut();
@@ -747,6 +838,15 @@ impl Query {
 
 fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// A seed for the peer set's ranking: random per process.
+fn rand_seed() -> u64 {
+    // A random PeerId is a multihash of 32 random bytes: its last 8 are random.
+    let random = PeerId::random().to_bytes();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&random[random.len() - 8..]);
+    u64::from_le_bytes(bytes)
 }
 
 /// Bootstrap peers by id, with their address without the `/p2p` suffix.

@@ -39,10 +39,19 @@ struct Peer {
 /// Starts a peer whose driver answers direct requests: messages and uploads are accepted,
 /// blobs are served from `blobs`.
 async fn start(role: Role, seed: u8, bootstrap: Vec<Multiaddr>, blobs: Vec<Vec<u8>>) -> Peer {
+    start_with(config(role, seed, bootstrap), blobs).await
+}
+
+/// The configuration [`start`] uses: loopback, the given bootstrap peers.
+fn config(role: Role, seed: u8, bootstrap: Vec<Multiaddr>) -> NetConfig {
     let mut cfg = NetConfig::new(Keypair::from_secret_bytes([seed; 32]), role);
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.bootstrap = bootstrap;
     cfg.request_timeout = Duration::from_secs(20);
+    cfg
+}
+
+async fn start_with(cfg: NetConfig, blobs: Vec<Vec<u8>>) -> Peer {
     let (net, events) = spawn(cfg).await.unwrap();
     let blobs: HashMap<Digest, Vec<u8>> = blobs.into_iter().map(|b| (Digest::of(&b), b)).collect();
     let (gossip_tx, gossip) = mpsc::unbounded_channel();
@@ -352,6 +361,59 @@ async fn a_node_publishes_its_records_again_when_a_restarted_relay_comes_back() 
         (record.as_ref() == Some(&advert) && providers.contains(&a_id)).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_form_a_mesh_that_carries_gossip_without_the_relay() {
+    const NODES: u8 = 12;
+    const TARGET: usize = 4;
+    let relay = start(Role::Relay, 1, Vec::new(), Vec::new()).await;
+    let bootstrap = vec![relay_addr(&relay.net).await];
+    let mut nodes = Vec::new();
+    for seed in 10..10 + NODES {
+        let mut cfg = config(Role::Node, seed, bootstrap.clone());
+        cfg.node_peers = TARGET;
+        nodes.push(start_with(cfg, Vec::new()).await);
+    }
+    // Each node dialed only the relay; AutoNAT confirms them, they serve the DHT, random walks
+    // find the others, and each keeps its target of node peers (at most twice as many).
+    eventually("every node to keep its target of node peers", || async {
+        nodes
+            .iter()
+            .map(|n| n.net.stats())
+            .all(|s| {
+                s.dht.mode == DhtMode::Server
+                    && (TARGET..=2 * TARGET).contains(&s.peers.nodes.len())
+            })
+            .then_some(())
+    })
+    .await;
+
+    // The relay goes away; the nodes keep their mesh and gossip still reaches every node,
+    // also one the publisher has no connection to.
+    relay.net.shutdown().await;
+    eventually("every node to see the relay gone", || async {
+        nodes.iter().all(|n| n.net.stats().peers.relays.is_empty()).then_some(())
+    })
+    .await;
+    let ids: Vec<String> = nodes.iter().map(|n| n.net.local_peer_id().to_string()).collect();
+    let (x, y) = (0..nodes.len())
+        .flat_map(|x| (0..nodes.len()).map(move |y| (x, y)))
+        .find(|&(x, y)| x != y && !nodes[x].net.stats().peers.nodes.contains(&ids[y]))
+        .expect("at most 8 peers each: some pair of the 12 is not connected");
+    let mut rest: Vec<&mut Peer> = Vec::new();
+    let mut from = None;
+    for (i, node) in nodes.iter_mut().enumerate() {
+        if i == x {
+            from = Some(&*node);
+        } else {
+            rest.push(node);
+        }
+    }
+    let (from, y_at) = (from.unwrap(), if y < x { y } else { y - 1 });
+    assert!(!from.net.stats().peers.nodes.contains(&ids[y]));
+    assert_eq!(rest[y_at].net.local_peer_id().to_string(), ids[y]);
+    gossip_reaches(from, &mut rest, Topic::Adverts).await;
 }
 
 /// The relay's first listen address, ending in its `/p2p` id.

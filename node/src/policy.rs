@@ -68,6 +68,8 @@ pub(crate) struct Policy {
     pub(crate) relay: Option<Multiaddr>,
     /// The control API address (`--api` or `AIMATRIX_NODE_API` replace it).
     pub(crate) api: Option<SocketAddr>,
+    /// How many other nodes to keep connections to (the gossip mesh among nodes).
+    pub(crate) node_peers: usize,
 }
 
 impl Default for Policy {
@@ -86,6 +88,7 @@ impl Default for Policy {
             listen: Vec::new(),
             relay: None,
             api: None,
+            node_peers: aimatrix_protocol::mesh::NODE_PEERS_DEFAULT,
         }
     }
 }
@@ -181,6 +184,13 @@ impl Policy {
             self.grace_period_s <= GRACE_PERIOD_S_MAX,
             "grace_period_s",
             format!("must be at most {GRACE_PERIOD_S_MAX} (one hour)"),
+        );
+        let peers =
+            aimatrix_protocol::mesh::NODE_PEERS_MIN..=aimatrix_protocol::mesh::NODE_PEERS_MAX;
+        check(
+            peers.contains(&self.node_peers),
+            "node_peers",
+            format!("must be between {} and {}", peers.start(), peers.end()),
         );
         if errors.is_empty() {
             Ok(())
@@ -372,14 +382,16 @@ mod tests {
 
     #[test]
     fn value_errors_name_the_field_and_line_and_come_all_at_once() {
-        let text = "docker = false\nmax_concurrent_jobs = 0\nallowed_kinds = []\n";
+        let text = "docker = false\nmax_concurrent_jobs = 0\nallowed_kinds = []\nnode_peers = 2\n";
         let err = Policy::parse(text).unwrap_err();
         let shown: Vec<String> = err.errors.iter().map(ToString::to_string).collect();
-        assert_eq!(shown.len(), 2, "{shown:?}");
+        assert_eq!(shown.len(), 3, "{shown:?}");
         assert!(shown[0].starts_with("allowed_kinds: is empty"), "{shown:?}");
         assert!(shown[0].ends_with("(line 3)"), "{shown:?}");
         assert!(shown[1].starts_with("max_concurrent_jobs: must be between 1"), "{shown:?}");
         assert!(shown[1].ends_with("(line 2)"), "{shown:?}");
+        assert_eq!(shown[2], "node_peers: must be between 4 and 64 (line 4)", "{shown:?}");
+        assert_eq!(Policy::parse("node_peers = 20\n").unwrap().node_peers, 20);
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub mod job;
 mod key_file;
 pub mod ledger;
 pub mod matching;
+pub mod mesh;
 pub mod messages;
 pub mod node;
 mod outbox;

@@ -117,6 +117,7 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
             role: Role::Node,
             mdns: args.mdns,
             request_timeout: Duration::from_secs(30),
+            node_peers: policy.node_peers,
         })
         .await
         .context("cannot start the network")?;

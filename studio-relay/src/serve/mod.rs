@@ -89,6 +89,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             role: Role::Relay,
             mdns: false,
             request_timeout: Duration::from_secs(30),
+            node_peers: aimatrix_protocol::mesh::NODE_PEERS_DEFAULT,
         })
         .await
         .context("cannot start the network")?;
