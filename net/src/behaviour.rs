@@ -166,7 +166,7 @@ fn gossip_score_params() -> gossipsub::PeerScoreParams {
         ip_colocation_factor_weight: 0.0,
         ..gossipsub::PeerScoreParams::default()
     };
-    for t in [aimatrix_protocol::Topic::Adverts, aimatrix_protocol::Topic::Offers] {
+    for t in aimatrix_protocol::Topic::ALL {
         params.topics.insert(gossipsub::IdentTopic::new(t.name()).hash(), topic.clone());
     }
     params

@@ -395,6 +395,12 @@ impl NetHandle {
         self.call(|reply| Command::GetProviders { key, reply }).await?
     }
 
+    /// Remembers addresses of `peer` (e.g. a relay named in a roster), so a request to it can
+    /// dial it.
+    pub async fn add_peer_addresses(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let _ = self.call(|reply| Command::AddPeerAddresses { peer, addrs, reply }).await;
+    }
+
     /// Dials `addr` and waits until the connection is established or fails.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         self.call(|reply| Command::Dial { addr, reply }).await?

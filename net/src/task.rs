@@ -61,6 +61,7 @@ pub(crate) enum Command {
     StartProviding { key: Vec<u8>, reply: Reply<()> },
     GetProviders { key: Vec<u8>, reply: Reply<Vec<PeerId>> },
     Dial { addr: Multiaddr, reply: Reply<()> },
+    AddPeerAddresses { peer: PeerId, addrs: Vec<Multiaddr>, reply: oneshot::Sender<()> },
     ListenAddrs { reply: oneshot::Sender<Vec<Multiaddr>> },
     ConnectedPeers { reply: oneshot::Sender<Vec<PeerId>> },
     Shutdown { reply: oneshot::Sender<()> },
@@ -88,7 +89,7 @@ pub(crate) struct SwarmTask {
     /// Connection and address events waiting for room in `events`.
     overflow: VecDeque<NetEvent>,
     gossip_dropped: u64,
-    topics: [(Topic, TopicHash); 2],
+    topics: [(Topic, TopicHash); Topic::ALL.len()],
     /// Bootstrap peers and their address (without `/p2p`).
     bootstrap: HashMap<PeerId, Multiaddr>,
     /// Relay circuit listeners (reservations) by the relay they go through.
@@ -120,7 +121,7 @@ impl SwarmTask {
     ) -> Result<Self, NetError> {
         let bootstrap = parse_bootstrap(&cfg.bootstrap)?;
         let swarm = build_swarm(&cfg)?;
-        let topics = [Topic::Adverts, Topic::Offers].map(|t| (t, IdentTopic::new(t.name()).hash()));
+        let topics = Topic::ALL.map(|t| (t, IdentTopic::new(t.name()).hash()));
         let mut task = Self {
             swarm,
             role: cfg.role,
@@ -145,7 +146,7 @@ impl SwarmTask {
             started: Instant::now(),
         };
         task.update_kad_mode();
-        for topic in [Topic::Adverts, Topic::Offers] {
+        for topic in Topic::ALL {
             task.swarm
                 .behaviour_mut()
                 .gossipsub
@@ -311,6 +312,12 @@ impl SwarmTask {
                     Ok(()) => drop(self.dials.insert(id, reply)),
                     Err(e) => drop(reply.send(Err(NetError::Dial(e.to_string())))),
                 }
+            }
+            Command::AddPeerAddresses { peer, addrs, reply } => {
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
+                }
+                let _ = reply.send(());
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());

@@ -64,8 +64,13 @@ pub(crate) struct Policy {
     pub(crate) grace_period_s: u64,
     /// Addresses to listen on (the `--listen` flags replace them).
     pub(crate) listen: Vec<Multiaddr>,
-    /// The relay to join (`--relay` replaces it).
+    /// The relay to join (`--relay` replaces it and `relays`).
     pub(crate) relay: Option<Multiaddr>,
+    /// More relays to join (`--relay` replaces them and `relay`).
+    pub(crate) relays: Vec<Multiaddr>,
+    /// Work only for the relays given here or with `--relay`, not for those their rosters
+    /// vouch for.
+    pub(crate) pin_relays: bool,
     /// The control API address (`--api` or `AIMATRIX_NODE_API` replace it).
     pub(crate) api: Option<SocketAddr>,
     /// How many other nodes to keep connections to (the gossip mesh among nodes).
@@ -87,6 +92,8 @@ impl Default for Policy {
             grace_period_s: 30,
             listen: Vec::new(),
             relay: None,
+            relays: Vec::new(),
+            pin_relays: false,
             api: None,
             node_peers: aimatrix_protocol::mesh::NODE_PEERS_DEFAULT,
         }
@@ -227,8 +234,21 @@ impl Policy {
     }
 
     /// The core's config: this policy's accept mode, trusting only `relay`.
-    pub(crate) fn node_config(&self, relay: NodeId) -> NodeConfig {
-        NodeConfig { accept: self.accept, trusted_relays: vec![relay], ..NodeConfig::default() }
+    pub(crate) fn node_config(&self, relays: Vec<NodeId>) -> NodeConfig {
+        NodeConfig {
+            accept: self.accept,
+            trusted_relays: relays,
+            pin_relays: self.pin_relays,
+            ..NodeConfig::default()
+        }
+    }
+
+    /// The relays to join: `--relay` flags when given, else `relay` and `relays` here.
+    pub(crate) fn relays_to_join(&self, flags: &[Multiaddr]) -> Vec<Multiaddr> {
+        if !flags.is_empty() {
+            return flags.to_vec();
+        }
+        self.relay.iter().chain(&self.relays).cloned().collect()
     }
 
     /// How long a shutdown waits for running jobs.
@@ -509,9 +529,13 @@ mod tests {
     #[test]
     fn node_config_trusts_only_the_relay_and_takes_the_mode() {
         let relay = testkit::keypair(9).public();
-        let cfg = Policy { accept: AcceptMode::Manual, ..Policy::default() }.node_config(relay);
+        let cfg =
+            Policy { accept: AcceptMode::Manual, ..Policy::default() }.node_config(vec![relay]);
         assert_eq!(cfg.accept, AcceptMode::Manual);
         assert_eq!(cfg.trusted_relays, [relay]);
+        assert!(!cfg.pin_relays);
+        let pinned = Policy { pin_relays: true, ..Policy::default() }.node_config(vec![relay]);
+        assert!(pinned.pin_relays);
         assert_eq!(cfg.claim_timeout_ms, NodeConfig::default().claim_timeout_ms);
     }
 

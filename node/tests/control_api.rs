@@ -52,11 +52,12 @@ fn status() -> StatusView {
         peer_id: "12D3KooWFakeNode".to_owned(),
         listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".to_owned()],
         connected_peers: vec!["12D3KooWFakeRelay".to_owned()],
-        relay: RelayView {
+        relays: vec![RelayView {
             peer_id: "12D3KooWFakeRelay".to_owned(),
             address: "/ip4/127.0.0.1/tcp/4000".to_owned(),
             connected: true,
-        },
+            vouched_by: None,
+        }],
         accept_mode: AcceptMode::Manual,
         draining: false,
         running: vec![RunningView {
@@ -163,7 +164,7 @@ fn status_json_is_the_nodes_status() {
     assert_eq!(lines.len(), 1);
     let s = &lines[0];
     assert_eq!(s["peer_id"], "12D3KooWFakeNode");
-    assert_eq!(s["relay"]["connected"], true);
+    assert_eq!(s["relays"][0]["connected"], true);
     assert_eq!(s["accept_mode"], "manual");
     assert_eq!(s["running"][0]["percent"], 42);
     assert_eq!(s["earned"], 120);

@@ -67,6 +67,63 @@ pub struct Advert {
     pub profile: CapabilityProfile,
 }
 
+/// A relay's roster (issue 17, docs/mesh.md): the relays it peers with, which it vouches for.
+/// A node works for the relays it was given and, unless its policy pins that list, for the
+/// relays in their rosters; it dials them at the addresses listed here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    /// Increases with every roster from this relay; older ones are ignored.
+    pub seq: u64,
+    /// The relays vouched for (at most [`ROSTER_RELAYS_MAX`]).
+    pub relays: Vec<RosterEntry>,
+}
+
+/// One relay in a [`Roster`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    /// The relay.
+    pub relay: NodeId,
+    /// Where to dial it: multiaddrs as text, without `/p2p/<id>` (at most
+    /// [`ROSTER_ADDRS_MAX`], each at most [`ROSTER_ADDR_BYTES_MAX`] bytes).
+    pub addrs: Vec<String>,
+}
+
+/// Most relays one roster lists.
+pub const ROSTER_RELAYS_MAX: usize = 64;
+/// Most addresses listed for one relay.
+pub const ROSTER_ADDRS_MAX: usize = 8;
+/// Longest address listed, in bytes.
+pub const ROSTER_ADDR_BYTES_MAX: usize = 256;
+
+impl Roster {
+    /// Why this roster is out of bounds, if it is.
+    pub fn check(&self) -> Result<(), String> {
+        if self.relays.len() > ROSTER_RELAYS_MAX {
+            return Err(format!(
+                "lists {} relays; a roster lists at most {ROSTER_RELAYS_MAX}",
+                self.relays.len()
+            ));
+        }
+        for entry in &self.relays {
+            if entry.addrs.len() > ROSTER_ADDRS_MAX {
+                return Err(format!(
+                    "lists {} addresses for {}; at most {ROSTER_ADDRS_MAX}",
+                    entry.addrs.len(),
+                    entry.relay
+                ));
+            }
+            if let Some(long) = entry.addrs.iter().find(|a| a.len() > ROSTER_ADDR_BYTES_MAX) {
+                return Err(format!(
+                    "an address of {} is {} bytes; at most {ROSTER_ADDR_BYTES_MAX}",
+                    entry.relay,
+                    long.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A relay's offer of a job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Offer {
@@ -341,6 +398,8 @@ pub enum Message {
     Receipt(Receipt),
     /// See [`Cancel`].
     Cancel(Cancel),
+    /// See [`Roster`].
+    Roster(Roster),
 }
 
 impl Message {
@@ -356,6 +415,7 @@ impl Message {
             Self::Result(_) => Domain::Result,
             Self::Receipt(_) => Domain::Receipt,
             Self::Cancel(_) => Domain::Cancel,
+            Self::Roster(_) => Domain::Roster,
         }
     }
 
@@ -371,6 +431,7 @@ impl Message {
             Self::Result(m) => codec::encode(m),
             Self::Receipt(m) => codec::encode(m),
             Self::Cancel(m) => codec::encode(m),
+            Self::Roster(m) => codec::encode(m),
         }
     }
 
@@ -386,6 +447,7 @@ impl Message {
             Domain::Result => Self::Result(codec::decode(payload)?),
             Domain::Receipt => Self::Receipt(codec::decode(payload)?),
             Domain::Cancel => Self::Cancel(codec::decode(payload)?),
+            Domain::Roster => Self::Roster(codec::decode(payload)?),
         })
     }
 }

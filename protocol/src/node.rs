@@ -21,8 +21,8 @@ use crate::job::JobSpec;
 use crate::matching::{self, MatchResult, Mismatch};
 use crate::messages::{
     open_shared, Advert, Claim, DenyReason, JobId, JobResult, Lease, Message, Offer, Opened,
-    Outcome, Progress, Receipt, Refusal, RejectReason, Usage, Verdict, PREFERRED_CLAIMANTS_MAX,
-    TAKEN_HINT_MAX,
+    Outcome, Progress, Receipt, Refusal, RejectReason, Roster, RosterEntry, Usage, Verdict,
+    PREFERRED_CLAIMANTS_MAX, TAKEN_HINT_MAX,
 };
 use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::Millis;
@@ -46,8 +46,11 @@ pub enum AcceptMode {
 pub struct NodeConfig {
     /// Auto or manual claiming.
     pub accept: AcceptMode,
-    /// Relays whose offers and leases the node acts on; empty trusts any signer.
+    /// The relays the node was given: it acts on their offers and leases, and (unless
+    /// `pin_relays`) on those of the relays their rosters vouch for. Empty trusts any signer.
     pub trusted_relays: Vec<NodeId>,
+    /// Work only for `trusted_relays`: rosters extend nothing.
+    pub pin_relays: bool,
     /// Lifetime of the node's direct messages.
     pub message_ttl_ms: u64,
     /// How often the node re-publishes its advert (adverts live twice as long).
@@ -79,6 +82,7 @@ impl Default for NodeConfig {
         Self {
             accept: AcceptMode::Auto,
             trusted_relays: Vec::new(),
+            pin_relays: false,
             message_ttl_ms: 120_000,
             advert_interval_ms: 300_000,
             claim_timeout_ms: 30_000,
@@ -174,6 +178,26 @@ pub enum NodeEvent {
         /// Why.
         reason: RejectReason,
     },
+    /// The relays the node works for beyond those it was given changed (a given relay's
+    /// roster): every relay vouched for now, with the addresses to dial it at.
+    RelaysChanged {
+        /// The vouched relays (not the given ones), each once.
+        vouched: Vec<RosterEntry>,
+    },
+}
+
+/// Why the node works for a relay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayTrust {
+    /// It was given (`--relay`, node.toml).
+    Given,
+    /// A given relay's roster vouches for it.
+    Vouched {
+        /// The given relay whose roster lists it.
+        by: NodeId,
+        /// Where to dial it.
+        addrs: Vec<String>,
+    },
 }
 
 /// Why a command was refused.
@@ -218,8 +242,14 @@ fn join(reasons: &[Mismatch]) -> String {
     reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
-const NODE_ACCEPTS: [Domain; 5] =
-    [Domain::Offer, Domain::Lease, Domain::LeaseDenied, Domain::Receipt, Domain::Cancel];
+const NODE_ACCEPTS: [Domain; 6] = [
+    Domain::Offer,
+    Domain::Lease,
+    Domain::LeaseDenied,
+    Domain::Receipt,
+    Domain::Cancel,
+    Domain::Roster,
+];
 
 /// Most training jobs remembered as joined (their later round leases need no new claim).
 const MAX_JOINED_TRAINING: usize = 256;
@@ -262,6 +292,8 @@ pub struct NodeCore {
     leases: BTreeMap<(JobId, u32), HeldLease>,
     joined_training: VecDeque<(JobId, NodeId, JobSpec)>,
     awaiting_receipt: VecDeque<AwaitedReceipt>,
+    /// The latest roster of each given relay.
+    rosters: BTreeMap<NodeId, Roster>,
     events: VecDeque<NodeEvent>,
     rejects: BTreeMap<&'static str, u64>,
     earned: u64,
@@ -285,6 +317,7 @@ impl NodeCore {
             leases: BTreeMap::new(),
             joined_training: VecDeque::new(),
             awaiting_receipt: VecDeque::new(),
+            rosters: BTreeMap::new(),
             events: VecDeque::new(),
             rejects: BTreeMap::new(),
             earned: 0,
@@ -444,8 +477,69 @@ impl NodeCore {
         }
     }
 
+    /// Whether the node acts on `relay`'s messages: a given relay, one a given relay's roster
+    /// vouches for (unless the policy pins the list), or one the node still holds a lease
+    /// from or awaits a receipt from (a relay dropped from a roster is owed its results).
     fn trusts(&self, relay: &NodeId) -> bool {
-        self.cfg.trusted_relays.is_empty() || self.cfg.trusted_relays.contains(relay)
+        self.cfg.trusted_relays.is_empty()
+            || self.cfg.trusted_relays.contains(relay)
+            || (!self.cfg.pin_relays && self.vouched_by(relay).is_some())
+            || self.leases.values().any(|held| held.relay == *relay)
+            || self.awaiting_receipt.iter().any(|awaited| awaited.relay == *relay)
+    }
+
+    /// The given relay whose roster lists `relay`, and the entry.
+    fn vouched_by(&self, relay: &NodeId) -> Option<(NodeId, &RosterEntry)> {
+        self.rosters.iter().find_map(|(by, roster)| {
+            roster.relays.iter().find(|e| e.relay == *relay).map(|entry| (*by, entry))
+        })
+    }
+
+    /// Every relay the node works for and why: the given ones, then (unless pinned) those
+    /// their rosters vouch for.
+    pub fn relays(&self) -> Vec<(NodeId, RelayTrust)> {
+        let mut out: Vec<(NodeId, RelayTrust)> =
+            self.cfg.trusted_relays.iter().map(|r| (*r, RelayTrust::Given)).collect();
+        if self.cfg.pin_relays {
+            return out;
+        }
+        for (by, roster) in &self.rosters {
+            for entry in &roster.relays {
+                if out.iter().all(|(known, _)| *known != entry.relay) && entry.relay != self.id() {
+                    let trust = RelayTrust::Vouched { by: *by, addrs: entry.addrs.clone() };
+                    out.push((entry.relay, trust));
+                }
+            }
+        }
+        out
+    }
+
+    /// A roster from `signer`: kept if `signer` is a given relay and it is newer than the one
+    /// held; rosters of vouched relays extend nothing (trust goes one step from what the
+    /// owner gave).
+    fn on_roster(&mut self, from: Option<NodeId>, signer: NodeId, roster: Roster) {
+        if !self.cfg.trusted_relays.contains(&signer) || self.cfg.pin_relays {
+            return;
+        }
+        if let Err(why) = roster.check() {
+            return self.reject(from, RejectReason::Refused(Refusal::BadRoster { signer, why }));
+        }
+        if self.rosters.get(&signer).is_some_and(|held| held.seq >= roster.seq) {
+            return;
+        }
+        let before: Vec<(NodeId, RelayTrust)> = self.relays();
+        self.rosters.insert(signer, roster);
+        let after = self.relays();
+        if after != before {
+            let vouched = after
+                .into_iter()
+                .filter_map(|(relay, trust)| match trust {
+                    RelayTrust::Vouched { addrs, .. } => Some(RosterEntry { relay, addrs }),
+                    RelayTrust::Given => None,
+                })
+                .collect();
+            self.events.push_back(NodeEvent::RelaysChanged { vouched });
+        }
     }
 
     fn reject(&mut self, from: Option<NodeId>, reason: RejectReason) {
@@ -465,6 +559,11 @@ impl NodeCore {
             if sender != signer && !matches!(msg, Opened::Offer(_)) {
                 return self.reject(from, RejectReason::SenderMismatch { signer, sender });
             }
+        }
+        if let Opened::Other(Message::Roster(roster)) = msg {
+            // Every relay publishes one; only a given relay's counts (`on_roster`), and the
+            // others are normal traffic, not a refusal.
+            return self.on_roster(from, signer, roster);
         }
         if !self.trusts(&signer) {
             let why = Refusal::UntrustedRelay { domain: msg.domain(), signer };

@@ -16,14 +16,20 @@ pub enum Topic {
     Adverts,
     /// Job offers.
     Offers,
+    /// Relays' rosters (the relays each vouches for).
+    Relays,
 }
 
 impl Topic {
+    /// Every topic, in a fixed order.
+    pub const ALL: [Self; 3] = [Self::Adverts, Self::Offers, Self::Relays];
+
     /// The gossipsub topic name.
     pub const fn name(self) -> &'static str {
         match self {
             Self::Adverts => "aimatrix/adverts/1",
             Self::Offers => "aimatrix/offers/1",
+            Self::Relays => "aimatrix/relays/1",
         }
     }
 }

@@ -20,8 +20,8 @@ pub(crate) struct StatusView {
     pub(crate) listen_addrs: Vec<String>,
     /// PeerIds of the peers connected now.
     pub(crate) connected_peers: Vec<String>,
-    /// The relay the node joined.
-    pub(crate) relay: RelayView,
+    /// The relays the node works for: those it was given, then those their rosters vouch for.
+    pub(crate) relays: Vec<RelayView>,
     /// Whether the node claims offers by itself.
     pub(crate) accept_mode: AcceptMode,
     /// The node is shutting down and claims nothing new.
@@ -43,15 +43,19 @@ pub(crate) struct StatusView {
     pub(crate) network: NetStats,
 }
 
-/// The relay a node joined.
+/// A relay the node works for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RelayView {
     /// Its PeerId.
     pub(crate) peer_id: String,
     /// The address the node dials it at.
     pub(crate) address: String,
-    /// Whether a connection to it is open now.
+    /// Whether a connection to it is open now (the node connects to a vouched relay only when
+    /// it claims one of its offers).
     pub(crate) connected: bool,
+    /// The given relay whose roster vouches for it; absent for a relay the node was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) vouched_by: Option<String>,
 }
 
 /// One lease running on the node.
@@ -112,8 +116,8 @@ pub(crate) struct NetView {
     pub(crate) listen_addrs: Vec<String>,
     /// PeerIds of the peers connected now.
     pub(crate) connected_peers: Vec<String>,
-    /// The relay.
-    pub(crate) relay: RelayView,
+    /// The relays.
+    pub(crate) relays: Vec<RelayView>,
     /// Reachability, peers by kind, the DHT.
     pub(crate) network: NetStats,
 }
@@ -134,7 +138,7 @@ impl StatusView {
             peer_id: core.id().to_peer_id(),
             listen_addrs: net.listen_addrs,
             connected_peers: net.connected_peers,
-            relay: net.relay,
+            relays: net.relays,
             network: net.network,
             accept_mode,
             draining: core.is_draining(),
@@ -365,11 +369,12 @@ mod tests {
         let net = NetView {
             listen_addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             connected_peers: vec![relay.public().to_peer_id()],
-            relay: RelayView {
+            relays: vec![RelayView {
                 peer_id: relay.public().to_peer_id(),
                 address: "/ip4/127.0.0.1/tcp/4000".into(),
                 connected: true,
-            },
+                vouched_by: None,
+            }],
             network: NetStats {
                 dht: aimatrix_net::DhtStats {
                     records: 2,

@@ -48,8 +48,15 @@ fn print_human(s: &StatusView, now_ms: u64) -> std::io::Result<()> {
     for (i, addr) in s.listen_addrs.iter().enumerate() {
         line(if i == 0 { "listening" } else { "" }, addr)?;
     }
-    let link = if s.relay.connected { "connected" } else { "not connected" };
-    line("relay", &format!("{} at {} ({link})", s.relay.peer_id, s.relay.address))?;
+    for (i, relay) in s.relays.iter().enumerate() {
+        let link = if relay.connected { "connected" } else { "not connected" };
+        let why = match &relay.vouched_by {
+            Some(by) => format!(", vouched for by {by}"),
+            None => String::new(),
+        };
+        let label = if i == 0 { "relays" } else { "" };
+        line(label, &format!("{} at {} ({link}{why})", relay.peer_id, relay.address))?;
+    }
     let peers = &s.network.peers;
     line(
         "peers",

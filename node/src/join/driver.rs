@@ -7,8 +7,9 @@ use std::time::Duration;
 use aimatrix_net::{NetEvent, Outbound};
 use aimatrix_protocol::capability::{advert_record_key, capability_classes, class_provider_key};
 use aimatrix_protocol::direct::{DirectRequest, DirectResponse};
+use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::messages::{JobId, Lease, Outcome};
-use aimatrix_protocol::node::{NodeCore, NodeEvent};
+use aimatrix_protocol::node::{NodeCore, NodeEvent, RelayTrust};
 use aimatrix_protocol::time::Millis;
 use aimatrix_protocol::{Topic, Transmit};
 use libp2p::{Multiaddr, PeerId};
@@ -32,12 +33,16 @@ struct Running {
     cancelled: bool,
 }
 
+/// How long after a peer connects the latest advert is gossiped again.
+const ADVERT_REGOSSIP_AFTER: Duration = Duration::from_secs(2);
+
 /// The node driver.
 pub(crate) struct Node {
     core: NodeCore,
     ctx: RunContext,
     history: History,
-    relay_addr: Multiaddr,
+    /// The relays the node was given, with the address it dials each at.
+    given: Vec<(PeerId, Multiaddr)>,
     running: BTreeMap<(JobId, u32), Running>,
     runs: JoinSet<()>,
     /// DHT updates in flight.
@@ -52,6 +57,10 @@ pub(crate) struct Node {
     providing: BTreeSet<String>,
     /// The latest signed advert, sent again whenever the relay (re)connects.
     last_advert: Option<Vec<u8>>,
+    /// When to gossip the latest advert again: a while after a peer connects (gossip learns
+    /// the peer's subscriptions first), so relays that never heard it (it was published before
+    /// any peer was connected, or they joined later) hear it without waiting for the next one.
+    advert_regossip_at: Option<tokio::time::Instant>,
     /// What the status reports from the core's events.
     tally: EventTally,
 }
@@ -61,7 +70,7 @@ impl Node {
         core: NodeCore,
         ctx: RunContext,
         history: History,
-        relay_addr: Multiaddr,
+        given: Vec<(PeerId, Multiaddr)>,
     ) -> Self {
         let (updates_tx, updates_rx) = mpsc::channel(256);
         let out = Outbound::new(ctx.net.clone(), super::RETRY_FOR);
@@ -69,7 +78,7 @@ impl Node {
             core,
             ctx,
             history,
-            relay_addr,
+            given,
             running: BTreeMap::new(),
             runs: JoinSet::new(),
             sends: JoinSet::new(),
@@ -80,6 +89,7 @@ impl Node {
             listen_addrs: Vec::new(),
             providing: BTreeSet::new(),
             last_advert: None,
+            advert_regossip_at: None,
             tally: EventTally::default(),
         }
     }
@@ -107,6 +117,12 @@ impl Node {
             let sleep = match self.core.poll_timeout() {
                 Some(at) => Duration::from_millis(at.saturating_sub(now)),
                 None => Duration::from_secs(3600),
+            };
+            let regossip = async {
+                match self.advert_regossip_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
             };
             let grace_over = async {
                 match drain_deadline {
@@ -140,6 +156,13 @@ impl Node {
                 Some(command) = commands.recv() => self.on_command(command),
                 Some(update) = updates.recv() => self.on_update(update),
                 () = tokio::time::sleep(sleep) => self.core.handle_timeout(now_ms()),
+                () = regossip => {
+                    self.advert_regossip_at = None;
+                    if let Some(advert) = self.last_advert.clone() {
+                        // The same bytes: a peer that has it drops the copy as a duplicate.
+                        self.out.publish(Topic::Adverts, advert);
+                    }
+                }
                 Some(_) = self.runs.join_next(), if !self.runs.is_empty() => {}
                 Some(_) = self.sends.join_next(), if !self.sends.is_empty() => {}
             }
@@ -168,10 +191,14 @@ impl Node {
             },
             NetEvent::PeerConnected(peer) => {
                 self.connected.insert(peer);
-                if peer == self.ctx.relay_peer {
+                if self.advert_regossip_at.is_none() {
+                    self.advert_regossip_at =
+                        Some(tokio::time::Instant::now() + ADVERT_REGOSSIP_AFTER);
+                }
+                if self.given.iter().any(|(given, _)| *given == peer) {
                     // A relay that restarted has forgotten every advert.
                     if let Some(advert) = self.last_advert.clone() {
-                        self.send_to_relay(advert);
+                        self.out.send(peer, advert);
                     }
                 }
             }
@@ -284,9 +311,12 @@ impl Node {
         }
     }
 
-    /// Sends a sealed message to the relay, retrying while it cannot be reached.
+    /// Sends a sealed message to every relay the node was given, retrying while one cannot be
+    /// reached.
     fn send_to_relay(&mut self, bytes: Vec<u8>) {
-        self.out.send(self.ctx.relay_peer, bytes);
+        for (relay, _) in &self.given {
+            self.out.send(*relay, bytes.clone());
+        }
     }
 
     /// Stores the signed advert under the node's own key and provides its capability classes.
@@ -320,7 +350,19 @@ impl Node {
             NodeEvent::ClaimDenied { job_id, reason } => {
                 tracing::debug!("claim for job {job_id} denied: {reason:?}");
             }
-            NodeEvent::RunJob { lease, .. } => self.start(*lease),
+            NodeEvent::RunJob { relay, lease } => self.start(relay, *lease),
+            NodeEvent::RelaysChanged { vouched } => {
+                for entry in vouched {
+                    let peer = aimatrix_net::peer_id_of(&entry.relay);
+                    let addrs: Vec<Multiaddr> =
+                        entry.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                    tracing::info!(
+                        "working for relay {peer} too (vouched for by a relay this node joined)"
+                    );
+                    let net = self.ctx.net.clone();
+                    self.sends.spawn(async move { net.add_peer_addresses(peer, addrs).await });
+                }
+            }
             NodeEvent::CancelJob { job_id, lease, reason } => {
                 if let Some(running) = self.running.get_mut(&(job_id, lease)) {
                     tracing::info!("job {job_id} lease {lease} cancelled by the relay: {reason}");
@@ -343,7 +385,7 @@ impl Node {
         }
     }
 
-    fn start(&mut self, lease: Lease) {
+    fn start(&mut self, relay: NodeId, lease: Lease) {
         let key = (lease.job_id, lease.lease);
         tracing::info!("running job {} lease {} ({})", key.0, key.1, lease.spec.name);
         let cancel = CancellationToken::new();
@@ -357,7 +399,9 @@ impl Node {
                 cancelled: false,
             },
         );
-        let task = run::run_lease(self.ctx.clone(), lease, cancel, self.updates_tx.clone());
+        let mut ctx = self.ctx.clone();
+        ctx.relay_peer = aimatrix_net::peer_id_of(&relay);
+        let task = run::run_lease(ctx, lease, cancel, self.updates_tx.clone());
         self.runs.spawn(task);
     }
 
@@ -365,11 +409,29 @@ impl Node {
         let net = NetView {
             listen_addrs: self.listen_addrs.iter().map(ToString::to_string).collect(),
             connected_peers: self.connected.iter().map(ToString::to_string).collect(),
-            relay: RelayView {
-                peer_id: self.ctx.relay_peer.to_string(),
-                address: self.relay_addr.to_string(),
-                connected: self.connected.contains(&self.ctx.relay_peer),
-            },
+            relays: self
+                .core
+                .relays()
+                .into_iter()
+                .map(|(relay, trust)| {
+                    let peer = aimatrix_net::peer_id_of(&relay);
+                    let (address, vouched_by) = match trust {
+                        RelayTrust::Given => {
+                            let addr = self.given.iter().find(|(p, _)| *p == peer);
+                            (addr.map(|(_, a)| a.to_string()).unwrap_or_default(), None)
+                        }
+                        RelayTrust::Vouched { by, addrs } => {
+                            (addrs.first().cloned().unwrap_or_default(), Some(by.to_peer_id()))
+                        }
+                    };
+                    RelayView {
+                        peer_id: peer.to_string(),
+                        address,
+                        connected: self.connected.contains(&peer),
+                        vouched_by,
+                    }
+                })
+                .collect(),
             network: self.ctx.net.stats(),
         };
         StatusView::from_core(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aimatrix_net::{NetConfig, Role};
-use aimatrix_protocol::identity::Keypair;
+use aimatrix_protocol::identity::{Keypair, NodeId};
 use aimatrix_protocol::node::NodeCore;
 use aimatrix_sandbox::docker::{DockerConfig, DockerExecutor};
 use aimatrix_sandbox::wasm::{WasmConfig, WasmExecutor};
@@ -18,7 +18,7 @@ use aimatrix_sandbox::Executor;
 use anyhow::Context;
 use clap::Args;
 use libp2p::multiaddr::Protocol;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::args::ApiArgs;
@@ -32,10 +32,12 @@ use crate::{data_dir, hardware};
 /// grace period (`grace_period_s` in the config file), hands back the rest and exits 0.
 #[derive(Debug, Args)]
 pub(crate) struct JoinArgs {
-    /// The relay's address, ending in `/p2p/<peer id>` (the first line `studio-relay serve`
-    /// prints). Default: `relay` in the config file.
+    /// A relay's address, ending in `/p2p/<peer id>` (the first line `studio-relay serve`
+    /// prints); repeatable: the node works for every relay given and, unless `pin_relays` is
+    /// set in the config file, for the relays their rosters vouch for. Default: `relay` and
+    /// `relays` in the config file.
     #[arg(long, value_name = "MULTIADDR")]
-    relay: Option<Multiaddr>,
+    relay: Vec<Multiaddr>,
     /// The node's data directory (identity, module cache, receipts, job history).
     #[arg(long, value_name = "DIR", env = "AIMATRIX_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -60,20 +62,29 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
     let data_dir = data_dir::resolve(args.data_dir.as_deref())?;
     let policy = args.policy.load(&data_dir)?;
     let api_addr = args.api.addr(policy.api).map_err(anyhow::Error::msg)?;
-    let relay_addr = args.relay.clone().or_else(|| policy.relay.clone()).context(
-        "no relay to join: pass --relay ADDR (the first line `studio-relay serve` prints)",
-    )?;
-    let relay_peer = relay_addr
-        .iter()
-        .find_map(|p| match p {
-            Protocol::P2p(peer) => Some(peer),
-            _ => None,
-        })
-        .with_context(|| {
-            format!("--relay {relay_addr} does not end in /p2p/<peer id>; copy the whole address the relay printed")
-        })?;
-    let relay_id = aimatrix_net::node_id_of(&relay_peer)
-        .with_context(|| format!("--relay {relay_addr}: the peer id is not an ed25519 key"))?;
+    let relay_addrs = policy.relays_to_join(&args.relay);
+    if relay_addrs.is_empty() {
+        anyhow::bail!(
+            "no relay to join: pass --relay ADDR (the first line `studio-relay serve` prints)"
+        );
+    }
+    let mut relays: Vec<(PeerId, Multiaddr)> = Vec::new();
+    for relay_addr in &relay_addrs {
+        let relay_peer = relay_addr
+            .iter()
+            .find_map(|p| match p {
+                Protocol::P2p(peer) => Some(peer),
+                _ => None,
+            })
+            .with_context(|| {
+                format!("--relay {relay_addr} does not end in /p2p/<peer id>; copy the whole address the relay printed")
+            })?;
+        aimatrix_net::node_id_of(&relay_peer)
+            .with_context(|| format!("--relay {relay_addr}: the peer id is not an ed25519 key"))?;
+        relays.push((relay_peer, relay_addr.clone()));
+    }
+    let relay_ids: Vec<NodeId> =
+        relays.iter().filter_map(|(peer, _)| aimatrix_net::node_id_of(peer)).collect();
     let key_path = data_dir.join("node.key");
     let (key, created) = Keypair::load_or_create(&key_path)?;
     if created {
@@ -94,7 +105,7 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
                  will claim nothing; `aimatrix-node detect` lists the kinds it runs"
             );
         }
-        let config = policy.node_config(relay_id);
+        let config = policy.node_config(relay_ids);
         let wasm: Arc<dyn Executor> =
             Arc::new(WasmExecutor::new(WasmConfig::in_dir(data_dir.join("wasm-cache")))?);
         let docker = if profile.has_runtime(aimatrix_protocol::job::Runtime::Docker) {
@@ -113,7 +124,7 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
             keypair: key.clone(),
             listen,
             external: args.external.clone(),
-            bootstrap: vec![relay_addr.clone()],
+            bootstrap: relay_addrs.clone(),
             role: Role::Node,
             mdns: args.mdns,
             request_timeout: Duration::from_secs(30),
@@ -128,8 +139,9 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
         let (api_tx, api_rx) = tokio::sync::mpsc::channel(64);
         let api_task = tokio::spawn(crate::api::serve(api_listener, api_tx, shutdown.clone()));
         tracing::info!(
-            "node {} joined via {relay_addr}; control API on http://{}",
+            "node {} joined via {}; control API on http://{}",
             net.local_peer_id(),
+            relay_addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
             api_addr
         );
         let grace = policy.grace_period();
@@ -141,14 +153,14 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
         );
         let ctx = run::RunContext {
             net: net.clone(),
-            relay_peer,
+            relay_peer: relays[0].0,
             blob_dir: data_dir.join("blobs"),
             work_root: data_dir.join("work"),
             training_dir: data_dir.join("training"),
             wasm,
             docker,
         };
-        let mut node = driver::Node::new(core, ctx, history, relay_addr);
+        let mut node = driver::Node::new(core, ctx, history, relays);
         node.run(events, api_rx, grace).await;
         shutdown.cancel();
         net.shutdown().await;

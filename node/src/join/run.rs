@@ -26,6 +26,7 @@ pub(crate) const STDOUT_OUTPUT: &str = "/stdout";
 #[derive(Clone)]
 pub(crate) struct RunContext {
     pub(crate) net: NetHandle,
+    /// The relay that granted the lease being run: inputs come from it, outputs go to it.
     pub(crate) relay_peer: PeerId,
     /// Fetched content, by digest (`<hex>` files).
     pub(crate) blob_dir: PathBuf,

@@ -43,11 +43,13 @@ pub enum Domain {
     Receipt,
     /// A relay's cancellation of a lease.
     Cancel,
+    /// A relay's roster: the relays it peers with and vouches for (gossip).
+    Roster,
 }
 
 impl Domain {
     /// All domains, for tests and tables.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Advert,
         Self::Offer,
         Self::Claim,
@@ -57,6 +59,7 @@ impl Domain {
         Self::Result,
         Self::Receipt,
         Self::Cancel,
+        Self::Roster,
     ];
 
     /// The tag mixed into the signed bytes.
@@ -71,6 +74,7 @@ impl Domain {
             Self::Result => "result",
             Self::Receipt => "receipt",
             Self::Cancel => "cancel",
+            Self::Roster => "roster",
         }
     }
 }

@@ -9,6 +9,14 @@ use crate::messages::JobId;
 /// never acted on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// A relay's roster out of bounds.
+    #[error("roster from {signer}: {why}")]
+    BadRoster {
+        /// The relay that signed it.
+        signer: NodeId,
+        /// What is wrong.
+        why: String,
+    },
     /// A message from a relay the node does not trust.
     #[error("{domain} from {signer}, which is not a trusted relay")]
     UntrustedRelay {
@@ -146,6 +154,7 @@ impl Refusal {
             Self::UnknownLease { .. } => "unknown_lease",
             Self::LeaseNotHeld { .. } => "lease_not_held",
             Self::DuplicateResult { .. } => "duplicate_result",
+            Self::BadRoster { .. } => "bad_roster",
         }
     }
 }

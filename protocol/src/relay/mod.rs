@@ -40,9 +40,10 @@ use crate::hash::Digest;
 use crate::identity::{Keypair, NodeId};
 use crate::ledger::LedgerOp;
 use crate::messages::{
-    open, JobId, Message, Outcome, Receipt, Refusal, RejectReason, TAKEN_HINT_MAX,
+    open, JobId, Message, Outcome, Receipt, Refusal, RejectReason, Roster, RosterEntry,
+    TAKEN_HINT_MAX,
 };
-use crate::outbox::{Outbox, Transmit};
+use crate::outbox::{Outbox, Topic, Transmit};
 use crate::time::Millis;
 
 /// Relay tunables.
@@ -257,10 +258,22 @@ pub struct RelayCore {
     posted: u64,
     /// Jobs that most recently stopped taking claims, newest last (hints in denials).
     taken: VecDeque<JobId>,
+    /// The relays this one peers with and vouches for; published while not empty.
+    roster: Vec<RosterEntry>,
+    roster_seq: u64,
+    /// When the roster is published next.
+    roster_at_ms: Option<Millis>,
 }
 
-const RELAY_ACCEPTS: [Domain; 4] =
-    [Domain::Advert, Domain::Claim, Domain::Progress, Domain::Result];
+/// How often a relay publishes its roster again (it lives twice as long).
+pub const ROSTER_REPUBLISH_MS: Millis = 60_000;
+
+/// How soon after a peer connects the roster is published again (gossip needs the peer's
+/// subscriptions first; several peers connecting at once share one publication).
+pub const ROSTER_AFTER_CONNECT_MS: Millis = 2_000;
+
+const RELAY_ACCEPTS: [Domain; 5] =
+    [Domain::Advert, Domain::Claim, Domain::Progress, Domain::Result, Domain::Roster];
 
 impl RelayCore {
     /// A relay signing with `key`; `nonce_seed` must be fresh randomness at every start.
@@ -277,7 +290,48 @@ impl RelayCore {
             rejects: RejectCounts::new(),
             posted: 0,
             taken: VecDeque::with_capacity(TAKEN_HINT_MAX),
+            roster: Vec::new(),
+            roster_seq: 0,
+            roster_at_ms: None,
         }
+    }
+
+    /// Sets the relays this one peers with (`serve --peer`): they are published, signed, on
+    /// the relays topic now and every [`ROSTER_REPUBLISH_MS`], so the nodes that trust this
+    /// relay work for them too. An empty list publishes nothing. Refused when out of bounds.
+    pub fn set_roster(&mut self, now: Millis, relays: Vec<RosterEntry>) -> Result<(), String> {
+        Roster { seq: 0, relays: relays.clone() }.check()?;
+        self.roster = relays;
+        self.roster_at_ms = (!self.roster.is_empty()).then_some(now);
+        self.publish_roster(now);
+        Ok(())
+    }
+
+    /// A peer connected: publish the roster again soon, so a node that just joined learns
+    /// which relays it may work for without waiting for the next [`ROSTER_REPUBLISH_MS`].
+    pub fn peer_connected(&mut self, now: Millis) {
+        if let Some(at) = self.roster_at_ms.as_mut() {
+            *at = (*at).min(now.saturating_add(ROSTER_AFTER_CONNECT_MS));
+        }
+    }
+
+    /// The relays this one vouches for.
+    pub fn roster(&self) -> &[RosterEntry] {
+        &self.roster
+    }
+
+    fn publish_roster(&mut self, now: Millis) {
+        if self.roster_at_ms.is_none_or(|at| at > now) {
+            return;
+        }
+        // A restarted relay starts from its clock, so its rosters supersede the old ones.
+        self.roster_seq = self.roster_seq.saturating_add(1).max(now);
+        let msg = Message::Roster(Roster { seq: self.roster_seq, relays: self.roster.clone() });
+        if let Err(e) = self.outbox.broadcast(now, Topic::Relays, &msg, 2 * ROSTER_REPUBLISH_MS) {
+            // Checked in `set_roster`: 64 relays of 8 addresses of 256 bytes fit a frame.
+            panic!("a relay's roster always fits a frame: {e}");
+        }
+        self.roster_at_ms = Some(now.saturating_add(ROSTER_REPUBLISH_MS));
     }
 
     /// The relay's identity.
@@ -354,6 +408,9 @@ impl RelayCore {
                 consider(t);
             }
         }
+        if let Some(t) = self.roster_at_ms {
+            consider(t);
+        }
         next
     }
 
@@ -389,6 +446,8 @@ impl RelayCore {
             Message::Claim(c) => self.on_claim(now, signer, c),
             Message::Progress(p) => self.on_progress(signer, p),
             Message::Result(r) => self.on_result(now, signer, r),
+            // Other relays' rosters are for nodes; a relay peers with whom it is told to.
+            Message::Roster(_) => {}
             other => {
                 let why = Refusal::NotAccepted { receiver: "relay", domain: other.domain() };
                 self.reject(from, RejectReason::Refused(why));
@@ -417,6 +476,7 @@ impl RelayCore {
             self.on_time(now, job_id);
         }
         self.announce(now);
+        self.publish_roster(now);
     }
 
     /// Brings one open job up to `now`: fails it past its deadline, or expires its leases.

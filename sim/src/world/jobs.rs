@@ -28,9 +28,11 @@ impl Sim {
                 self.rejections += 1;
                 *self.summary.rejected.entry(format!("node/{}", reason.label())).or_default() += 1;
             }
+            // The simulated network has one relay, which publishes no roster.
             NodeEvent::OfferSeen { .. }
             | NodeEvent::CancelJob { .. }
-            | NodeEvent::ReceiptReceived { .. } => {}
+            | NodeEvent::ReceiptReceived { .. }
+            | NodeEvent::RelaysChanged { .. } => {}
         }
     }
 

@@ -476,6 +476,7 @@ impl Relay {
         match event {
             NetEvent::PeerConnected(peer) => {
                 self.connected.insert(peer);
+                self.core.peer_connected(now_ms());
             }
             NetEvent::PeerDisconnected(peer) => {
                 self.connected.remove(&peer);

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use aimatrix_net::{NetConfig, Role};
 use aimatrix_protocol::identity::Keypair;
+use aimatrix_protocol::messages::RosterEntry;
 use aimatrix_protocol::relay::{RelayConfig, RelayCore};
 use anyhow::Context;
 use clap::Args;
@@ -39,6 +40,11 @@ pub(crate) struct ServeArgs {
     /// repeatable). Needed behind a NAT or when listening on 0.0.0.0.
     #[arg(long = "external", value_name = "MULTIADDR")]
     external: Vec<Multiaddr>,
+    /// Another relay to peer with, ending in `/p2p/<peer id>` (repeatable): the relays keep
+    /// connections to each other, so the DHT and gossip span all of them, and this relay
+    /// vouches for them in its signed roster, so the nodes that trust it work for them too.
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    peer: Vec<Multiaddr>,
     #[command(flatten)]
     api: ApiArg,
     /// The relay fee, in basis points of each payment (100 = 1%).
@@ -60,6 +66,7 @@ pub(crate) struct ServeArgs {
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let data_dir = crate::commands::relay_data_dir(args.data_dir.as_deref())?;
+    let roster = roster_of(&args.peer)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let key_path = data_dir.join("relay.key");
@@ -85,7 +92,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             keypair: key.clone(),
             listen,
             external: args.external.clone(),
-            bootstrap: Vec::new(),
+            bootstrap: args.peer.clone(),
             role: Role::Relay,
             mdns: false,
             request_timeout: Duration::from_secs(30),
@@ -103,7 +110,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             reannounce_interval_ms: args.reannounce_s.saturating_mul(1000),
             ..RelayConfig::default()
         };
-        let core = RelayCore::new(key, config, rand_core::RngCore::next_u64(&mut rand_core::OsRng));
+        let mut core =
+            RelayCore::new(key, config, rand_core::RngCore::next_u64(&mut rand_core::OsRng));
+        core.set_roster(driver::now_ms(), roster).map_err(anyhow::Error::msg)?;
 
         let address = dialable_address(&net.listen_addrs().await, net.local_peer_id())
             .context("the network listens on no TCP or QUIC address")?;
@@ -131,6 +140,25 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The roster entries of the `--peer` relays: each one's id and its address without `/p2p`.
+fn roster_of(peers: &[Multiaddr]) -> anyhow::Result<Vec<RosterEntry>> {
+    use libp2p::multiaddr::Protocol;
+    let mut out: Vec<RosterEntry> = Vec::new();
+    for addr in peers {
+        let mut base = addr.clone();
+        let Some(Protocol::P2p(peer)) = base.pop() else {
+            anyhow::bail!("--peer {addr} must end in /p2p/<peer id>: copy the whole address the other relay printed");
+        };
+        let relay = aimatrix_net::node_id_of(&peer)
+            .with_context(|| format!("--peer {addr}: the peer id is not an ed25519 key"))?;
+        match out.iter_mut().find(|e| e.relay == relay) {
+            Some(entry) => entry.addrs.push(base.to_string()),
+            None => out.push(RosterEntry { relay, addrs: vec![base.to_string()] }),
+        }
+    }
+    Ok(out)
 }
 
 /// The address to print: the first TCP address (a routable one before loopback), then QUIC,

@@ -1,0 +1,410 @@
+//! Many relays, end to end (issue 17): three `studio-relay serve` processes peered with each
+//! other (`--peer`), twelve `aimatrix-node join` processes each given only one of them, all on
+//! loopback. A node works for the relays its relay vouches for, so a job posted at one relay
+//! runs on a node that never dialed it, nodes keep connections to each other, and when a relay
+//! dies the others keep their work going on its former nodes; its own unfinished jobs complete
+//! once it is back, paid once.
+//!
+//! Relay A's nodes are the only ones whose policy allows `data_processing` jobs, so such a job
+//! posted at B or C can only run on a node that dialed A alone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use aimatrix_protocol::identity::Keypair;
+use aimatrix_tests::binary;
+use serde_json::Value;
+
+/// The longest wait for any one condition. Generous: fifteen processes share two cores.
+const WAIT: Duration = Duration::from_secs(240);
+const POLL: Duration = Duration::from_millis(500);
+const RELAYS: usize = 3;
+const NODES: usize = 12;
+const MINTED: i64 = 1_000;
+const REWARD: i64 = 10;
+/// Lines of each log printed when the test fails.
+const LOG_TAIL_LINES: usize = 40;
+
+struct Relay {
+    api: String,
+    listen: String,
+    /// Its multiaddr with `/p2p/<peer id>`.
+    addr: String,
+    peer_id: String,
+    data_dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+struct Node {
+    api: String,
+    data_dir: PathBuf,
+    /// The relay it was given.
+    relay: usize,
+    peer_id: String,
+    child: Child,
+}
+
+struct Mesh {
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    relays: Vec<Relay>,
+    nodes: Vec<Node>,
+    logs: Vec<(String, PathBuf)>,
+}
+
+impl Mesh {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("aimatrix-mesh-test-").tempdir().unwrap();
+        let root = dir.path().to_owned();
+        std::fs::create_dir_all(root.join("logs")).unwrap();
+        let mut mesh =
+            Self { dir: Some(dir), root, relays: Vec::new(), nodes: Vec::new(), logs: Vec::new() };
+        // Each relay's key is made before any starts, so each can be told the others' addresses.
+        for i in 0..RELAYS {
+            let data_dir = mesh.root.join(format!("relay-{i}"));
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let (key, _) = Keypair::load_or_create(&data_dir.join("relay.key")).unwrap();
+            let peer_id = key.public().to_peer_id();
+            let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+            mesh.relays.push(Relay {
+                api: format!("127.0.0.1:{}", free_port()),
+                addr: format!("{listen}/p2p/{peer_id}"),
+                listen,
+                peer_id,
+                data_dir,
+                child: None,
+                starts: 0,
+            });
+        }
+        for i in 0..RELAYS {
+            mesh.start_relay(i);
+        }
+        for i in 0..NODES {
+            mesh.start_node(i);
+        }
+        for i in 0..NODES {
+            let status = wait_for(&format!("node-{i} to answer"), || mesh.node_status(i));
+            mesh.nodes[i].peer_id = status["peer_id"].as_str().unwrap().to_owned();
+        }
+        for r in 0..RELAYS {
+            let minted =
+                mesh.relay_json(r, &["ledger", "mint", "studio", &MINTED.to_string(), "--json"]);
+            assert_eq!(minted["available"], MINTED, "{minted}");
+        }
+        mesh
+    }
+
+    fn logged(&mut self, name: &str, program: &str) -> Command {
+        let log_path = self.root.join("logs").join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        self.logs.push((name.to_owned(), log_path));
+        let mut cmd = Command::new(binary(program));
+        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("AIMATRIX_RELAY_DATA_DIR")
+            .env_remove("AIMATRIX_RELAY_API")
+            .env_remove("AIMATRIX_DATA_DIR")
+            .env_remove("AIMATRIX_NODE_API")
+            .env_remove("AIMATRIX_NODE_CONFIG")
+            .stdin(Stdio::null())
+            .stderr(log);
+        cmd
+    }
+
+    /// Starts relay `i` (again after a kill: same key, data, address), peered with the others.
+    fn start_relay(&mut self, i: usize) {
+        let name = match self.relays[i].starts {
+            0 => format!("relay-{i}"),
+            n => format!("relay-{i}-restart-{n}"),
+        };
+        self.relays[i].starts += 1;
+        let peers: Vec<String> =
+            (0..RELAYS).filter(|j| *j != i).map(|j| self.relays[j].addr.clone()).collect();
+        let mut cmd = self.logged(&name, "studio-relay");
+        let relay = &self.relays[i];
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&relay.data_dir)
+            .args(["--listen", &relay.listen, "--api", &relay.api, "--reannounce-s", "2"])
+            .stdout(Stdio::piped());
+        for peer in &peers {
+            cmd.args(["--peer", peer]);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let line = rx.recv_timeout(WAIT).expect("the relay printed no address");
+        assert_eq!(line.trim(), self.relays[i].addr, "relay-{i} printed another address");
+        self.relays[i].child = Some(child);
+    }
+
+    fn kill_relay(&mut self, i: usize) {
+        let mut child = self.relays[i].child.take().expect("relay is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Node `i` joins relay `i % RELAYS` only; relay 0's nodes also allow `data_processing`.
+    fn start_node(&mut self, i: usize) {
+        let relay = i % RELAYS;
+        let data_dir = self.root.join(format!("node-{i}"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let kinds = if relay == 0 { r#"["batch", "data_processing"]"# } else { r#"["batch"]"# };
+        std::fs::write(
+            data_dir.join("node.toml"),
+            format!("allowed_kinds = {kinds}\nnode_peers = 4\n"),
+        )
+        .unwrap();
+        let api = format!("127.0.0.1:{}", free_port());
+        let addr = self.relays[relay].addr.clone();
+        let mut cmd = self.logged(&format!("node-{i}"), "aimatrix-node");
+        cmd.args(["join", "--relay", &addr, "--listen", "/ip4/127.0.0.1/tcp/0", "--api", &api])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .stdout(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        self.nodes.push(Node { api, data_dir, relay, peer_id: String::new(), child });
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.run_at(program, args, "")
+    }
+
+    /// Runs `program` with `AIMATRIX_RELAY_API` set to `relay_api` (when not empty).
+    fn run_at(&self, program: &str, args: &[&str], relay_api: &str) -> Output {
+        let mut cmd = Command::new(binary(program));
+        if relay_api.is_empty() {
+            cmd.env_remove("AIMATRIX_RELAY_API");
+        } else {
+            cmd.env("AIMATRIX_RELAY_API", relay_api);
+        }
+        cmd.args(args)
+            .env_remove("AIMATRIX_RELAY_DATA_DIR")
+            .env_remove("AIMATRIX_NODE_API")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn try_relay_json(&self, r: usize, args: &[&str]) -> Option<Value> {
+        let output = self.run_at("studio-relay", args, &self.relays[r].api);
+        output.status.success().then(|| parse_json(&String::from_utf8_lossy(&output.stdout)))
+    }
+
+    fn relay_json(&self, r: usize, args: &[&str]) -> Value {
+        let output = self.run_at("studio-relay", args, &self.relays[r].api);
+        assert!(
+            output.status.success(),
+            "`studio-relay {}` failed: {}",
+            args.join(" "),
+            show(&output)
+        );
+        parse_json(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    fn node_status(&self, i: usize) -> Option<Value> {
+        let output = self.run("aimatrix-node", &["status", "--json", "--api", &self.nodes[i].api]);
+        output.status.success().then(|| parse_json(&String::from_utf8_lossy(&output.stdout)))
+    }
+
+    /// Posts the word-statistics job of `kind` at relay `r`.
+    fn post(&self, r: usize, name: &str, kind: &str) -> String {
+        let dir = self.root.join("jobs").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("batch-stats.wasm"), aimatrix_workloads::BATCH_STATS_WASM).unwrap();
+        std::fs::write(dir.join("doc.txt"), "the mesh carries the work the mesh carries").unwrap();
+        let toml = format!(
+            "kind = \"{kind}\"\nname = \"{name}\"\nreward = {REWARD}\nreplication = 1\n\
+             max_attempts = 5\ndeadline_s = 900\n\n[workload]\nruntime = \"wasm\"\n\
+             module = \"batch-stats.wasm\"\nargs = [\"--top\", \"3\"]\n\n[requirements]\n\
+             cpu_cores = 1\nmemory_mb = 64\n\n[limits]\ntimeout_s = 30\nmemory_mb = 64\n\n\
+             [[inputs]]\nname = \"doc.txt\"\nsource = \"doc.txt\"\n"
+        );
+        let path = dir.join("job.toml");
+        std::fs::write(&path, toml).unwrap();
+        let posted = self.relay_json(r, &["job", "post", path.to_str().unwrap(), "--json"]);
+        posted["job_id"].as_str().unwrap().to_owned()
+    }
+
+    fn wait_for_end(&self, r: usize, id: &str) -> Value {
+        wait_for(&format!("job {id} at relay-{r} to end"), || {
+            let view = self.try_relay_json(r, &["job", "status", id, "--json"])?;
+            matches!(view["state"].as_str(), Some("completed" | "failed" | "refused"))
+                .then_some(view)
+        })
+    }
+
+    /// The index of the node with `peer_id`.
+    fn node_index(&self, peer_id: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.peer_id == peer_id)
+            .unwrap_or_else(|| panic!("no node {peer_id}"))
+    }
+
+    /// The one node paid for job `id` at relay `r`, which must have completed.
+    fn paid_once(&self, r: usize, id: &str) -> usize {
+        let view = self.wait_for_end(r, id);
+        assert_eq!(view["state"], "completed", "{view}");
+        let paid: Vec<&str> = view["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["paid"] == true)
+            .map(|l| l["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(paid.len(), 1, "paid once: {view}");
+        self.node_index(paid[0])
+    }
+
+    fn assert_audit_clean(&self, r: usize) {
+        let audit = self.relay_json(r, &["ledger", "audit", "--json"]);
+        assert_eq!(audit["clean"], true, "relay-{r}: {audit}");
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for relay in &mut self.relays {
+            if let Some(child) = relay.child.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+        if std::thread::panicking() {
+            for (name, path) in &self.logs {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+                eprintln!("----- {name} (last {} lines) -----\n{}", tail.len(), tail.join("\n"));
+            }
+            let kept = self.dir.take().unwrap().keep();
+            eprintln!("test files kept in {}", kept.display());
+        }
+    }
+}
+
+#[test]
+fn three_peered_relays_share_their_nodes_and_survive_one_going_down() {
+    let mut mesh = Mesh::start();
+    let a_nodes: Vec<usize> = (0..NODES).filter(|i| mesh.nodes[*i].relay == 0).collect();
+
+    // Every relay learns of all twelve nodes, though each was dialed by four.
+    for r in 0..RELAYS {
+        wait_for(&format!("relay-{r} to know every node"), || {
+            let status = mesh.try_relay_json(r, &["status", "--json"])?;
+            (status["known_nodes"].as_u64()? >= NODES as u64).then_some(())
+        });
+    }
+    // A's nodes work for B and C, vouched for by A; nodes keep connections to other nodes.
+    for &i in &a_nodes {
+        wait_for(&format!("node-{i} to work for all three relays"), || {
+            let status = mesh.node_status(i)?;
+            let relays = status["relays"].as_array()?;
+            let vouched =
+                relays.iter().filter(|r| r["vouched_by"] == mesh.relays[0].peer_id.as_str());
+            (relays.len() == RELAYS && vouched.count() == RELAYS - 1).then_some(())
+        });
+    }
+    for i in 0..NODES {
+        wait_for(&format!("node-{i} to keep a connection to another node"), || {
+            let status = mesh.node_status(i)?;
+            (!status["network"]["peers"]["nodes"].as_array()?.is_empty()).then_some(())
+        });
+    }
+
+    // A data_processing job posted at B runs on a node that dialed only A.
+    let at_b = mesh.post(1, "at-b", "data_processing");
+    let ran = mesh.paid_once(1, &at_b);
+    assert!(
+        a_nodes.contains(&ran),
+        "node-{ran} ran B's job but dialed relay-{}",
+        mesh.nodes[ran].relay
+    );
+    let earnings = parse_json(&String::from_utf8_lossy(
+        &mesh
+            .run(
+                "aimatrix-node",
+                &["earnings", "--json", "--data-dir", mesh.nodes[ran].data_dir.to_str().unwrap()],
+            )
+            .stdout,
+    ));
+    assert_eq!(earnings["receipts"][&mesh.relays[1].peer_id]["credits"], REWARD, "{earnings}");
+
+    // A job at A, then A dies before it can finish.
+    let at_a = mesh.post(0, "at-a", "batch");
+    mesh.kill_relay(0);
+
+    // B and C keep working, also on A's former nodes.
+    let at_b2 = mesh.post(1, "at-b-while-a-is-down", "data_processing");
+    let at_c = mesh.post(2, "at-c-while-a-is-down", "data_processing");
+    for (r, id) in [(1, &at_b2), (2, &at_c)] {
+        let ran = mesh.paid_once(r, id);
+        assert!(a_nodes.contains(&ran), "node-{ran} is not one of A's nodes");
+    }
+
+    // A comes back: its unfinished job completes, paid once, and every ledger agrees.
+    mesh.start_relay(0);
+    mesh.paid_once(0, &at_a);
+    for r in 0..RELAYS {
+        mesh.assert_audit_clean(r);
+    }
+    // Each node's earnings are kept apart by relay.
+    let mut credited = 0;
+    for i in 0..NODES {
+        let dir = mesh.nodes[i].data_dir.clone();
+        let output =
+            mesh.run("aimatrix-node", &["earnings", "--json", "--data-dir", dir.to_str().unwrap()]);
+        let view = parse_json(&String::from_utf8_lossy(&output.stdout));
+        for relay in &mesh.relays {
+            credited += view["receipts"][&relay.peer_id]["credits"].as_i64().unwrap_or(0);
+        }
+    }
+    assert_eq!(credited, 4 * REWARD, "four jobs, each paid once, at the relay that posted it");
+}
+
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(started.elapsed() < WAIT, "gave up waiting for {what} after {WAIT:?}");
+        std::thread::sleep(POLL);
+    }
+}
+
+fn free_port() -> u16 {
+    aimatrix_cli_support::free_loopback_port().unwrap()
+}
+
+fn parse_json(text: &str) -> Value {
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("expected JSON ({e}), got {text:?}"))
+}
+
+fn show(output: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )
+}
