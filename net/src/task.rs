@@ -450,11 +450,16 @@ impl SwarmTask {
                     }
                     Err(e) => {
                         self.nat_failures += 1;
-                        info!(
-                            addr = %event.tested_addr,
-                            server = %event.server,
-                            "not reachable at this address: {e}"
-                        );
+                        // AutoNAT keeps probing every few seconds: say it once, not each time.
+                        if self.nat_failures == 1 {
+                            info!(
+                                addr = %event.tested_addr,
+                                server = %event.server,
+                                "not reachable at this address (behind a NAT or firewall?): {e}"
+                            );
+                        } else {
+                            debug!(addr = %event.tested_addr, "not reachable: {e}");
+                        }
                     }
                 }
                 self.update_kad_mode();

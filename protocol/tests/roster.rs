@@ -184,4 +184,11 @@ fn a_relay_publishes_its_roster_again_on_its_timer_and_ignores_others() {
     let bytes = broadcast(&mut other, Topic::Relays).unwrap();
     a.handle_message(NOW + 1, None, &bytes);
     assert!(a.reject_counts().is_empty(), "{:?}", a.reject_counts());
+    // So is another relay's offer.
+    let (_, offer) = post(&mut other, NOW + 2);
+    a.handle_message(NOW + 2, None, &offer);
+    assert!(a.reject_counts().is_empty(), "{:?}", a.reject_counts());
+    // The same offer sent directly is a refusal, as before.
+    a.handle_message(NOW + 2, Some(other.id()), &offer);
+    assert_eq!(a.reject_counts().get("wrong_domain"), Some(&1));
 }

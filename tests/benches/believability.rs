@@ -215,6 +215,7 @@ fn run() -> anyhow::Result<()> {
         relay_bin: &relay_bin,
         node_bin: &node_bin,
         nodes: sc.nodes as usize,
+        relays: 1,
         keep: opts.keep,
         prefix: "aimatrix-believability-",
         relay_log: "warn,studio_relay=info".into(),

@@ -1,19 +1,26 @@
-//! The network bench: one `studio-relay serve` and N `aimatrix-node join` processes (release
-//! builds) on loopback, measured against the issue's targets:
+//! The network bench: `studio-relay serve` and N `aimatrix-node join` processes (release
+//! builds) on loopback, measured against the issues' targets:
 //!
 //! - post-to-start latency of a trivial wasm job, posted one at a time;
-//! - jobs completed per second with many small jobs posted from several client threads;
+//! - how long an offer takes to reach 99% of the nodes (polled on their control APIs);
+//! - jobs completed per second with many small jobs posted from several client threads, and
+//!   the relays' CPU time per job;
 //! - the resident memory of an idle node.
+//!
+//! `--relays 1,2` runs everything once with one relay and once with two peered relays (each
+//! node given one of them, the jobs posted round robin) and prints both, with the ratio of
+//! their throughputs (issue 17: two relays complete >= 1.8x the jobs/s of one).
 //!
 //! It prints a table (metric, value, target, PASS/MISS, the command that reproduces the row),
 //! then where the time went. A bench, not a test: a missed target is reported, not failed.
 //!
 //! ```text
 //! cargo bench -p aimatrix-tests --bench network -- --nodes 8 --jobs 2000 --samples 200
+//! cargo bench -p aimatrix-tests --bench network -- --nodes 250 --relays 1,2 --jobs 2000
 //! ```
 //!
-//! Flags (after `--`): `--nodes N`, `--jobs N`, `--samples N`, `--clients N` (posting threads),
-//! `--only rss|latency|throughput` (one phase), `--timeout-s S` (throughput phase limit),
+//! Flags (after `--`): `--nodes N`, `--relays R[,R...]`, `--jobs N`, `--samples N`,
+//! `--clients N` (posting threads), `--only rss|latency|reach|throughput` (one phase), `--timeout-s S` (throughput phase limit),
 //! `--keep` (keep the data directory and the logs). `RUST_LOG` is passed to the processes
 //! (default `warn`).
 
@@ -46,11 +53,18 @@ const LATENCY_P50_MS_MAX: f64 = 50.0;
 const LATENCY_P99_MS_MAX: f64 = 200.0;
 const JOBS_PER_S_MIN: f64 = 200.0;
 const NODE_IDLE_RSS_MB_MAX: f64 = 60.0;
+/// Issue 17, at 250 nodes.
+const MESH_LATENCY_P50_MS_MAX: f64 = 10.0;
+const TWO_RELAYS_SPEEDUP_MIN: f64 = 1.8;
+/// The share of nodes an offer must reach.
+const REACH_SHARE: f64 = 0.99;
 
 /// Command-line options.
 #[derive(Clone, Debug)]
 struct Opts {
     nodes: usize,
+    /// Relay counts to run with, in order.
+    relays: Vec<usize>,
     jobs: usize,
     samples: usize,
     clients: usize,
@@ -65,6 +79,7 @@ impl Opts {
     fn parse() -> anyhow::Result<Self> {
         let mut o = Self {
             nodes: 8,
+            relays: vec![1],
             jobs: 2000,
             samples: 200,
             clients: 4,
@@ -79,6 +94,12 @@ impl Opts {
             match arg.as_str() {
                 "--bench" => {} // added by `cargo bench`
                 "--nodes" => o.nodes = value("--nodes")?.parse()?,
+                "--relays" => {
+                    o.relays = value("--relays")?
+                        .split(',')
+                        .map(|r| r.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()?;
+                }
                 "--jobs" => o.jobs = value("--jobs")?.parse()?,
                 "--samples" => o.samples = value("--samples")?.parse()?,
                 "--clients" => o.clients = value("--clients")?.parse()?,
@@ -86,17 +107,18 @@ impl Opts {
                 "--only" => o.only = Some(value("--only")?),
                 "--keep" => o.keep = true,
                 other => bail!(
-                    "unknown argument {other:?}; flags: --nodes N --jobs N --samples N \
-                     --clients N --only rss|latency|throughput --timeout-s S --keep"
+                    "unknown argument {other:?}; flags: --nodes N --relays R[,R] --jobs N \
+                     --samples N --clients N --only rss|latency|reach|throughput --timeout-s S \
+                     --keep"
                 ),
             }
         }
-        if o.nodes == 0 || o.clients == 0 {
-            bail!("--nodes and --clients must be at least 1");
+        if o.nodes == 0 || o.clients == 0 || o.relays.contains(&0) || o.relays.is_empty() {
+            bail!("--nodes, --relays and --clients must be at least 1");
         }
         if let Some(only) = &o.only {
-            if !matches!(only.as_str(), "rss" | "latency" | "throughput") {
-                bail!("--only takes rss, latency or throughput, not {only:?}");
+            if !matches!(only.as_str(), "rss" | "latency" | "reach" | "throughput") {
+                bail!("--only takes rss, latency, reach or throughput, not {only:?}");
             }
         }
         Ok(o)
@@ -107,8 +129,11 @@ impl Opts {
     }
 
     /// The command that reproduces one phase.
-    fn command(&self, phase: &str) -> String {
+    fn command(&self, phase: &str, relays: usize) -> String {
         let mut flags = format!("--nodes {}", self.nodes);
+        if relays > 1 {
+            flags.push_str(&format!(" --relays {relays}"));
+        }
         match phase {
             "latency" => flags.push_str(&format!(" --samples {}", self.samples)),
             "throughput" => {
@@ -138,41 +163,185 @@ fn run() -> anyhow::Result<()> {
     eprintln!("building release binaries (cargo build --release) ...");
     let relay_bin = aimatrix_tests::binary("studio-relay");
     let node_bin = aimatrix_tests::binary("aimatrix-node");
-    let mut net = Network::start(&Setup {
-        relay_bin: &relay_bin,
-        node_bin: &node_bin,
-        nodes: opts.nodes,
-        keep: opts.keep,
-        prefix: "aimatrix-bench-",
-        relay_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        node_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        wait: Duration::from_secs(120),
-    })?;
-    eprintln!("network up: 1 relay, {} nodes; data and logs in {}", opts.nodes, net.dir.display());
     let mut report = Report::default();
-    if opts.runs("rss") {
-        std::thread::sleep(Duration::from_secs(3));
-        rss_phase(&net, &opts, &mut report, "node idle RSS after joining")?;
-    }
-    let module = wat::parse_str(TRIVIAL_WAT).context("the trivial guest does not assemble")?;
-    let digest = net.client.put_blob(&module)?.sha256;
-    let spec = trivial_spec(&digest)?;
-    if opts.runs("latency") || opts.runs("throughput") {
-        warm_up(&net, &spec)?;
-    }
-    if opts.runs("latency") {
-        latency_phase(&net, &opts, &spec, &mut report)?;
-    }
-    if opts.runs("throughput") {
-        throughput_phase(&net, &opts, &spec, &mut report)?;
-    }
-    if opts.runs("rss") && opts.only.is_none() {
-        std::thread::sleep(Duration::from_secs(2));
-        rss_phase(&net, &opts, &mut report, "node idle RSS after the load (info)")?;
+    let mut summaries = Vec::new();
+    for &relays in &opts.relays {
+        let mut net = Network::start(&Setup {
+            relay_bin: &relay_bin,
+            node_bin: &node_bin,
+            nodes: opts.nodes,
+            relays,
+            keep: opts.keep,
+            prefix: "aimatrix-bench-",
+            relay_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            node_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            wait: Duration::from_secs(120 + opts.nodes as u64),
+        })?;
+        eprintln!(
+            "network up: {relays} relay(s), {} nodes; data and logs in {}",
+            opts.nodes,
+            net.dir.display()
+        );
+        report.prefix =
+            if opts.relays.len() > 1 { format!("[{relays} relays] ") } else { String::new() };
+        let mut summary = Summary { relays, ..Summary::default() };
+        if opts.runs("rss") {
+            std::thread::sleep(Duration::from_secs(3));
+            summary.node_rss_mb =
+                rss_phase(&net, &opts, &mut report, "node idle RSS after joining")?;
+        }
+        let module = wat::parse_str(TRIVIAL_WAT).context("the trivial guest does not assemble")?;
+        let mut digest = String::new();
+        for client in &net.clients {
+            digest = client.put_blob(&module)?.sha256;
+        }
+        let spec = trivial_spec(&digest)?;
+        if opts.runs("latency") || opts.runs("throughput") {
+            warm_up(&net, &spec)?;
+        }
+        if opts.runs("latency") {
+            (summary.p50_ms, summary.p99_ms) = latency_phase(&net, &opts, &spec, &mut report)?;
+        }
+        if opts.runs("reach") {
+            summary.reach_ms = reach_phase(&net, &opts, &spec, &mut report)?;
+        }
+        if opts.runs("throughput") {
+            (summary.jobs_per_s, summary.relay_cpu_ms_per_job) =
+                throughput_phase(&net, &opts, &spec, &mut report)?;
+        }
+        if opts.runs("rss") && opts.only.is_none() {
+            std::thread::sleep(Duration::from_secs(2));
+            rss_phase(&net, &opts, &mut report, "node idle RSS after the load (info)")?;
+        }
+        summaries.push(summary);
+        net.stop();
     }
     report.print(&opts);
-    net.stop();
+    print_summaries(&opts, &summaries);
     Ok(())
+}
+
+/// One configuration's numbers, for the comparison table.
+#[derive(Default)]
+struct Summary {
+    relays: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    reach_ms: f64,
+    jobs_per_s: f64,
+    relay_cpu_ms_per_job: f64,
+    node_rss_mb: f64,
+}
+
+/// The table of issue 17: each relay count side by side, and the throughput ratio.
+fn print_summaries(opts: &Opts, summaries: &[Summary]) {
+    let nan = |v: f64| if v == 0.0 { f64::NAN } else { v };
+    println!();
+    println!(
+        "| relays | nodes | post-to-start p50 | p99 | offer reaches {:.0}% of nodes | jobs/s | relay CPU per job | node RSS (max, idle) |",
+        REACH_SHARE * 100.0
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for s in summaries {
+        println!(
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.0} ms | {:.1} | {:.2} ms | {:.1} MB |",
+            s.relays,
+            opts.nodes,
+            nan(s.p50_ms),
+            nan(s.p99_ms),
+            nan(s.reach_ms),
+            nan(s.jobs_per_s),
+            nan(s.relay_cpu_ms_per_job),
+            nan(s.node_rss_mb)
+        );
+    }
+    if let Some(one) = summaries.iter().find(|s| s.relays == 1) {
+        let verdict = if one.p50_ms <= MESH_LATENCY_P50_MS_MAX { "PASS" } else { "MISS" };
+        println!(
+            "post-to-start p50 with 1 relay: {:.1} ms (issue 17 target at 250 nodes: <= {MESH_LATENCY_P50_MS_MAX} ms) {verdict}",
+            one.p50_ms
+        );
+        if let Some(two) = summaries.iter().find(|s| s.relays == 2) {
+            let ratio = two.jobs_per_s / one.jobs_per_s;
+            let verdict = if ratio >= TWO_RELAYS_SPEEDUP_MIN { "PASS" } else { "MISS" };
+            println!(
+                "jobs/s, 2 relays over 1: {ratio:.2}x (target >= {TWO_RELAYS_SPEEDUP_MIN}x) {verdict}"
+            );
+        }
+    }
+}
+
+/// How long an offer takes to reach [`REACH_SHARE`] of the nodes: a job no node can serve (it
+/// asks for more memory than any machine has) is posted at the first relay, and every node's
+/// control API is polled until it lists the offer. The job is then cancelled.
+fn reach_phase(
+    net: &Network,
+    opts: &Opts,
+    spec: &JobSpec,
+    report: &mut Report,
+) -> anyhow::Result<f64> {
+    let account = "bench-reach";
+    mint(&net.client, account, 100)?;
+    let mut unservable = spec.clone();
+    unservable.requirements.memory_mb = 1 << 40;
+    let started = Instant::now();
+    let (job_id, _) = post(&net.client, &unservable, account)?;
+    let limit = Duration::from_secs(60);
+    let threads = 8.min(net.node_apis.len());
+    let pollers: Vec<_> = (0..threads)
+        .map(|t| {
+            let apis: Vec<String> =
+                net.node_apis.iter().skip(t).step_by(threads).cloned().collect();
+            let job_id = job_id.clone();
+            std::thread::spawn(move || {
+                let mut reached: Vec<Option<f64>> = vec![None; apis.len()];
+                while started.elapsed() < limit && reached.iter().any(Option::is_none) {
+                    for (api, at) in apis.iter().zip(reached.iter_mut()) {
+                        if at.is_none() && lists_offer(api, &job_id) {
+                            *at = Some(started.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                }
+                reached
+            })
+        })
+        .collect();
+    let mut times: Vec<f64> = Vec::new();
+    for poller in pollers {
+        let reached = poller.join().map_err(|_| anyhow::anyhow!("a poller panicked"))?;
+        times.extend(reached.into_iter().map(|t| t.unwrap_or(f64::INFINITY)));
+    }
+    let _ = net.client.cancel_job(&job_id);
+    let reach = percentile(&times, REACH_SHARE);
+    let listed = times.iter().filter(|t| t.is_finite()).count();
+    report.row(
+        &format!("offer reaches {:.0}% of {} nodes", REACH_SHARE * 100.0, times.len()),
+        format!("{reach:.0} ms"),
+        String::new(),
+        None,
+        opts.command("reach", net.clients.len()),
+    );
+    report.note(format!(
+        "offer reach: {listed} of {} nodes listed the offer within {limit:?}; p50 {:.0} ms \
+         (post to listed on the node's control API, polled by {threads} threads)",
+        times.len(),
+        percentile(&times, 0.5)
+    ));
+    Ok(reach)
+}
+
+/// Whether the node whose control API is at `api` lists the offer of `job_id`.
+fn lists_offer(api: &str, job_id: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(api) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request =
+        format!("GET /v1/offers?all=true HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).is_ok() && answer.contains(job_id)
 }
 
 /// The trivial job: reward 1, replication 1, the guest above.
@@ -219,7 +388,8 @@ fn warm_up(net: &Network, spec: &JobSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_phase(net: &Network, opts: &Opts, report: &mut Report, what: &str) -> anyhow::Result<()> {
+/// Reports the nodes' resident memory; returns the largest, in MB.
+fn rss_phase(net: &Network, opts: &Opts, report: &mut Report, what: &str) -> anyhow::Result<f64> {
     let rss: Vec<f64> =
         net.node_pids().iter().map(|pid| vm_rss_mb(*pid)).collect::<Result<_, _>>()?;
     let max = rss.iter().copied().fold(0.0, f64::max);
@@ -230,11 +400,11 @@ fn rss_phase(net: &Network, opts: &Opts, report: &mut Report, what: &str) -> any
         format!("{max:.1} MB"),
         format!("<= {NODE_IDLE_RSS_MB_MAX} MB"),
         Some(max <= NODE_IDLE_RSS_MB_MAX),
-        opts.command("rss"),
+        opts.command("rss", net.clients.len()),
     );
     report.row(&format!("{what}, mean"), format!("{mean:.1} MB"), "".into(), None, "".into());
-    report.note(format!("{what}: relay RSS {relay:.1} MB; nodes {rss:.1?} MB"));
-    Ok(())
+    report.note(format!("{what}: first relay RSS {relay:.1} MB; nodes {rss:.1?} MB"));
+    Ok(max)
 }
 
 /// One sample of the latency phase, all in ms since the Unix epoch.
@@ -252,12 +422,13 @@ struct Sample {
     completed_seen: f64,
 }
 
+/// Posts jobs one at a time at the first relay; returns the post-to-start p50 and p99, in ms.
 fn latency_phase(
     net: &Network,
     opts: &Opts,
     spec: &JobSpec,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(f64, f64)> {
     mint(&net.client, "bench-latency", 10 * opts.samples as u64 + 100)?;
     let cpu_before = Cpu::read(net)?;
     let started = Instant::now();
@@ -270,7 +441,7 @@ fn latency_phase(
     let grant: Vec<f64> =
         samples.iter().map(|s| (s.granted_at as f64 - s.before_post).max(0.0)).collect();
     let (p50, p99) = (percentile(&grant, 0.50), percentile(&grant, 0.99));
-    let cmd = opts.command("latency");
+    let cmd = opts.command("latency", net.clients.len());
     let n = samples.len();
     report.row(
         &format!("post-to-start p50 ({n} jobs one at a time)"),
@@ -319,7 +490,7 @@ fn latency_phase(
         "  before POST -> completed seen by polling every 5 ms: {}; {cpu}",
         split(&|s| s.completed_seen - s.before_post)
     ));
-    Ok(())
+    Ok((p50, p99))
 }
 
 fn latency_sample(client: &RelayClient, spec: &JobSpec) -> anyhow::Result<Sample> {
@@ -356,14 +527,18 @@ fn latency_sample(client: &RelayClient, spec: &JobSpec) -> anyhow::Result<Sample
     }
 }
 
+/// Posts many jobs from several threads, round robin over the relays; returns the jobs
+/// completed per second and the relays' CPU time per job, in ms.
 fn throughput_phase(
     net: &Network,
     opts: &Opts,
     spec: &JobSpec,
     report: &mut Report,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(f64, f64)> {
     let account = "bench-throughput";
-    mint(&net.client, account, 10 * opts.jobs as u64 + 100)?;
+    for client in &net.clients {
+        mint(client, account, 10 * opts.jobs as u64 + 100)?;
+    }
     let cpu_before = Cpu::read(net)?;
     let started = Instant::now();
     let posted = Arc::new(AtomicUsize::new(0));
@@ -372,7 +547,8 @@ fn throughput_phase(
     let posting: Vec<_> = (0..opts.clients)
         .map(|c| {
             let share = opts.jobs / opts.clients + usize::from(c < opts.jobs % opts.clients);
-            let (client, spec) = (net.client.clone(), spec.clone());
+            let client = net.clients[c % net.clients.len()].clone();
+            let spec = spec.clone();
             let (posted, retries, stop) = (posted.clone(), retries.clone(), stop.clone());
             std::thread::spawn(move || -> anyhow::Result<()> {
                 for _ in 0..share {
@@ -388,7 +564,10 @@ fn throughput_phase(
         .collect();
     let (completed, all_posted_after, elapsed) = wait_paid(net, opts, account, &posted, started)?;
     stop.store(true, Ordering::Relaxed);
-    let cpu = Cpu::read(net)?.since(&cpu_before, elapsed);
+    let cpu_after = Cpu::read(net)?;
+    let relay_cpu_ms_per_job =
+        cpu_after.relay_s_since(&cpu_before) * 1000.0 / completed.max(1) as f64;
+    let cpu = cpu_after.since(&cpu_before, elapsed);
     for handle in posting {
         handle.join().map_err(|_| anyhow::anyhow!("a posting thread panicked"))??;
     }
@@ -398,7 +577,7 @@ fn throughput_phase(
         format!("{rate:.1} /s"),
         format!(">= {JOBS_PER_S_MIN} /s"),
         Some(rate >= JOBS_PER_S_MIN && completed == opts.jobs),
-        opts.command("throughput"),
+        opts.command("throughput", net.clients.len()),
     );
     report.note(format!(
         "throughput: {} jobs posted by {} threads in {:.2} s ({:.0} posts/s, {} retries on 503); \
@@ -416,7 +595,8 @@ fn throughput_phase(
             report.note(format!("  relay reject counts: {:?}", status.reject_counts));
         }
     }
-    Ok(())
+    report.note(format!("  relay CPU per completed job: {relay_cpu_ms_per_job:.2} ms"));
+    Ok((rate, relay_cpu_ms_per_job))
 }
 
 /// Polls the requester's ledger balance (answered by the ledger, not the relay's event loop)
@@ -432,13 +612,18 @@ fn wait_paid(
     let deadline = started + Duration::from_secs(opts.timeout_s);
     let mut all_posted_after = None;
     loop {
-        let balance = net.client.balance(account)?;
-        let paid = usize::try_from(balance.posted_debits).unwrap_or(usize::MAX);
+        let (mut posted_debits, mut pending) = (0, 0);
+        for client in &net.clients {
+            let balance = client.balance(account)?;
+            posted_debits += balance.posted_debits;
+            pending += balance.pending;
+        }
+        let paid = usize::try_from(posted_debits).unwrap_or(usize::MAX);
         if all_posted_after.is_none() && posted.load(Ordering::Relaxed) == opts.jobs {
             all_posted_after = Some(started.elapsed());
         }
         if let Some(posts) = all_posted_after {
-            if balance.pending == 0 {
+            if pending == 0 {
                 return Ok((paid, posts, started.elapsed()));
             }
         }
@@ -523,6 +708,8 @@ fn now_ms_f64() -> f64 {
 struct Report {
     rows: Vec<[String; 5]>,
     notes: Vec<String>,
+    /// Put before each row's metric (the configuration, when several run).
+    prefix: String,
 }
 
 impl Report {
@@ -539,11 +726,12 @@ impl Report {
             Some(false) => "MISS",
             None => "",
         };
-        self.rows.push([metric.to_owned(), value, target, verdict.to_owned(), cmd]);
+        let metric = format!("{}{metric}", self.prefix);
+        self.rows.push([metric, value, target, verdict.to_owned(), cmd]);
     }
 
     fn note(&mut self, note: String) {
-        self.notes.push(note);
+        self.notes.push(format!("{}{note}", self.prefix));
     }
 
     fn print(&self, opts: &Opts) {
@@ -556,9 +744,9 @@ impl Report {
         }
         println!();
         println!(
-            "network bench: 1 relay + {} nodes on loopback (release builds); --nodes {} --jobs {} \
-             --samples {} --clients {}",
-            opts.nodes, opts.nodes, opts.jobs, opts.samples, opts.clients
+            "network bench: {:?} relay(s) + {} nodes on loopback (release builds); --nodes {} \
+             --jobs {} --samples {} --clients {}",
+            opts.relays, opts.nodes, opts.nodes, opts.jobs, opts.samples, opts.clients
         );
         for row in std::iter::once(&header).chain(&self.rows) {
             let line: Vec<String> =

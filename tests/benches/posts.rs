@@ -99,6 +99,7 @@ fn measure(relay_bin: &std::path::Path, opts: &Opts, keyed: bool) -> anyhow::Res
         relay_bin,
         node_bin: &node_bin,
         nodes: 0,
+        relays: 1,
         keep: false,
         prefix: "aimatrix-posts-bench-",
         relay_log: "warn".into(),

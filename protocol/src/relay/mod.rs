@@ -35,7 +35,7 @@ pub use settlement::split_fee;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::capability::CapabilityProfile;
-use crate::envelope::{Domain, Verifier, VerifyConfig};
+use crate::envelope::{Domain, Verifier, VerifyConfig, VerifyError};
 use crate::hash::Digest;
 use crate::identity::{Keypair, NodeId};
 use crate::ledger::LedgerOp;
@@ -416,10 +416,16 @@ impl RelayCore {
 
     /// Bytes from the network: a gossip message (`from = None`) or a direct one from `from`.
     pub fn handle_message(&mut self, now: Millis, from: Option<NodeId>, bytes: &[u8]) {
-        let (signer, msg) = match open(&mut self.verifier, now, bytes, &RELAY_ACCEPTS) {
-            Ok(x) => x,
-            Err(reason) => return self.reject(from, reason),
-        };
+        let (signer, msg) =
+            match open(&mut self.verifier, now, bytes, &RELAY_ACCEPTS) {
+                Ok(x) => x,
+                // Peered relays hear each other's offers on gossip: they are for nodes, not a
+                // refusal (and cost no signature check: the domain is checked first).
+                Err(RejectReason::Verify(VerifyError::WrongDomain {
+                    got: Domain::Offer, ..
+                })) if from.is_none() => return,
+                Err(reason) => return self.reject(from, reason),
+            };
         if let Some(sender) = from {
             if sender != signer && !matches!(msg, Message::Advert(_)) {
                 return self.reject(from, RejectReason::SenderMismatch { signer, sender });
