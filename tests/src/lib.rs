@@ -120,3 +120,44 @@ fn build_binaries() -> Result<HashMap<String, PathBuf>, String> {
     }
     Ok(built)
 }
+
+/// Calls `check` every `poll` until it returns something, for at most `limit`.
+///
+/// # Panics
+///
+/// After `limit`, naming `what`: the test cannot go on without it.
+pub fn wait_for<T>(
+    what: &str,
+    limit: std::time::Duration,
+    poll: std::time::Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(started.elapsed() < limit, "gave up waiting for {what} after {limit:?}");
+        std::thread::sleep(poll);
+    }
+}
+
+/// `text` parsed as JSON (a command's `--json` output).
+///
+/// # Panics
+///
+/// When it is not JSON, showing the text.
+pub fn parse_json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("expected JSON ({e}), got {text:?}"))
+}
+
+/// A finished command's status, stdout and stderr, for a failure message.
+pub fn show(output: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    )
+}

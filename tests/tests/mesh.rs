@@ -14,10 +14,10 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aimatrix_protocol::identity::Keypair;
-use aimatrix_tests::binary;
+use aimatrix_tests::{binary, parse_json, show};
 use serde_json::Value;
 
 /// The longest wait for any one condition. Generous: fifteen processes share two cores.
@@ -380,31 +380,10 @@ fn three_peered_relays_share_their_nodes_and_survive_one_going_down() {
     assert_eq!(credited, 4 * REWARD, "four jobs, each paid once, at the relay that posted it");
 }
 
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(started.elapsed() < WAIT, "gave up waiting for {what} after {WAIT:?}");
-        std::thread::sleep(POLL);
-    }
+fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    aimatrix_tests::wait_for(what, WAIT, POLL, check)
 }
 
 fn free_port() -> u16 {
     aimatrix_cli_support::free_loopback_port().unwrap()
-}
-
-fn parse_json(text: &str) -> Value {
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("expected JSON ({e}), got {text:?}"))
-}
-
-fn show(output: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout).trim(),
-        String::from_utf8_lossy(&output.stderr).trim()
-    )
 }

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aimatrix_tests::binary;
+use aimatrix_tests::{binary, parse_json, show};
 use serde_json::Value;
 
 /// The longest wait for any one condition. Generous: the tests share two cores.
@@ -589,34 +589,13 @@ fn write_job(dir: &Path, toml: &str) -> PathBuf {
 }
 
 /// Calls `check` until it returns something, for at most [`WAIT`].
-fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(started.elapsed() < WAIT, "gave up waiting for {what} after {WAIT:?}");
-        std::thread::sleep(POLL);
-    }
+fn wait_for<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    aimatrix_tests::wait_for(what, WAIT, POLL, check)
 }
 
 /// A free TCP port on 127.0.0.1, outside the range other nodes' `tcp/0` listeners draw from.
 fn free_port() -> u16 {
     aimatrix_cli_support::free_loopback_port().unwrap()
-}
-
-fn parse_json(text: &str) -> Value {
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("expected JSON ({e}), got {text:?}"))
-}
-
-fn show(output: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout).trim(),
-        String::from_utf8_lossy(&output.stderr).trim()
-    )
 }
 
 fn path_str(path: &Path) -> &str {
