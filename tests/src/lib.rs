@@ -161,3 +161,42 @@ pub fn show(output: &std::process::Output) -> String {
         String::from_utf8_lossy(&output.stderr).trim()
     )
 }
+
+/// `cmd` without any of the aimatrix settings of the environment the tests run in (data
+/// directories, API addresses, the node's config file), so each child sees only its flags.
+pub fn without_aimatrix_env(cmd: &mut Command) -> &mut Command {
+    for var in [
+        "AIMATRIX_RELAY_DATA_DIR",
+        "AIMATRIX_RELAY_API",
+        "AIMATRIX_DATA_DIR",
+        "AIMATRIX_NODE_API",
+        "AIMATRIX_NODE_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The first line `child` writes to its piped stdout (`studio-relay serve` prints its address
+/// there), waiting at most `limit`; the rest of its stdout is drained in the background, so a
+/// later write never fails on a closed pipe. `None` when nothing came in time.
+///
+/// # Panics
+///
+/// If the child's stdout was not piped.
+pub fn first_stdout_line(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Option<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("the child's stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    rx.recv_timeout(limit).ok()
+}

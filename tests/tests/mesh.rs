@@ -10,14 +10,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use aimatrix_protocol::identity::Keypair;
-use aimatrix_tests::{binary, parse_json, show};
+use aimatrix_tests::{binary, first_stdout_line, parse_json, show, without_aimatrix_env};
 use serde_json::Value;
 
 /// The longest wait for any one condition. Generous: fifteen processes share two cores.
@@ -105,12 +103,8 @@ impl Mesh {
         let log = std::fs::File::create(&log_path).unwrap();
         self.logs.push((name.to_owned(), log_path));
         let mut cmd = Command::new(binary(program));
-        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .env_remove("AIMATRIX_RELAY_DATA_DIR")
-            .env_remove("AIMATRIX_RELAY_API")
-            .env_remove("AIMATRIX_DATA_DIR")
-            .env_remove("AIMATRIX_NODE_API")
-            .env_remove("AIMATRIX_NODE_CONFIG")
+        without_aimatrix_env(&mut cmd)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stderr(log);
         cmd
@@ -136,16 +130,7 @@ impl Mesh {
             cmd.args(["--peer", peer]);
         }
         let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let line = rx.recv_timeout(WAIT).expect("the relay printed no address");
+        let line = first_stdout_line(&mut child, WAIT).expect("the relay printed no address");
         assert_eq!(line.trim(), self.relays[i].addr, "relay-{i} printed another address");
         self.relays[i].child = Some(child);
     }

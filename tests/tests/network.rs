@@ -13,10 +13,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aimatrix_tests::{binary, parse_json, show};
+use aimatrix_tests::{binary, first_stdout_line, parse_json, show, without_aimatrix_env};
 use serde_json::Value;
 
 /// The longest wait for any one condition. Generous: the tests share two cores.
@@ -115,12 +114,8 @@ impl Net {
         let log_path = self.root.join("logs").join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
         self.logs.push((name.to_owned(), log_path));
-        cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .env_remove("AIMATRIX_RELAY_DATA_DIR")
-            .env_remove("AIMATRIX_RELAY_API")
-            .env_remove("AIMATRIX_DATA_DIR")
-            .env_remove("AIMATRIX_NODE_API")
-            .env_remove("AIMATRIX_NODE_CONFIG")
+        without_aimatrix_env(&mut cmd)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stderr(log);
         cmd
@@ -152,18 +147,9 @@ impl Net {
             cmd.args(["--lease-grace-s", &grace.to_string()]);
         }
         let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
+        let line = first_stdout_line(&mut child, WAIT);
         self.relay = Some(child);
-        // Reads the first line, then keeps draining so a later write never fails on a closed pipe.
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let line = rx.recv_timeout(WAIT).expect("the relay printed no address");
+        let line = line.expect("the relay printed no address");
         let addr = line.trim().to_owned();
         assert!(addr.contains("/p2p/"), "the relay printed {line:?} instead of its address");
         if self.relay_addr.is_empty() {
