@@ -98,13 +98,18 @@ pub const ROSTER_ADDR_BYTES_MAX: usize = 256;
 impl Roster {
     /// Why this roster is out of bounds, if it is.
     pub fn check(&self) -> Result<(), String> {
-        if self.relays.len() > ROSTER_RELAYS_MAX {
+        Self::check_entries(&self.relays)
+    }
+
+    /// Why a roster listing `relays` would be out of bounds, if it would.
+    pub fn check_entries(relays: &[RosterEntry]) -> Result<(), String> {
+        if relays.len() > ROSTER_RELAYS_MAX {
             return Err(format!(
                 "lists {} relays; a roster lists at most {ROSTER_RELAYS_MAX}",
-                self.relays.len()
+                relays.len()
             ));
         }
-        for entry in &self.relays {
+        for entry in relays {
             if entry.addrs.len() > ROSTER_ADDRS_MAX {
                 return Err(format!(
                     "lists {} addresses for {}; at most {ROSTER_ADDRS_MAX}",

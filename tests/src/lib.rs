@@ -200,3 +200,16 @@ pub fn first_stdout_line(
     });
     rx.recv_timeout(limit).ok()
 }
+
+/// Prints the last `lines` lines of each log (name, path), for a failing test's output.
+pub fn print_log_tails(logs: &[(String, PathBuf)], lines: usize) {
+    for (name, path) in logs {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let tail = &all[all.len().saturating_sub(lines)..];
+        eprintln!("----- {name} ({}), last {} lines:", path.display(), tail.len());
+        for line in tail {
+            eprintln!("{line}");
+        }
+    }
+}

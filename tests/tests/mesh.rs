@@ -15,7 +15,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use aimatrix_protocol::identity::Keypair;
-use aimatrix_tests::{binary, first_stdout_line, parse_json, show, without_aimatrix_env};
+use aimatrix_tests::{
+    binary, first_stdout_line, parse_json, print_log_tails, show, without_aimatrix_env,
+};
 use serde_json::Value;
 
 /// The longest wait for any one condition. Generous: fifteen processes share two cores.
@@ -274,12 +276,7 @@ impl Drop for Mesh {
             let _ = node.child.wait();
         }
         if std::thread::panicking() {
-            for (name, path) in &self.logs {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                eprintln!("----- {name} (last {} lines) -----\n{}", tail.len(), tail.join("\n"));
-            }
+            print_log_tails(&self.logs, LOG_TAIL_LINES);
             let kept = self.dir.take().unwrap().keep();
             eprintln!("test files kept in {}", kept.display());
         }

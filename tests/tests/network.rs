@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aimatrix_tests::{binary, first_stdout_line, parse_json, show, without_aimatrix_env};
+use aimatrix_tests::{
+    binary, first_stdout_line, parse_json, print_log_tails, show, without_aimatrix_env,
+};
 use serde_json::Value;
 
 /// The longest wait for any one condition. Generous: the tests share two cores.
@@ -483,15 +485,7 @@ impl Drop for Net {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            for (name, path) in &self.logs {
-                let text = std::fs::read_to_string(path).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-                eprintln!("----- {name} ({}), last {} lines:", path.display(), tail.len());
-                for line in tail {
-                    eprintln!("{line}");
-                }
-            }
+            print_log_tails(&self.logs, LOG_TAIL_LINES);
             if let Some(dir) = self.dir.take() {
                 eprintln!("----- the test's data and logs are kept in {}", dir.keep().display());
             }

@@ -69,6 +69,7 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut relays: Vec<(PeerId, Multiaddr)> = Vec::new();
+    let mut relay_ids: Vec<NodeId> = Vec::new();
     for relay_addr in &relay_addrs {
         let relay_peer = relay_addr
             .iter()
@@ -79,12 +80,11 @@ pub(crate) fn run(args: JoinArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| {
                 format!("--relay {relay_addr} does not end in /p2p/<peer id>; copy the whole address the relay printed")
             })?;
-        aimatrix_net::node_id_of(&relay_peer)
+        let relay_id = aimatrix_net::node_id_of(&relay_peer)
             .with_context(|| format!("--relay {relay_addr}: the peer id is not an ed25519 key"))?;
         relays.push((relay_peer, relay_addr.clone()));
+        relay_ids.push(relay_id);
     }
-    let relay_ids: Vec<NodeId> =
-        relays.iter().filter_map(|(peer, _)| aimatrix_net::node_id_of(peer)).collect();
     let key_path = data_dir.join("node.key");
     let (key, created) = Keypair::load_or_create(&key_path)?;
     if created {

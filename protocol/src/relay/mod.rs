@@ -300,7 +300,7 @@ impl RelayCore {
     /// the relays topic now and every [`ROSTER_REPUBLISH_MS`], so the nodes that trust this
     /// relay work for them too. An empty list publishes nothing. Refused when out of bounds.
     pub fn set_roster(&mut self, now: Millis, relays: Vec<RosterEntry>) -> Result<(), String> {
-        Roster { seq: 0, relays: relays.clone() }.check()?;
+        Roster::check_entries(&relays)?;
         self.roster = relays;
         self.roster_at_ms = (!self.roster.is_empty()).then_some(now);
         self.publish_roster(now);
