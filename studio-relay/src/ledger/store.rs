@@ -105,26 +105,14 @@ impl Paths {
     }
 }
 
-/// Opens sled, mapping its failures (and panics on damaged files) to clear errors.
-///
-/// sled releases its file lock from a background thread after the last handle is dropped, so a
-/// database this process has just closed can still look locked for a moment: a lock is retried
-/// for up to a second before it is reported as held by another process.
+/// Opens sled, mapping its failures (and panics on damaged files) to clear errors; a lock this
+/// process has only just released is waited for ([`crate::store::retry_while_locked`]).
 pub(crate) fn open_db(paths: &Paths) -> Result<sled::Db, LedgerError> {
-    let mut attempts = 0;
-    loop {
-        match open_db_once(paths) {
-            Err(LedgerError::Locked { .. }) if attempts < LOCK_RETRIES => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            other => return other,
-        }
-    }
+    crate::store::retry_while_locked(
+        || open_db_once(paths),
+        |e| matches!(e, LedgerError::Locked { .. }),
+    )
 }
-
-/// Attempts of [`open_db`] on a locked database, 50 ms apart.
-const LOCK_RETRIES: u32 = 20;
 
 fn open_db_once(paths: &Paths) -> Result<sled::Db, LedgerError> {
     let path = paths.db.clone();

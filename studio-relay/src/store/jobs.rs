@@ -133,8 +133,16 @@ fn post_key(requester: &str, key: &str) -> Vec<u8> {
 }
 
 impl JobStore {
-    /// Opens (or creates) the job store in `dir`.
+    /// Opens (or creates) the job store in `dir`; a lock this process has only just released is
+    /// waited for ([`super::retry_while_locked`]).
     pub fn open(dir: &Path) -> Result<Self, JobStoreError> {
+        super::retry_while_locked(
+            || Self::open_once(dir),
+            |e| matches!(e, JobStoreError::Locked { .. }),
+        )
+    }
+
+    fn open_once(dir: &Path) -> Result<Self, JobStoreError> {
         let path = dir.to_owned();
         let opened = sled::Config::new().path(dir).flush_every_ms(None).open();
         let db = match opened {
