@@ -90,7 +90,12 @@ impl Behaviour {
             .mesh_n_low(6)
             .mesh_n_high(16)
             .mesh_outbound_min(3)
-            .validation_mode(gossipsub::ValidationMode::Strict)
+            // Anonymous: gossipsub neither signs messages nor checks signatures. Every message
+            // is an envelope its author signed, which the receiving core checks once; gossipsub's
+            // own signature was checked on every copy a peer received, duplicates included, in
+            // the codec before deduplication: about a dozen ed25519 checks per offer per node
+            // in a mesh, which made the nodes, not the relay, the network's bottleneck.
+            .validation_mode(gossipsub::ValidationMode::Anonymous)
             .message_id_fn(|msg: &gossipsub::Message| {
                 gossipsub::MessageId::new(&Digest::of(&msg.data).0)
             })
@@ -98,11 +103,9 @@ impl Behaviour {
             .flood_publish(true)
             .build()
             .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
-        let mut gossipsub = gossipsub::Behaviour::new(
-            gossipsub::MessageAuthenticity::Signed(key.clone()),
-            gossip_config,
-        )
-        .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
+        let mut gossipsub =
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
+                .map_err(|e| NetError::Config(format!("gossipsub: {e}")))?;
         gossipsub
             .with_peer_score(gossip_score_params(), gossip_score_thresholds())
             .map_err(|e| NetError::Config(format!("gossipsub scoring: {e}")))?;
@@ -144,7 +147,8 @@ impl Behaviour {
 
 /// Gossipsub peer scoring (docs/network.md, "Gossip scoring"): a peer gains score for
 /// delivering messages first and for time in the mesh, and loses it fast for messages that fail
-/// validation (a bad signature) and for protocol misbehaviour. Mesh-delivery penalties are off:
+/// gossipsub's validation (malformed, or signed in our anonymous gossip) and for protocol
+/// misbehaviour. Mesh-delivery penalties are off:
 /// offers and adverts are rare, so a quiet mesh peer is normal, not a sign of an attack. The
 /// same-address penalty is off: many honest nodes share one public address behind a NAT.
 fn gossip_score_params() -> gossipsub::PeerScoreParams {
@@ -174,7 +178,7 @@ fn gossip_score_params() -> gossipsub::PeerScoreParams {
 
 /// Below `gossip_threshold` a peer gets no gossip from us, below `publish_threshold` none of
 /// our messages, below `graylist_threshold` nothing it sends is read. One invalid message costs
-/// 100, so a peer forging messages is graylisted at its first.
+/// 100, so a peer sending them is graylisted at its first.
 fn gossip_score_thresholds() -> gossipsub::PeerScoreThresholds {
     gossipsub::PeerScoreThresholds {
         gossip_threshold: -10.0,

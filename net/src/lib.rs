@@ -126,14 +126,15 @@ impl NetConfig {
 /// What the swarm reports to its driver.
 #[derive(Debug)]
 pub enum NetEvent {
-    /// A gossip message arrived (signed by `source`; not validated beyond that).
+    /// A gossip message arrived, not validated: its author is the signer of the envelope it
+    /// carries, which the core checks (gossipsub runs anonymous, without signatures of its own).
     Gossip {
         /// The topic it arrived on.
         topic: Topic,
         /// The message bytes (an encoded envelope, for the core to open).
         bytes: Vec<u8>,
-        /// The peer that published it.
-        source: Option<PeerId>,
+        /// The peer it arrived from (which published or forwarded it).
+        from: PeerId,
     },
     /// A peer sent a direct request; answer it through `reply` within the request timeout.
     Request {

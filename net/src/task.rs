@@ -390,14 +390,19 @@ impl SwarmTask {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message,
+                ..
+            }) => {
                 let Some(topic) =
                     self.topics.iter().find(|(_, hash)| *hash == message.topic).map(|(t, _)| *t)
                 else {
                     debug!(topic = %message.topic, "gossip on an unknown topic");
                     return;
                 };
-                self.emit(NetEvent::Gossip { topic, bytes: message.data, source: message.source });
+                let from = propagation_source;
+                self.emit(NetEvent::Gossip { topic, bytes: message.data, from });
             }
             BehaviourEvent::Direct(event) => self.on_direct_event(event),
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {

@@ -51,8 +51,11 @@ pub const DIAL_TIMEOUT_MS: Millis = 30_000;
 pub const REDIAL_AFTER_MS: Millis = 10_000;
 /// Failed dials after which a peer is forgotten (until it is heard of again).
 pub const DIAL_FAILURES_MAX: u32 = 6;
-/// Peers remembered, at most; beyond it the worst are forgotten.
-pub const KNOWN_PEERS_MAX: usize = 1_024;
+/// Peers remembered per peer of the target, at most (48 for the default target); beyond it
+/// the worst are forgotten. Enough to dial again from after churn without a walk (up to twice
+/// the target are connected, as many again wait), small enough that a simulator holding
+/// 100,000 sets pays a few KiB a node.
+pub const KNOWN_PEERS_PER_TARGET: usize = 4;
 
 /// What a connected peer is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +100,8 @@ pub struct PeerSet {
     dialing: BTreeMap<NodeId, Millis>,
     /// Peers identified as relays (kept when they disconnect, so they are never dialed here).
     relays: BTreeSet<NodeId>,
+    /// Peers this set asked to disconnect that are still connected (asked once).
+    closing: BTreeSet<NodeId>,
     next_walk_ms: Millis,
 }
 
@@ -113,6 +118,7 @@ impl PeerSet {
             connected: BTreeMap::new(),
             dialing: BTreeMap::new(),
             relays: BTreeSet::new(),
+            closing: BTreeSet::new(),
             next_walk_ms: 0,
         }
     }
@@ -132,12 +138,42 @@ impl PeerSet {
         self.known.len()
     }
 
+    /// Peers remembered, at most.
+    pub fn known_max(&self) -> usize {
+        self.target * KNOWN_PEERS_PER_TARGET
+    }
+
+    /// The earliest instant at which [`PeerSet::poll`] has something to do (a walk, a dial
+    /// timing out, a peer to dial again), given no other input meanwhile; at or before now
+    /// when it has something to do at once. The swarm polls on a tick; the simulator arms a
+    /// timer at this instant.
+    pub fn poll_timeout(&self) -> Millis {
+        let mut at = self.next_walk_ms;
+        for started in self.dialing.values() {
+            at = at.min(started.saturating_add(DIAL_TIMEOUT_MS));
+        }
+        let wanted = self.target > self.node_peers() + self.dialing.len();
+        if wanted && self.dialing.len() < DIALS_IN_FLIGHT_MAX {
+            for (peer, known) in &self.known {
+                if self.is_candidate(peer, known) {
+                    at = at.min(known.retry_at_ms);
+                }
+            }
+        }
+        at
+    }
+
+    /// A known peer this set could dial (whenever its retry time has come).
+    fn is_candidate(&self, peer: &NodeId, known: &Known) -> bool {
+        !known.relay && !self.connected.contains_key(peer) && !self.dialing.contains_key(peer)
+    }
+
     /// The DHT (a walk, the routing table) named `peer`.
     pub fn heard_of(&mut self, peer: NodeId) {
         if peer == self.local || self.known.contains_key(&peer) {
             return;
         }
-        if self.known.len() >= KNOWN_PEERS_MAX && !self.forget_worst() {
+        if self.known.len() >= self.known_max() && !self.forget_worst() {
             return;
         }
         let relay = self.relays.contains(&peer);
@@ -172,6 +208,7 @@ impl PeerSet {
     /// The last connection to `peer` closed.
     pub fn disconnected(&mut self, _now_ms: Millis, peer: NodeId) {
         self.connected.remove(&peer);
+        self.closing.remove(&peer);
     }
 
     /// A dial to `peer` failed (no address worked).
@@ -203,12 +240,7 @@ impl PeerSet {
             let mut candidates: Vec<(u64, NodeId)> = self
                 .known
                 .iter()
-                .filter(|(peer, k)| {
-                    !k.relay
-                        && k.retry_at_ms <= now_ms
-                        && !self.connected.contains_key(peer)
-                        && !self.dialing.contains_key(peer)
-                })
+                .filter(|(peer, k)| k.retry_at_ms <= now_ms && self.is_candidate(peer, k))
                 .map(|(peer, k)| (k.rank, *peer))
                 .collect();
             candidates.sort_unstable();
@@ -219,15 +251,19 @@ impl PeerSet {
         }
 
         let most = self.target * 2;
-        if nodes > most {
+        let excess = nodes.saturating_sub(most + self.closing.len());
+        if excess > 0 {
             let mut worst: Vec<(u64, NodeId)> = self
                 .connected
                 .iter()
-                .filter(|(_, kind)| **kind != Some(PeerKind::Relay))
+                .filter(|(peer, kind)| {
+                    **kind != Some(PeerKind::Relay) && !self.closing.contains(peer)
+                })
                 .map(|(peer, _)| (self.rank(peer), *peer))
                 .collect();
             worst.sort_unstable_by(|a, b| b.cmp(a));
-            for (_, peer) in worst.into_iter().take(nodes - most) {
+            for (_, peer) in worst.into_iter().take(excess) {
+                self.closing.insert(peer);
                 actions.push(MeshAction::Disconnect(peer));
             }
         }
@@ -378,6 +414,11 @@ mod tests {
         let kept_worst = all[1..].iter().filter(|p| !drops.contains(p)).map(|p| set.rank(p)).max();
         let dropped_best = drops.iter().map(|p| set.rank(p)).min();
         assert!(kept_worst < dropped_best, "the worst ranked are dropped");
+        let again = set.poll(5);
+        assert!(
+            !again.iter().any(|a| matches!(a, MeshAction::Disconnect(_))),
+            "a peer is asked to go once, not again while its connection closes: {again:?}"
+        );
     }
 
     #[test]
@@ -404,10 +445,10 @@ mod tests {
         assert_eq!(PeerSet::new(me, 0, 3).target(), NODE_PEERS_MIN);
         set.heard_of(me);
         assert_eq!(set.known_peers(), 0, "a node never dials itself");
-        for p in peers(KNOWN_PEERS_MAX as u64 + 50) {
+        for p in peers(set.known_max() as u64 + 50) {
             set.heard_of(p);
         }
-        assert_eq!(set.known_peers(), KNOWN_PEERS_MAX);
+        assert_eq!(set.known_peers(), NODE_PEERS_MAX * KNOWN_PEERS_PER_TARGET);
     }
 
     #[test]
@@ -421,5 +462,48 @@ mod tests {
         };
         assert_ne!(order(1), order(2));
         assert_eq!(order(1), order(1));
+    }
+
+    #[test]
+    fn nothing_happens_before_the_poll_timeout_and_something_at_it() {
+        // SplitMix64: the crate has no random number generator of its own.
+        let mut state = 5u64;
+        let mut draw = |range: std::ops::RangeInclusive<u64>| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            range.start() + (z ^ (z >> 31)) % (range.end() - range.start() + 1)
+        };
+        let all = peers(60);
+        for seed in 0..20u64 {
+            let mut set = PeerSet::new(testkit::keypair(1).public(), 4 + (seed % 8) as usize, seed);
+            let mut now = 0;
+            for _ in 0..300 {
+                let peer = all[draw(0..=all.len() as u64 - 1) as usize];
+                match draw(0..=5) {
+                    0 | 1 => set.heard_of(peer),
+                    2 => {
+                        set.connected(now, peer);
+                        set.identified(peer, PeerKind::Node);
+                    }
+                    3 => set.disconnected(now, peer),
+                    4 => set.dial_failed(now, peer),
+                    _ => {}
+                }
+                let _ = set.poll(now);
+                let due = set.poll_timeout();
+                assert!(due > now, "whatever was due was done by the poll at {now}");
+                let quiet = draw(now + 1..=due);
+                if quiet < due {
+                    assert!(set.clone().poll(quiet).is_empty(), "{quiet} is before {due}");
+                }
+                // At it the set acts, or a dial times out (which moves the next instant on).
+                let mut at_due = set.clone();
+                let acted = !at_due.poll(due).is_empty();
+                assert!(acted || at_due.poll_timeout() > due, "nothing happened at {due}");
+                now = draw(now + 1..=due + 1_000);
+            }
+        }
     }
 }

@@ -13,7 +13,8 @@ pub struct Scenario {
     pub name: String,
     /// Compute nodes at start.
     pub nodes: u32,
-    /// Relays (each posts an equal share of the jobs).
+    /// Relays (each posts an equal share of the jobs), peered with each other; node `i` is
+    /// given relay `i % relays` and learns the others from its roster, as deployed nodes do.
     pub relays: u32,
     /// Simulated time, in seconds.
     pub duration_s: u64,
@@ -76,7 +77,10 @@ pub struct NetworkModel {
     pub relay_upload_mbit: f64,
     /// How announcements (offers, adverts) spread.
     pub gossip: GossipMode,
-    /// Gossipsub parameters (rust-libp2p's defaults).
+    /// Other nodes each node keeps connections to (`node_peers` in node.toml; the gossip mesh
+    /// is drawn from them), clamped like the node's own setting.
+    pub node_peers: u32,
+    /// Gossipsub parameters (our `net` crate's configuration).
     pub gossipsub: GossipsubParams,
     /// Kademlia parameters (rust-libp2p's defaults).
     pub kademlia: KademliaParams,
@@ -93,6 +97,7 @@ impl Default for NetworkModel {
             node_upload_mbit: 100.0,
             relay_upload_mbit: 1_000.0,
             gossip: GossipMode::Gossipsub,
+            node_peers: aimatrix_protocol::mesh::NODE_PEERS_DEFAULT as u32,
             gossipsub: GossipsubParams::default(),
             kademlia: KademliaParams::default(),
         }
@@ -109,7 +114,8 @@ pub enum GossipMode {
     Direct,
 }
 
-/// Gossipsub's knobs; the defaults are rust-libp2p's `gossipsub::Config::default()`.
+/// Gossipsub's knobs; the defaults are what our `net` crate configures (mesh 8, 6 to 16, a
+/// 500 ms heartbeat, flood publishing; the rest rust-libp2p's `gossipsub::Config::default()`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GossipsubParams {
@@ -125,8 +131,8 @@ pub struct GossipsubParams {
     pub heartbeat_ms: u64,
     /// Heartbeats a message id is gossiped in IHAVE (`history_gossip`).
     pub history_gossip: u32,
-    /// The publisher sends to every connected subscriber, not only its mesh (`flood_publish`).
-    /// A relay is connected to every node; a node to its mesh peers and the relays.
+    /// The publisher sends to every connected subscriber, not only its mesh (`flood_publish`):
+    /// a relay to the nodes connected to it and the other relays.
     pub flood_publish: bool,
     /// Bytes of gossipsub framing per message (its own signature, key, topic, sequence number).
     pub frame_bytes: u64,
@@ -137,11 +143,11 @@ pub struct GossipsubParams {
 impl Default for GossipsubParams {
     fn default() -> Self {
         Self {
-            d: 6,
-            d_lo: 5,
-            d_hi: 12,
+            d: 8,
+            d_lo: 6,
+            d_hi: 16,
             d_lazy: 6,
-            heartbeat_ms: 1_000,
+            heartbeat_ms: 500,
             history_gossip: 3,
             flood_publish: true,
             frame_bytes: 140,
@@ -377,7 +383,7 @@ impl Scenario {
         let p = |x: f64| (0.0..1.0).contains(&x);
         let g = &self.network.gossipsub;
         let f = &self.faults;
-        let checks: [(bool, &str); 14] = [
+        let checks: [(bool, &str); 15] = [
             (
                 g.d_lo <= g.d && g.d <= g.d_hi && g.d >= 1 && g.heartbeat_ms >= 1,
                 "network.gossipsub needs 1 <= d, d_lo <= d <= d_hi and heartbeat_ms >= 1",
@@ -399,6 +405,10 @@ impl Scenario {
                 "faults and bandwidths must not be negative",
             ),
             (self.relays >= 1, "relays must be at least 1"),
+            (
+                self.relays as usize <= aimatrix_protocol::messages::ROSTER_RELAYS_MAX,
+                "relays must be at most 64 (a roster names at most 64 relays)",
+            ),
             (self.duration_s >= 1, "duration_s must be at least 1"),
             (!self.hardware.is_empty(), "hardware needs at least one class"),
             (

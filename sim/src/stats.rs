@@ -145,6 +145,16 @@ pub struct OverlayStats {
     pub prune: u64,
     /// Mean mesh degree of the nodes up at the end.
     pub mesh_degree_mean: f64,
+    /// Mean connections to other nodes of the nodes up at the end (their peer sets' choice;
+    /// the mesh is drawn from them).
+    pub node_links_mean: f64,
+    /// Random walks the peer sets asked for (each a DHT lookup, counted in `kad_lookups`).
+    pub walks: u64,
+    /// Dials to other nodes.
+    pub dials: u64,
+    /// Connections a node opened to a relay other than its own (or a relay to a node), for a
+    /// claim, a lease or a result.
+    pub relay_dials: u64,
     /// DHT lookups (a node's advert put and its provider records).
     pub kad_lookups: u64,
     /// DHT requests (FIND_NODE, PUT_VALUE, ADD_PROVIDER), each with its answer.
@@ -339,6 +349,10 @@ impl Summary {
         out += &format!(
             "overlay {}: {} publishes, {} gossip copies ({} bytes, {} duplicates), {} IHAVE ({} bytes), {} IWANT, {} GRAFT, {} PRUNE, mesh degree {:.2}\n",
             o.mode, o.publishes, o.gossip_copies, o.gossip_bytes, o.gossip_duplicates, o.ihave, o.ihave_bytes, o.iwant, o.graft, o.prune, o.mesh_degree_mean
+        );
+        out += &format!(
+            "connections: {:.2} node peers per node, {} walks, {} dials to nodes, {} dials between nodes and relays not their own\n",
+            o.node_links_mean, o.walks, o.dials, o.relay_dials
         );
         out += &format!(
             "dht: {} lookups ({:.2} hops, {:.2} rounds of requests on average), {} requests, {} bytes\n",

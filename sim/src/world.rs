@@ -9,7 +9,7 @@ use aimatrix_protocol::envelope::{SignatureMemo, VerifyConfig};
 use aimatrix_protocol::hash::Digest;
 use aimatrix_protocol::identity::NodeId;
 use aimatrix_protocol::ledger::{LedgerState, Op, FEE_ACCOUNT};
-use aimatrix_protocol::messages::{JobId, OfferMemo, Outcome, Usage};
+use aimatrix_protocol::messages::{JobId, OfferMemo, Outcome, RosterEntry, Usage};
 use aimatrix_protocol::node::{NodeConfig, NodeCore};
 use aimatrix_protocol::relay::{RelayConfig, RelayCore};
 use aimatrix_protocol::time::Millis;
@@ -26,8 +26,10 @@ mod faults;
 mod gossip;
 mod jobs;
 mod kad;
+mod peers;
 
 use gossip::Overlay;
+use peers::PeerSlot;
 
 /// The simulated epoch: 2025-01-01T00:00:00Z, so envelope timestamps look real.
 const EPOCH_MS: Millis = 1_735_689_600_000;
@@ -104,6 +106,24 @@ enum Event {
     Sample,
     /// The gossipsub heartbeat (mesh repair, IHAVE accounting), one for the whole network.
     Heartbeat,
+    /// A node's peer set has something to do.
+    PeerTimer {
+        node: u32,
+        incarnation: u32,
+    },
+    /// A dial between two nodes completed its handshake.
+    Connected {
+        from: u32,
+        to: u32,
+        from_incarnation: u32,
+        to_incarnation: u32,
+    },
+    /// A dial reached a host whose node was not running.
+    DialRefused {
+        from: u32,
+        to: u32,
+        from_incarnation: u32,
+    },
     PartitionStart {
         share: f64,
         duration_ms: u64,
@@ -135,6 +155,10 @@ struct NodeSlot {
     uplink_free_us: u64,
     /// On the far side of the current partition.
     cut: bool,
+    /// Started (connected to its relay, its peer set running) since it last came up.
+    started: bool,
+    /// The relays it is connected to, one bit each.
+    relay_links: u64,
 }
 
 /// What the driver remembers of a job it posted.
@@ -156,7 +180,10 @@ pub struct Sim {
     queue: EventQueue<Event>,
     relays: Vec<RelaySlot>,
     nodes: Vec<NodeSlot>,
+    /// Each node's peer set (apart from the slots a propagation reads).
+    peers: Vec<PeerSlot>,
     ids: HashMap<NodeId, Endpoint>,
+    /// The nodes' configuration but for `trusted_relays` (each is given one relay).
     node_cfg: NodeConfig,
     /// The ledger state machine the Studio relay ships, in memory.
     ledger: LedgerState,
@@ -224,12 +251,28 @@ impl Sim {
             let access_ms = rng.random_range(0..=sc.network.access_ms_max);
             relays.push(RelaySlot { core, timer_at: None, access_ms, uplink_free_us: 0 });
         }
-        let node_cfg = NodeConfig {
-            trusted_relays: relays.iter().map(|r| r.core.id()).collect(),
-            ..NodeConfig::default()
-        };
+        // Each relay vouches for the others, as `studio-relay serve --peer` makes it do.
+        if relays.len() > 1 {
+            let entries: Vec<RosterEntry> = relays
+                .iter()
+                .enumerate()
+                .map(|(r, slot)| RosterEntry {
+                    relay: slot.core.id(),
+                    addrs: vec![format!("/ip4/10.0.0.{}/tcp/7000", r + 1)],
+                })
+                .collect();
+            for (r, slot) in relays.iter_mut().enumerate() {
+                let others = entries.iter().enumerate().filter(|(o, _)| *o != r);
+                let roster = others.map(|(_, e)| e.clone()).collect();
+                if let Err(e) = slot.core.set_roster(EPOCH_MS, roster) {
+                    panic!("the simulated roster is within bounds: {e}");
+                }
+            }
+        }
+        let node_cfg = NodeConfig::default();
         let weights: Vec<u32> = sc.hardware.iter().map(|h| h.weight).collect();
         let mut nodes = Vec::new();
+        let mut peers = Vec::new();
         for i in 0..sc.nodes {
             let class = pick(&mut rng, &weights);
             let roll: f64 = rng.random();
@@ -242,11 +285,12 @@ impl Sim {
             };
             let core = NodeCore::new(
                 testkit::keypair(u64::from(i)),
-                node_cfg.clone(),
+                node_config(&node_cfg, &relays, i),
                 profile_of(&sc, class),
                 rng.random(),
             );
             ids.insert(core.id(), Endpoint::Node(i));
+            peers.push(PeerSlot::new(core.id(), sc.network.node_peers as usize, rng.random()));
             let access_ms = rng.random_range(0..=sc.network.access_ms_max);
             nodes.push(NodeSlot {
                 core: Box::new(core),
@@ -258,6 +302,8 @@ impl Sim {
                 access_ms,
                 uplink_free_us: 0,
                 cut: false,
+                started: false,
+                relay_links: 0,
             });
         }
         let mut ledger = LedgerState::new();
@@ -307,6 +353,7 @@ impl Sim {
             queue: EventQueue::new(),
             relays,
             nodes,
+            peers,
             ids,
             node_cfg,
             ledger,
@@ -321,6 +368,10 @@ impl Sim {
             complete_ms: Vec::new(),
             propagation: vec![0; PROPAGATION_BUCKETS],
         };
+        // Relays' first messages (their rosters) go out at once; they reach no node yet.
+        for r in 0..sim.relays.len() as u32 {
+            sim.drain(Endpoint::Relay(r));
+        }
         // Nodes start over the first minute, so their adverts are not one burst.
         for i in 0..sim.nodes.len() {
             let at = EPOCH_MS + sim.rng.random_range(0..60_000);
@@ -421,6 +472,13 @@ impl Sim {
                 self.queue
                     .push(self.now + self.sc.network.gossipsub.heartbeat_ms, Event::Heartbeat);
             }
+            Event::PeerTimer { node, incarnation } => self.peer_timer(node, incarnation),
+            Event::Connected { from, to, from_incarnation, to_incarnation } => {
+                self.connected(from, to, from_incarnation, to_incarnation)
+            }
+            Event::DialRefused { from, to, from_incarnation } => {
+                self.dial_refused(from, to, from_incarnation)
+            }
             Event::PartitionStart { share, duration_ms } => {
                 self.partition_start(share, duration_ms)
             }
@@ -517,7 +575,10 @@ impl Sim {
                     return;
                 }
                 slot.timer_at = None;
-                slot.core.handle_timeout(now);
+                if !slot.started {
+                    self.start_node(i);
+                }
+                self.nodes[i as usize].core.handle_timeout(now);
             }
         }
         self.drain(to);
@@ -599,31 +660,40 @@ impl Sim {
             Transmit::Broadcast { topic, bytes } => {
                 let bytes: Rc<[u8]> = bytes.into();
                 match (topic, from) {
-                    (Topic::Offers, Endpoint::Relay(_)) => {
-                        self.last_offer = Some(bytes.clone());
+                    (Topic::Offers | Topic::Relays, Endpoint::Relay(r)) => {
+                        let carried =
+                            if topic == Topic::Offers { Carried::Offer } else { Carried::Plain };
+                        if topic == Topic::Offers {
+                            self.last_offer = Some(bytes.clone());
+                        }
                         match self.sc.network.gossip {
                             GossipMode::Direct => {
                                 for i in 0..self.nodes.len() as u32 {
                                     let to = Endpoint::Node(i);
-                                    self.send_copy(from, to, None, Carried::Offer, &bytes);
+                                    self.send_copy(from, to, None, carried, &bytes);
                                 }
                             }
-                            GossipMode::Gossipsub => self.spread_offer(from, &bytes),
+                            GossipMode::Gossipsub => self.spread_from_relay(r, &bytes, carried),
                         }
                     }
-                    (Topic::Adverts, Endpoint::Node(_)) => {
-                        // Relays hear adverts on a direct link in both modes: flood publishing
-                        // sends to every connected subscriber, and every node is connected to
-                        // the relays. The mesh flood and the DHT put are costs only.
+                    (Topic::Adverts, Endpoint::Node(i)) => {
+                        // A relay the node is connected to hears its advert on that link (the
+                        // driver also sends it straight to its relay); the others one relay hop
+                        // later. The mesh flood and the DHT put are costs only.
+                        let given = self.given_relay(i);
                         for r in 0..self.relays.len() as u32 {
-                            self.send_copy(from, Endpoint::Relay(r), None, Carried::Plain, &bytes);
+                            let to = Endpoint::Relay(r);
+                            if self.nodes[i as usize].relay_links & (1 << r) != 0 {
+                                self.send_copy(from, to, None, Carried::Plain, &bytes);
+                            } else {
+                                let hop = Endpoint::Relay(given);
+                                self.send_via(from, hop, to, &bytes);
+                            }
                         }
                         if self.sc.network.gossip == GossipMode::Gossipsub {
                             self.spread_advert_cost(bytes.len() as u64);
                         }
-                        if let Endpoint::Node(i) = from {
-                            self.put_advert_in_dht(i, bytes.len() as u64);
-                        }
+                        self.put_advert_in_dht(i, bytes.len() as u64);
                     }
                     _ => {}
                 }
@@ -634,9 +704,28 @@ impl Sim {
                 if let (Endpoint::Node(i), Endpoint::Relay(r)) = (from, target) {
                     self.last_to_relay = Some((i, r, bytes.clone()));
                 }
-                self.send_copy(from, target, Some(from), Carried::Plain, &bytes);
+                let leaves_at = self.connect_for_send(from, target);
+                self.send_copy_at(from, target, Some(from), Carried::Plain, &bytes, leaves_at);
             }
         }
+    }
+
+    /// A gossiped message `from` sends that reaches `to` through `hop` (a relay forwarding it).
+    fn send_via(&mut self, from: Endpoint, hop: Endpoint, to: Endpoint, bytes: &Rc<[u8]>) {
+        self.summary.messages.wire_messages += 2;
+        self.summary.messages.wire_bytes += 2 * bytes.len() as u64;
+        let len = bytes.len() as u64;
+        let Some(at_hop) = self.transit(from, hop, len, self.now) else { return };
+        let Some(at) = self.transit(hop, to, len, at_hop) else { return };
+        let sent_at = self.now;
+        let event = Event::Deliver {
+            to,
+            from: None,
+            sent_at,
+            carried: Carried::Plain,
+            bytes: bytes.clone(),
+        };
+        self.queue.push(at, event);
     }
 
     /// One message from `from` to `to` on a point-to-point link: lost, duplicated, delayed.
@@ -648,9 +737,22 @@ impl Sim {
         carried: Carried,
         bytes: &Rc<[u8]>,
     ) {
+        self.send_copy_at(from, to, sender, carried, bytes, self.now);
+    }
+
+    /// [`Sim::send_copy`] of a message that can leave only at `leaves_at` (after a handshake).
+    fn send_copy_at(
+        &mut self,
+        from: Endpoint,
+        to: Endpoint,
+        sender: Option<Endpoint>,
+        carried: Carried,
+        bytes: &Rc<[u8]>,
+        leaves_at: Millis,
+    ) {
         self.summary.messages.wire_messages += 1;
         self.summary.messages.wire_bytes += bytes.len() as u64;
-        let Some(at) = self.transit(from, to, bytes.len() as u64, self.now) else { return };
+        let Some(at) = self.transit(from, to, bytes.len() as u64, leaves_at) else { return };
         let dup = self.sc.network.duplicate;
         let copies = if dup > 0.0 && self.rng.random_bool(dup) {
             self.summary.messages.duplicated += 1;
@@ -732,6 +834,7 @@ impl Sim {
         slot.incarnation += 1;
         slot.timer_at = None;
         self.nodes_up -= 1;
+        self.drop_connections(i);
         self.overlay.node_down(i);
         self.summary.activity.crashes += 1;
         if self.sc.faults.restart_after_s > 0 {
@@ -744,16 +847,20 @@ impl Sim {
         let class = self.nodes[i as usize].class;
         let core = NodeCore::new(
             testkit::keypair(u64::from(i)),
-            self.node_cfg.clone(),
+            node_config(&self.node_cfg, &self.relays, i),
             profile_of(&self.sc, class),
             self.rng.random(),
         );
+        let peers =
+            PeerSlot::new(core.id(), self.sc.network.node_peers as usize, self.rng.random());
+        self.peers[i as usize] = peers;
         let slot = &mut self.nodes[i as usize];
         *slot.core = core;
         slot.up = true;
         self.nodes_up += 1;
         self.overlay.node_up(i);
         self.summary.activity.restarts += 1;
+        self.start_node(i);
         let now = self.now;
         self.nodes[i as usize].core.handle_timeout(now);
         self.drain(Endpoint::Node(i));
@@ -832,6 +939,13 @@ fn pick(rng: &mut ChaCha8Rng, weights: &[u32]) -> usize {
 fn exponential(rng: &mut ChaCha8Rng, rate_per_s: f64) -> f64 {
     let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
     -u.ln() / rate_per_s
+}
+
+/// Node `i`'s configuration: the shared one, given relay `i % relays` (it trusts the others
+/// through that relay's roster).
+fn node_config(base: &NodeConfig, relays: &[RelaySlot], i: u32) -> NodeConfig {
+    let given = relays[i as usize % relays.len()].core.id();
+    NodeConfig { trusted_relays: vec![given], ..base.clone() }
 }
 
 fn profile_of(sc: &Scenario, class: usize) -> CapabilityProfile {

@@ -124,7 +124,11 @@ fn the_mesh_reaches_every_node_and_costs_more_than_direct_fan_out() {
     let direct = Sim::new(sc).run();
     assert!(gossip.invariants_ok && direct.invariants_ok, "{}", gossip.to_text());
     let o = &gossip.overlay;
-    assert!((5.0..=12.0).contains(&o.mesh_degree_mean), "{}", gossip.to_text());
+    assert!((6.0..=16.0).contains(&o.mesh_degree_mean), "{}", gossip.to_text());
+    // The mesh is drawn from the connections each node's peer set keeps: its target of 12,
+    // and up to twice that when others dial it.
+    assert!((12.0..=24.0).contains(&o.node_links_mean), "{}", gossip.to_text());
+    assert!(o.walks >= 200 && o.dials >= 200 * 12 / 2, "{}", gossip.to_text());
     // Every offer reaches (nearly) every node: the 0.1% loss is repaired by the mesh.
     let per_offer = gossip.offer_propagation_ms.count as f64 / 200.0;
     assert!(per_offer >= gossip.jobs.posted as f64 * 0.99, "{}", gossip.to_text());
@@ -141,6 +145,28 @@ fn the_mesh_reaches_every_node_and_costs_more_than_direct_fan_out() {
     assert!(lossy.invariants_ok, "{}", lossy.to_text());
     assert!(lossy.overlay.iwant > 0, "{}", lossy.to_text());
     assert!(lossy.offer_propagation_ms.p50 > gossip.offer_propagation_ms.p50, "multi-hop");
+}
+
+#[test]
+fn peered_relays_share_every_node_though_each_node_was_given_one() {
+    let mut sc = small(150, 600, 9);
+    sc.relays = 3;
+    let s = Sim::new(sc.clone()).run();
+    assert!(s.invariants_ok, "{}", s.to_text());
+    assert!(s.jobs.completed > 80, "{}", s.to_text());
+    // Every relay's offers reach (nearly) every node: a third through their own relay, the
+    // rest one relay hop on and through the mesh, trusted through their relay's roster.
+    let per_offer = s.offer_propagation_ms.count as f64 / 150.0;
+    assert!(per_offer >= s.jobs.posted as f64 * 0.95, "{}", s.to_text());
+    // Nodes claimed from relays they were not given: they connected to them to do it.
+    assert!(s.overlay.relay_dials > 20, "{}", s.to_text());
+    assert!((12.0..=24.0).contains(&s.overlay.node_links_mean), "{}", s.to_text());
+    // A node pinned to nothing but its own relay would refuse the others' offers; these trust
+    // them through the roster, so few are refused (only before the first roster arrives).
+    let untrusted = s.rejected.get("node/untrusted_relay").copied().unwrap_or(0);
+    assert!(untrusted < s.offer_propagation_ms.count / 10, "{}", s.to_text());
+    let again = Sim::new(sc).run();
+    assert_eq!(serde_json::to_string(&s).unwrap(), serde_json::to_string(&again).unwrap());
 }
 
 #[test]

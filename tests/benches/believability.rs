@@ -277,15 +277,12 @@ fn calibrated(sc: &Scenario, one_way_ms: &[f64]) -> Scenario {
     sc
 }
 
-/// How many peers each node is connected to besides the relay (its node API's status).
+/// How many other nodes each node is connected to (its node API's `network.peers.nodes`).
 fn node_peer_counts(net: &Network) -> Vec<usize> {
     net.node_apis
         .iter()
         .filter_map(|api| http_get_json(api, "/v1/status").ok())
-        .filter_map(|status| {
-            let peers = status["connected_peers"].as_array()?;
-            Some(peers.iter().filter(|p| p.as_str() != Some(&net.relay_peer_id)).count())
-        })
+        .filter_map(|status| Some(status["network"]["peers"]["nodes"].as_array()?.len()))
         .collect()
 }
 

@@ -33,7 +33,7 @@ struct Running {
     cancelled: bool,
 }
 
-/// How long after a peer connects the latest advert is gossiped again.
+/// How long after a relay connects the latest advert is gossiped again.
 const ADVERT_REGOSSIP_AFTER: Duration = Duration::from_secs(2);
 
 /// The node driver.
@@ -57,9 +57,11 @@ pub(crate) struct Node {
     providing: BTreeSet<String>,
     /// The latest signed advert, sent again whenever the relay (re)connects.
     last_advert: Option<Vec<u8>>,
-    /// When to gossip the latest advert again: a while after a peer connects (gossip learns
-    /// the peer's subscriptions first), so relays that never heard it (it was published before
-    /// any peer was connected, or they joined later) hear it without waiting for the next one.
+    /// When to gossip the latest advert again: a while after a relay connects (gossip learns
+    /// the relay's subscriptions first), so relays that never heard it (it was published before
+    /// any relay was connected, or they joined later) hear it without waiting for the next one.
+    /// Only relays use adverts: a node connecting does not make it gossip again (each time the
+    /// same bytes flood the whole network once the peers' duplicate caches have forgotten them).
     advert_regossip_at: Option<tokio::time::Instant>,
     /// What the status reports from the core's events.
     tally: EventTally,
@@ -191,7 +193,9 @@ impl Node {
             },
             NetEvent::PeerConnected(peer) => {
                 self.connected.insert(peer);
-                if self.advert_regossip_at.is_none() {
+                let relay =
+                    self.core.relays().iter().any(|(id, _)| aimatrix_net::peer_id_of(id) == peer);
+                if relay && self.advert_regossip_at.is_none() {
                     self.advert_regossip_at =
                         Some(tokio::time::Instant::now() + ADVERT_REGOSSIP_AFTER);
                 }

@@ -1,8 +1,14 @@
 //! The announcement and discovery overlays: a gossipsub mesh and a Kademlia DHT.
 //!
-//! Gossipsub: every node keeps a mesh of `d` peers (grafting below `d_lo`, refusing grafts
-//! above `d_hi`). An offer is flooded by its relay to every node (`flood_publish`, the relay
-//! being connected to every node) or sent to `d` of them, and every node forwards it to its
+//! Connections: every node keeps the connections its `aimatrix_protocol::mesh::PeerSet`
+//! decides (the same set the node's swarm runs; driven in [`super::peers`]), and one to the
+//! relay it was given; it connects to another relay the first time it sends that relay a
+//! message. Relays are connected to each other.
+//!
+//! Gossipsub: every node keeps a mesh of `d` peers drawn from its connections (grafting below
+//! `d_lo`, refusing grafts above `d_hi`). A relay publishes to every node connected to it and
+//! to the other relays (`flood_publish`), or to `d` of its nodes; each other relay forwards
+//! what it receives to `d` of its own nodes (its mesh). Every node forwards a message to its
 //! mesh peers on first receipt (before its core validates it, as our gossipsub config does);
 //! later copies are duplicates its message-id cache drops. One publish is computed at once as
 //! a shortest-path search over the mesh whose edge weights are the sampled link latencies, so
@@ -11,11 +17,12 @@
 //! and fetches it with IWANT. IHAVE traffic is counted per heartbeat: every node running sends
 //! IHAVE to `d_lazy` peers while its gossip window (`history_gossip` heartbeats) holds ids.
 //!
-//! Adverts are costed, not routed: their relays hear them on a direct link (flood publish),
-//! the mesh flood to every node adds its copies and duplicates, and the DHT put of the advert
-//! record (and, once per start, the provider records of the node's capability classes) runs
-//! an iterative Kademlia lookup over the nodes' routing tables ([`super::kad`]) and stores at
-//! the `k` closest peers found.
+//! Adverts are costed, not routed through the mesh: a relay the node is connected to hears it
+//! on that link, the others one relay hop later (the given relay forwards it), the mesh flood
+//! to every node adds its copies and duplicates, and the DHT put of the advert record (and,
+//! once per start, the provider records of the node's capability classes) runs an iterative
+//! Kademlia lookup over the nodes' routing tables ([`super::kad`]) and stores at the `k`
+//! closest peers found.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, VecDeque};
@@ -40,6 +47,10 @@ const PEER_TRIES: usize = 8;
 
 /// Overlay state: the mesh, scratch space for one propagation, counters.
 pub(super) struct Overlay {
+    /// Each node's connections to other nodes (symmetric).
+    links: Vec<Vec<u32>>,
+    /// Connections between running nodes.
+    link_edges: u64,
     mesh: Vec<Vec<u32>>,
     up: Vec<bool>,
     up_count: u64,
@@ -69,13 +80,15 @@ pub(super) struct Overlay {
 }
 
 impl Overlay {
-    /// The mesh of the nodes with these DHT `keys`, built as peers graft each other at
-    /// start, and their DHT routing tables.
+    /// No connections and no mesh yet (nodes connect as they start), and the DHT routing
+    /// tables of the nodes with these `keys`.
     pub(super) fn new(sc: &Scenario, keys: Vec<u64>, rng: &mut ChaCha8Rng) -> Self {
         let n = sc.nodes as usize;
         let kad = &sc.network.kademlia;
         let dht = kad.enabled.then(|| Dht::new(keys, kad.k, kad.alpha, rng));
-        let mut overlay = Self {
+        Self {
+            links: vec![Vec::new(); n],
+            link_edges: 0,
             mesh: vec![Vec::new(); n],
             up: vec![true; n],
             up_count: n as u64,
@@ -105,20 +118,11 @@ impl Overlay {
                 .into(),
                 ..OverlayStats::default()
             },
-        };
-        if sc.network.gossip == GossipMode::Gossipsub {
-            let p = &sc.network.gossipsub;
-            for i in 0..n as u32 {
-                overlay.graft(i, p.d, p.d_hi, rng, |_| true);
-            }
-            // Building the mesh is not traffic of the run.
-            overlay.stats.graft = 0;
-            overlay.stats.prune = 0;
         }
-        overlay
     }
 
-    /// Grafts random running peers onto `i` until it has `d` (a peer at `d_hi` answers PRUNE).
+    /// Grafts running peers among `i`'s connections onto its mesh, from a random one on, until
+    /// it has `d` (a peer at `d_hi` answers PRUNE).
     fn graft(
         &mut self,
         i: u32,
@@ -127,13 +131,17 @@ impl Overlay {
         rng: &mut ChaCha8Rng,
         reachable: impl Fn(u32) -> bool,
     ) {
-        let n = self.mesh.len() as u32;
-        let mut tries = 0;
-        while (self.mesh[i as usize].len() as u32) < d.min(n.saturating_sub(1)) && tries < 8 * d {
-            tries += 1;
-            let j = rng.random_range(0..n);
-            if j == i || !self.up[j as usize] || !reachable(j) || self.mesh[i as usize].contains(&j)
-            {
+        let count = self.links[i as usize].len();
+        if count == 0 {
+            return;
+        }
+        let start = rng.random_range(0..count);
+        for k in 0..count {
+            if self.mesh[i as usize].len() as u32 >= d {
+                break;
+            }
+            let j = self.links[i as usize][(start + k) % count];
+            if !self.up[j as usize] || !reachable(j) || self.mesh[i as usize].contains(&j) {
                 continue;
             }
             self.stats.graft += 1;
@@ -147,7 +155,71 @@ impl Overlay {
         }
     }
 
-    /// Node `i` crashed: its peers drop it, and those left below `d_lo` graft again.
+    /// The DHT, when the scenario runs one.
+    pub(super) fn dht_mut(&mut self) -> Option<&mut Dht> {
+        self.dht.as_mut()
+    }
+
+    /// Counts the cost of a lookup that was not a put (a random walk).
+    pub(super) fn count_lookup(&mut self, found: &super::kad::Lookup, peer_entry_bytes: u64) {
+        let answered = found.requests - found.unanswered;
+        self.kad_hops_total += u64::from(found.hops);
+        self.kad_rounds_total += u64::from(found.rounds);
+        self.stats.kad_lookups += 1;
+        self.stats.kad_requests += found.requests;
+        self.stats.kad_bytes += found.requests * (CONTROL_BYTES + 32)
+            + answered * CONTROL_BYTES
+            + found.peers_returned * peer_entry_bytes;
+    }
+
+    /// Whether nodes `a` and `b` are connected.
+    pub(super) fn linked(&self, a: u32, b: u32) -> bool {
+        self.links[a as usize].contains(&b)
+    }
+
+    /// Node `i`'s connections to other nodes.
+    pub(super) fn links_of(&self, i: u32) -> &[u32] {
+        &self.links[i as usize]
+    }
+
+    /// Nodes `a` and `b` connected: each grafts the other at its next heartbeat if its mesh is
+    /// below `d_lo` (gossipsub adds new subscribed peers to a thin mesh).
+    pub(super) fn link(&mut self, a: u32, b: u32, d_lo: u32) {
+        if a == b || self.linked(a, b) {
+            return;
+        }
+        self.links[a as usize].push(b);
+        self.links[b as usize].push(a);
+        self.link_edges += 1;
+        for x in [a, b] {
+            if (self.mesh[x as usize].len() as u32) < d_lo {
+                self.needy.insert(x);
+            }
+        }
+    }
+
+    /// The connection between `a` and `b` closed: it leaves both meshes too, and a peer left
+    /// below `d_lo` grafts again at the next heartbeat.
+    pub(super) fn unlink(&mut self, a: u32, b: u32, d_lo: u32) {
+        if !self.linked(a, b) {
+            return;
+        }
+        self.links[a as usize].retain(|&q| q != b);
+        self.links[b as usize].retain(|&q| q != a);
+        self.link_edges -= 1;
+        if self.mesh[a as usize].contains(&b) {
+            self.mesh[a as usize].retain(|&q| q != b);
+            self.mesh[b as usize].retain(|&q| q != a);
+            self.edges -= 1;
+        }
+        for x in [a, b] {
+            if self.up[x as usize] && (self.mesh[x as usize].len() as u32) < d_lo {
+                self.needy.insert(x);
+            }
+        }
+    }
+
+    /// Node `i` crashed (its connections are already closed).
     pub(super) fn node_down(&mut self, i: u32) {
         if !self.up[i as usize] {
             return;
@@ -155,16 +227,10 @@ impl Overlay {
         self.up[i as usize] = false;
         self.up_count -= 1;
         self.providing[i as usize] = false;
-        let peers = std::mem::take(&mut self.mesh[i as usize]);
-        self.edges -= peers.len() as u64;
-        for p in peers {
-            self.mesh[p as usize].retain(|&q| q != i);
-            self.needy.insert(p);
-        }
         self.needy.remove(&i);
     }
 
-    /// Node `i` restarted: it grafts a mesh at the next heartbeat.
+    /// Node `i` restarted: it grafts a mesh from its new connections.
     pub(super) fn node_up(&mut self, i: u32) {
         if !self.up[i as usize] {
             self.up[i as usize] = true;
@@ -176,9 +242,12 @@ impl Overlay {
     /// Final numbers.
     pub(super) fn finish(&mut self, sc: &Scenario) -> OverlayStats {
         let mut s = self.stats.clone();
-        if sc.network.gossip == GossipMode::Gossipsub && self.up_count > 0 {
-            s.mesh_degree_mean =
-                ((2 * self.edges) as f64 / self.up_count as f64 * 100.0).round() / 100.0;
+        if self.up_count > 0 {
+            let per_node = |edges: u64| (2 * edges) as f64 / self.up_count as f64;
+            s.node_links_mean = (per_node(self.link_edges) * 100.0).round() / 100.0;
+            if sc.network.gossip == GossipMode::Gossipsub {
+                s.mesh_degree_mean = (per_node(self.edges) * 100.0).round() / 100.0;
+            }
         }
         if s.kad_lookups > 0 {
             let mean = |total: u64| (total as f64 / s.kad_lookups as f64 * 100.0).round() / 100.0;
@@ -223,9 +292,9 @@ impl Sim {
         }
     }
 
-    /// Publishes an offer from relay `from` over the mesh and schedules one delivery per node
-    /// reached, at its first arrival.
-    pub(super) fn spread_offer(&mut self, from: Endpoint, bytes: &Rc<[u8]>) {
+    /// Publishes a relay's message (an offer, a roster) from relay `r` over the relays and the
+    /// mesh, and schedules one delivery per node reached, at its first arrival.
+    pub(super) fn spread_from_relay(&mut self, r: u32, bytes: &Rc<[u8]>, carried: Carried) {
         let p = self.sc.network.gossipsub.clone();
         let len = bytes.len() as u64 + p.frame_bytes;
         let n = self.nodes.len();
@@ -243,26 +312,33 @@ impl Sim {
         self.overlay.stats.publishes += 1;
         self.overlay.published_since_heartbeat += 1;
         let now = self.now;
-        let first: Vec<u32> = if p.flood_publish {
-            (0..n as u32).filter(|&i| self.nodes[i as usize].up).collect()
-        } else {
-            let mut picked = BTreeSet::new();
-            for _ in 0..PEER_TRIES * p.d as usize {
-                if picked.len() >= p.d as usize || self.nodes_up == 0 {
-                    break;
-                }
-                let i = self.rng.random_range(0..n as u32);
-                if self.nodes[i as usize].up {
-                    picked.insert(i);
-                }
+        // The publisher's copies: to its nodes (all of them when flood publishing, else `d`),
+        // and to every other relay, which forwards to `d` of its own.
+        let own = if p.flood_publish { usize::MAX } else { p.d as usize };
+        let mut sends: Vec<(u32, u32, Millis)> =
+            self.relay_nodes(r, own).into_iter().map(|i| (r, i, now)).collect();
+        for other in 0..self.relays.len() as u32 {
+            if other == r {
+                continue;
             }
-            picked.into_iter().collect()
-        };
-        for i in first {
             copies += 1;
-            if let Some(at) = self.transit(from, Endpoint::Node(i), len, now) {
-                best[i as usize] = (at, NO_PEER);
-                heap.push(Reverse((at, i, NO_PEER)));
+            let Some(at) = self.transit(Endpoint::Relay(r), Endpoint::Relay(other), len, now)
+            else {
+                continue;
+            };
+            for i in self.relay_nodes(other, p.d as usize) {
+                sends.push((other, i, at));
+            }
+        }
+        for (relay, i, at) in sends {
+            copies += 1;
+            if let Some(at) = self.transit(Endpoint::Relay(relay), Endpoint::Node(i), len, at) {
+                if (at, NO_PEER) < best[i as usize] {
+                    best[i as usize] = (at, NO_PEER);
+                    heap.push(Reverse((at, i, NO_PEER)));
+                } else {
+                    duplicates += 1;
+                }
             }
         }
         let mut peers = Vec::new();
@@ -327,7 +403,7 @@ impl Sim {
                 to: Endpoint::Node(u),
                 from: None,
                 sent_at: now,
-                carried: Carried::Offer,
+                carried,
                 bytes: bytes.clone(),
             };
             self.queue.push(dist[u as usize], event);
@@ -341,6 +417,34 @@ impl Sim {
         self.overlay.dist = dist;
         self.overlay.best = best;
         self.overlay.reached = reached;
+    }
+
+    /// Up to `most` running nodes connected to relay `r`: all of them, or a random draw (the
+    /// relay's mesh). The nodes given `r` are `r`, `r + relays`, ...; nodes given another relay
+    /// that connected to `r` are not drawn for its mesh.
+    fn relay_nodes(&mut self, r: u32, most: usize) -> Vec<u32> {
+        let n = self.nodes.len() as u32;
+        let step = self.relays.len() as u32;
+        let bit = 1u64 << r;
+        let connected = |nodes: &[super::NodeSlot], i: u32| {
+            let slot = &nodes[i as usize];
+            slot.up && slot.relay_links & bit != 0
+        };
+        if most == usize::MAX {
+            return (0..n).filter(|&i| connected(&self.nodes, i)).collect();
+        }
+        let given = n.saturating_sub(r).div_ceil(step);
+        let mut picked = BTreeSet::new();
+        for _ in 0..PEER_TRIES * most {
+            if picked.len() >= most || given == 0 {
+                break;
+            }
+            let i = r + step * self.rng.random_range(0..given);
+            if connected(&self.nodes, i) {
+                picked.insert(i);
+            }
+        }
+        picked.into_iter().collect()
     }
 
     /// The cost of an advert's mesh flood: every running node forwards it once to each mesh

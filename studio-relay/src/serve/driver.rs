@@ -1171,7 +1171,8 @@ mod tests {
         fn signed_by_node(&mut self, msg: &Message) -> Input {
             self.nonce += 1;
             let bytes = messages::seal(&self.node, msg, self.nonce, now_ms(), 60_000).unwrap();
-            Input::Net(NetEvent::Gossip { topic: Topic::Adverts, bytes, source: None })
+            let from = aimatrix_net::peer_id_of(&self.node.public());
+            Input::Net(NetEvent::Gossip { topic: Topic::Adverts, bytes, from })
         }
 
         /// Posts a batch job in one step and returns its id.
