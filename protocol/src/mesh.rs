@@ -9,7 +9,8 @@
 //! when more than twice the target are connected (others dial us too); never dial or drop a
 //! relay (the driver keeps the relays it works for); ask the DHT for more peers (a random walk)
 //! every [`WALK_EVERY_BELOW_TARGET_MS`] while below the target, every [`WALK_EVERY_MS`]
-//! otherwise. A peer's rank is a hash of the node's own seed and the peer's id: random across
+//! while the list of candidates is not full, and not at all once the target is met and the
+//! list is full (Kademlia refreshes its own routing table). A peer's rank is a hash of the node's own seed and the peer's id: random across
 //! nodes, so the mesh does not converge on the same few peers, but stable for one node.
 //!
 //! ```
@@ -145,10 +146,10 @@ impl PeerSet {
 
     /// The earliest instant at which [`PeerSet::poll`] has something to do (a walk, a dial
     /// timing out, a peer to dial again), given no other input meanwhile; at or before now
-    /// when it has something to do at once. The swarm polls on a tick; the simulator arms a
-    /// timer at this instant.
+    /// when it has something to do at once; `Millis::MAX` when only an input can give it
+    /// something to do. The swarm polls on a tick; the simulator arms a timer at this instant.
     pub fn poll_timeout(&self) -> Millis {
-        let mut at = self.next_walk_ms;
+        let mut at = if self.wants_peers() { self.next_walk_ms } else { Millis::MAX };
         for started in self.dialing.values() {
             at = at.min(started.saturating_add(DIAL_TIMEOUT_MS));
         }
@@ -163,18 +164,30 @@ impl PeerSet {
         at
     }
 
+    /// Whether a walk's answer could change anything: the target is not met, or the list of
+    /// candidates is not full. (Kademlia refreshes its own routing table; a walk is this set's
+    /// way to find peers, not a keep-alive.)
+    fn wants_peers(&self) -> bool {
+        self.node_peers() < self.target || self.known.len() < self.known_max()
+    }
+
     /// A known peer this set could dial (whenever its retry time has come).
     fn is_candidate(&self, peer: &NodeId, known: &Known) -> bool {
         !known.relay && !self.connected.contains_key(peer) && !self.dialing.contains_key(peer)
     }
 
-    /// The DHT (a walk, the routing table) named `peer`.
+    /// The DHT (a walk, the routing table) named `peer`. Once the list is full it takes new
+    /// peers only while the target is not met.
     pub fn heard_of(&mut self, peer: NodeId) {
         if peer == self.local || self.known.contains_key(&peer) {
             return;
         }
-        if self.known.len() >= self.known_max() && !self.forget_worst() {
-            return;
+        if self.known.len() >= self.known_max() {
+            // With the target met, the candidates it has are enough; below it, one that failed
+            // (or ranks worst) makes room.
+            if self.node_peers() >= self.target || !self.forget_worst() {
+                return;
+            }
         }
         let relay = self.relays.contains(&peer);
         let rank = self.rank(&peer);
@@ -268,7 +281,7 @@ impl PeerSet {
             }
         }
 
-        if now_ms >= self.next_walk_ms {
+        if now_ms >= self.next_walk_ms && self.wants_peers() {
             actions.push(MeshAction::Walk);
             let below = nodes < self.target;
             let every = if below { WALK_EVERY_BELOW_TARGET_MS } else { WALK_EVERY_MS };
@@ -435,6 +448,17 @@ mod tests {
         assert!(walks(set.poll(met)));
         assert!(!walks(set.poll(met + WALK_EVERY_MS - 1)));
         assert!(walks(set.poll(met + WALK_EVERY_MS)));
+        // With the target met and a full list of candidates, it stops walking; a peer leaving
+        // starts it again at once.
+        let spare = peers(40);
+        for p in &spare[4..4 + set.known_max()] {
+            set.heard_of(*p);
+        }
+        let full = met + 2 * WALK_EVERY_MS;
+        assert!(!walks(set.poll(full)));
+        assert_eq!(set.poll_timeout(), Millis::MAX);
+        set.disconnected(full + 1, peers(4)[0]);
+        assert!(walks(set.poll(full + 2)));
     }
 
     #[test]
@@ -449,6 +473,24 @@ mod tests {
             set.heard_of(p);
         }
         assert_eq!(set.known_peers(), NODE_PEERS_MAX * KNOWN_PEERS_PER_TARGET);
+
+        // Full, with the target met, a set ignores new peers; below it, the worst makes room.
+        let mut set = PeerSet::new(me, 4, 3);
+        let all = peers(set.known_max() as u64 + 2);
+        let (first, late) = all.split_at(set.known_max());
+        for p in first {
+            set.heard_of(*p);
+        }
+        for p in &first[..4] {
+            set.connected(0, *p);
+            set.identified(*p, PeerKind::Node);
+        }
+        set.heard_of(late[0]);
+        assert!(!set.known.contains_key(&late[0]), "the target is met");
+        set.disconnected(1, first[0]);
+        set.heard_of(late[1]);
+        assert!(set.known.contains_key(&late[1]), "below the target the list takes it");
+        assert_eq!(set.known_peers(), set.known_max());
     }
 
     #[test]
@@ -494,6 +536,12 @@ mod tests {
                 let _ = set.poll(now);
                 let due = set.poll_timeout();
                 assert!(due > now, "whatever was due was done by the poll at {now}");
+                if due == Millis::MAX {
+                    // Only an input can give it something to do.
+                    assert!(set.clone().poll(now + 3_600_000).is_empty());
+                    now += draw(1..=1_000);
+                    continue;
+                }
                 let quiet = draw(now + 1..=due);
                 if quiet < due {
                     assert!(set.clone().poll(quiet).is_empty(), "{quiet} is before {due}");

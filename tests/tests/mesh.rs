@@ -7,6 +7,12 @@
 //!
 //! Relay A's nodes are the only ones whose policy allows `data_processing` jobs, so such a job
 //! posted at B or C can only run on a node that dialed A alone.
+//!
+//! Bad input: a fourth relay that only dials A (no relay vouches for it) offers work through the
+//! mesh, and every node refuses it (`untrusted_relay`, in `aimatrix-node status --json`); a
+//! hostile peer in this process stores a forged advert and another node's advert under a node's
+//! DHT key, and relay A refuses both (`network.dht.refused` in `studio-relay status --json`)
+//! and still answers the genuine one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a test failure
 
@@ -14,6 +20,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use aimatrix_net::{NetConfig, Role};
+use aimatrix_protocol::capability::advert_record_key;
 use aimatrix_protocol::identity::Keypair;
 use aimatrix_tests::{
     binary, first_stdout_line, parse_json, print_log_tails, show, without_aimatrix_env,
@@ -39,6 +47,8 @@ struct Relay {
     data_dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// The relays it is started with `--peer` to.
+    peers: Vec<usize>,
 }
 
 struct Node {
@@ -67,20 +77,7 @@ impl Mesh {
             Self { dir: Some(dir), root, relays: Vec::new(), nodes: Vec::new(), logs: Vec::new() };
         // Each relay's key is made before any starts, so each can be told the others' addresses.
         for i in 0..RELAYS {
-            let data_dir = mesh.root.join(format!("relay-{i}"));
-            std::fs::create_dir_all(&data_dir).unwrap();
-            let (key, _) = Keypair::load_or_create(&data_dir.join("relay.key")).unwrap();
-            let peer_id = key.public().to_peer_id();
-            let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
-            mesh.relays.push(Relay {
-                api: format!("127.0.0.1:{}", free_port()),
-                addr: format!("{listen}/p2p/{peer_id}"),
-                listen,
-                peer_id,
-                data_dir,
-                child: None,
-                starts: 0,
-            });
+            mesh.add_relay((0..RELAYS).filter(|j| *j != i).collect());
         }
         for i in 0..RELAYS {
             mesh.start_relay(i);
@@ -98,6 +95,27 @@ impl Mesh {
             assert_eq!(minted["available"], MINTED, "{minted}");
         }
         mesh
+    }
+
+    /// Makes the key and data directory of another relay, to be peered with `peers`.
+    fn add_relay(&mut self, peers: Vec<usize>) -> usize {
+        let i = self.relays.len();
+        let data_dir = self.root.join(format!("relay-{i}"));
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let (key, _) = Keypair::load_or_create(&data_dir.join("relay.key")).unwrap();
+        let peer_id = key.public().to_peer_id();
+        let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+        self.relays.push(Relay {
+            api: format!("127.0.0.1:{}", free_port()),
+            addr: format!("{listen}/p2p/{peer_id}"),
+            listen,
+            peer_id,
+            data_dir,
+            child: None,
+            starts: 0,
+            peers,
+        });
+        i
     }
 
     fn logged(&mut self, name: &str, program: &str) -> Command {
@@ -120,7 +138,7 @@ impl Mesh {
         };
         self.relays[i].starts += 1;
         let peers: Vec<String> =
-            (0..RELAYS).filter(|j| *j != i).map(|j| self.relays[j].addr.clone()).collect();
+            self.relays[i].peers.iter().map(|j| self.relays[*j].addr.clone()).collect();
         let mut cmd = self.logged(&name, "studio-relay");
         let relay = &self.relays[i];
         cmd.arg("serve")
@@ -257,6 +275,67 @@ impl Mesh {
         self.node_index(paid[0])
     }
 
+    /// A hostile peer in this process joins through relay A and stores, under node `victim`'s
+    /// advert key, a forged copy of its advert and then node `other`'s advert. Returns the
+    /// genuine advert record it found first.
+    fn forge_dht_records(&self, victim: usize, other: usize) -> Vec<u8> {
+        let (victim_key, other_key) = (self.advert_key(victim), self.advert_key(other));
+        self.with_dht_peer(|net| async move {
+            let mut found = None;
+            for _ in 0..240 {
+                let genuine = net.get_record(victim_key.clone()).await.ok().flatten();
+                let others = net.get_record(other_key.clone()).await.ok().flatten();
+                if let (Some(genuine), Some(others)) = (genuine, others) {
+                    found = Some((genuine, others));
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let (genuine, others) = found.expect("the hostile peer found both adverts");
+            let mut forged = genuine.clone();
+            let last = forged.len() - 1;
+            forged[last] ^= 1;
+            let _ = net.put_record(victim_key.clone(), forged).await;
+            let _ = net.put_record(victim_key, others).await;
+            genuine
+        })
+    }
+
+    /// Node `i`'s advert record as a fresh peer (not the forger, whose own store keeps what it
+    /// put) finds it in the DHT.
+    fn dht_advert(&self, i: usize) -> Option<Vec<u8>> {
+        let key = self.advert_key(i);
+        self.with_dht_peer(|net| async move { net.get_record(key).await.ok().flatten() })
+    }
+
+    fn advert_key(&self, i: usize) -> Vec<u8> {
+        let peer: aimatrix_net::PeerId = self.nodes[i].peer_id.parse().unwrap();
+        advert_record_key(&aimatrix_net::node_id_of(&peer).unwrap())
+    }
+
+    /// Runs `act` with a new peer of this process that joined the network through relay A.
+    fn with_dht_peer<T, F, Fut>(&self, act: F) -> T
+    where
+        F: FnOnce(aimatrix_net::NetHandle) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let relay = self.relays[0].addr.parse().unwrap();
+        runtime.block_on(async move {
+            let mut cfg = NetConfig::new(Keypair::generate_os(), Role::Node);
+            cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+            cfg.bootstrap = vec![relay];
+            let (net, _events) = aimatrix_net::spawn(cfg).await.unwrap();
+            let out = act(net.clone()).await;
+            net.shutdown().await;
+            out
+        })
+    }
+
     fn assert_audit_clean(&self, r: usize) {
         let audit = self.relay_json(r, &["ledger", "audit", "--json"]);
         assert_eq!(audit["clean"], true, "relay-{r}: {audit}");
@@ -329,6 +408,36 @@ fn three_peered_relays_share_their_nodes_and_survive_one_going_down() {
             .stdout,
     ));
     assert_eq!(earnings["receipts"][&mesh.relays[1].peer_id]["credits"], REWARD, "{earnings}");
+
+    // A relay nobody vouches for dials A and offers work: its offers reach the nodes through
+    // the mesh, and every node refuses them; none of its work runs.
+    let rogue = mesh.add_relay(vec![0]);
+    mesh.start_relay(rogue);
+    let minted =
+        mesh.relay_json(rogue, &["ledger", "mint", "studio", &MINTED.to_string(), "--json"]);
+    assert_eq!(minted["available"], MINTED, "{minted}");
+    let at_rogue = mesh.post(rogue, "at-rogue", "batch");
+    wait_for("a node to refuse the rogue relay's offer", || {
+        (0..NODES).find_map(|i| {
+            let status = mesh.node_status(i)?;
+            (status["reject_counts"]["untrusted_relay"].as_u64()? >= 1).then_some(())
+        })
+    });
+    let view = mesh.relay_json(rogue, &["job", "status", &at_rogue, "--json"]);
+    assert_eq!(view["leases"].as_array().map(Vec::len), Some(0), "nobody works for it: {view}");
+
+    // A hostile peer stores a forged advert and another node's advert under node 0's DHT key:
+    // relay A refuses both, counts them by reason, and still answers the genuine record.
+    let genuine = mesh.forge_dht_records(0, 1);
+    let refused = wait_for("relay A to refuse the forged DHT records", || {
+        let status = mesh.try_relay_json(0, &["status", "--json"])?;
+        let refused = status["network"]["dht"]["refused"].clone();
+        let counted = |label: &str| refused[label].as_u64().unwrap_or(0) >= 1;
+        (counted("bad_signature_record") && counted("foreign_key_record")).then_some(refused)
+    });
+    eprintln!("relay A refused: {refused}");
+    let found = wait_for("a fresh peer to find node 0's advert", || mesh.dht_advert(0));
+    assert_eq!(found, genuine, "the genuine advert record is what the DHT still answers");
 
     // A job at A, then A dies before it can finish.
     let at_a = mesh.post(0, "at-a", "batch");

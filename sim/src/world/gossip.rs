@@ -374,7 +374,9 @@ impl Sim {
         // next heartbeat, asks with IWANT and gets the message.
         if !reached.is_empty() {
             for u in 0..n as u32 {
-                if !self.nodes[u as usize].up || dist[u as usize] != NEVER {
+                let node = &self.nodes[u as usize];
+                // A node not started yet has no peer to hear an IHAVE from.
+                if !node.up || !node.started || dist[u as usize] != NEVER {
                     continue;
                 }
                 let cut = self.nodes[u as usize].cut;

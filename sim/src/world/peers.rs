@@ -100,7 +100,11 @@ impl Sim {
                 }
             }
         }
-        let at = self.peers[i as usize].set.poll_timeout().max(now + 1);
+        let at = self.peers[i as usize].set.poll_timeout();
+        if at == Millis::MAX {
+            return; // only an input gives it something to do
+        }
+        let at = at.max(now + 1);
         let timer = &mut self.peers[i as usize].timer_at;
         if timer.is_none_or(|t| at < t || t <= now) {
             *timer = Some(at);
