@@ -1130,6 +1130,28 @@ fn an_offer_names_two_claimants_per_slot_and_only_they_claim() {
 }
 
 #[test]
+fn connected_nodes_are_named_before_others_with_as_many_free_slots() {
+    let named = |connect: &[usize]| {
+        let mut net = Net::new(&[Behaviour::Honest { ms: 1_000 }; 8]);
+        for &i in connect {
+            let id = net.nodes[i].id();
+            net.relay.peer_connected(net.now, id);
+        }
+        let job = net.post(testkit::batch_spec(10));
+        let named: BTreeSet<usize> =
+            preferred_heard(&net, 0, job).iter().filter_map(|id| net.node_index(id)).collect();
+        named
+    };
+    // The same network, the same job: by claim order alone, two nodes are named.
+    let by_order = named(&[]);
+    assert_eq!(by_order.len(), 2);
+    assert_eq!(named(&[]), by_order, "the runs are deterministic");
+    // Two others connected: they are named instead.
+    let near: Vec<usize> = (0..8).filter(|i| !by_order.contains(i)).take(2).collect();
+    assert_eq!(named(&near), near.iter().copied().collect::<BTreeSet<usize>>());
+}
+
+#[test]
 fn a_busy_node_is_not_named_for_the_next_job() {
     let mut net = Net::new(&[Behaviour::Honest { ms: 60_000 }; 4]);
     let first = net.post(testkit::batch_spec(10));

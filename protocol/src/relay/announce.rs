@@ -122,7 +122,8 @@ impl RelayCore {
 
     /// Up to `count` indexed nodes that can serve `job` and have a free slot as far as this
     /// relay knows (its own active leases, and the claims it just asked for in `busy`), most
-    /// free slots first, ties spread by [`claim_order_key`]. Each one chosen takes a slot in
+    /// free slots first, then nodes connected to this relay (the offer reaches them first and
+    /// their claim needs no new connection), ties spread by [`claim_order_key`]. Each one chosen takes a slot in
     /// `busy`, so one announcement of many jobs spreads them over the nodes. Empty when no
     /// indexed node fits: the offer is then open to every node.
     pub(super) fn preferred_claimants(
@@ -131,7 +132,8 @@ impl RelayCore {
         count: usize,
         busy: &mut HashMap<NodeId, u32>,
     ) -> Vec<NodeId> {
-        let mut candidates: Vec<(u32, u64, NodeId)> = self
+        // (free slots, not connected, claim order key, node)
+        let mut candidates: Vec<(u32, bool, u64, NodeId)> = self
             .adverts
             .iter()
             .filter(|(node, _)| !job.excluded.contains(node))
@@ -139,23 +141,24 @@ impl RelayCore {
             .filter_map(|(node, (_, profile))| {
                 let max = profile.policy.max_concurrent_jobs;
                 let free = max.saturating_sub(busy.get(node).copied().unwrap_or(0));
+                let far = !self.connected.contains(node);
                 (free > 0 && serves_ignoring_load(&job.spec, profile))
-                    .then(|| (free, claim_order_key(node, &job.id), *node))
+                    .then(|| (free, far, claim_order_key(node, &job.id), *node))
             })
             .collect();
         let count = count.min(candidates.len());
         if count == 0 {
             return Vec::new();
         }
-        let by_preference = |a: &(u32, u64, NodeId), b: &(u32, u64, NodeId)| {
-            b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        let by_preference = |a: &(u32, bool, u64, NodeId), b: &(u32, bool, u64, NodeId)| {
+            b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3))
         };
         if count < candidates.len() {
             candidates.select_nth_unstable_by(count - 1, by_preference);
             candidates.truncate(count);
         }
         candidates.sort_unstable_by(by_preference);
-        let chosen: Vec<NodeId> = candidates.into_iter().map(|(_, _, node)| node).collect();
+        let chosen: Vec<NodeId> = candidates.into_iter().map(|(_, _, _, node)| node).collect();
         for node in &chosen {
             *busy.entry(*node).or_default() += 1;
         }

@@ -32,7 +32,7 @@ pub use jobs::{JobState, LeaseRecord, LeaseStatus, RelayJob};
 use settlement::pay_op;
 pub use settlement::split_fee;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::capability::CapabilityProfile;
 use crate::envelope::{Domain, Verifier, VerifyConfig, VerifyError};
@@ -259,6 +259,9 @@ pub struct RelayCore {
     /// Jobs that most recently stopped taking claims, newest last (hints in denials).
     taken: VecDeque<JobId>,
     /// The relays this one peers with and vouches for; published while not empty.
+    /// Peers with a connection to this relay, as its driver reports them: preferred as
+    /// claimants (an offer reaches them first, and their claim needs no new connection).
+    connected: HashSet<NodeId>,
     roster: Vec<RosterEntry>,
     roster_seq: u64,
     /// When the roster is published next.
@@ -285,6 +288,7 @@ impl RelayCore {
             verifier: Verifier::new(cfg.verify),
             cfg,
             jobs: BTreeMap::new(),
+            connected: HashSet::new(),
             adverts: HashMap::new(),
             events: VecDeque::new(),
             rejects: RejectCounts::new(),
@@ -307,12 +311,19 @@ impl RelayCore {
         Ok(())
     }
 
-    /// A peer connected: publish the roster again soon, so a node that just joined learns
-    /// which relays it may work for without waiting for the next [`ROSTER_REPUBLISH_MS`].
-    pub fn peer_connected(&mut self, now: Millis) {
+    /// `peer` connected: it is preferred as a claimant while connected, and the roster goes
+    /// out again soon, so a node that just joined learns which relays it may work for without
+    /// waiting for the next [`ROSTER_REPUBLISH_MS`].
+    pub fn peer_connected(&mut self, now: Millis, peer: NodeId) {
+        self.connected.insert(peer);
         if let Some(at) = self.roster_at_ms.as_mut() {
             *at = (*at).min(now.saturating_add(ROSTER_AFTER_CONNECT_MS));
         }
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn peer_disconnected(&mut self, peer: &NodeId) {
+        self.connected.remove(peer);
     }
 
     /// The relays this one vouches for.

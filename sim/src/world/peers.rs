@@ -50,8 +50,8 @@ impl Sim {
         let slot = &mut self.nodes[i as usize];
         slot.started = true;
         slot.relay_links |= 1 << r;
-        let now = self.now;
-        self.relays[r as usize].core.peer_connected(now);
+        let (now, id) = (self.now, slot.core.id());
+        self.relays[r as usize].core.peer_connected(now, id);
         self.drain(Endpoint::Relay(r));
         self.poll_peers(i);
     }
@@ -75,8 +75,8 @@ impl Sim {
         }
         self.nodes[node as usize].relay_links |= bit;
         self.overlay.stats.relay_dials += 1;
-        let now = self.now;
-        self.relays[relay as usize].core.peer_connected(now);
+        let (now, id) = (self.now, self.nodes[node as usize].core.id());
+        self.relays[relay as usize].core.peer_connected(now, id);
         now + self.handshake_ms(from, to)
     }
 
@@ -220,6 +220,13 @@ impl Sim {
         }
         for j in peers {
             self.poll_peers(j);
+        }
+        let id = self.nodes[i as usize].core.id();
+        let links = self.nodes[i as usize].relay_links;
+        for r in 0..self.relays.len() {
+            if links & (1 << r) != 0 {
+                self.relays[r].core.peer_disconnected(&id);
+            }
         }
         let slot = &mut self.nodes[i as usize];
         slot.relay_links = 0;

@@ -476,10 +476,15 @@ impl Relay {
         match event {
             NetEvent::PeerConnected(peer) => {
                 self.connected.insert(peer);
-                self.core.peer_connected(now_ms());
+                if let Some(id) = aimatrix_net::node_id_of(&peer) {
+                    self.core.peer_connected(now_ms(), id);
+                }
             }
             NetEvent::PeerDisconnected(peer) => {
                 self.connected.remove(&peer);
+                if let Some(id) = aimatrix_net::node_id_of(&peer) {
+                    self.core.peer_disconnected(&id);
+                }
             }
             NetEvent::ListenAddr(addr) => tracing::info!("listening on {addr}"),
             NetEvent::Gossip { .. } | NetEvent::Request { .. } => {}
