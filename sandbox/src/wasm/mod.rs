@@ -5,7 +5,8 @@
 //!   TCP, UDP and name lookup are refused.
 //! - **Environment and arguments**: exactly what the job sets; `argv[0]` is the module name.
 //! - **Memory**: a [`wasmtime::ResourceLimiter`] caps linear memory and records the peak.
-//! - **Time**: an epoch ticker thread advances every engine's epoch every [`WasmConfig::tick`];
+//! - **Time**: an epoch ticker thread advances every engine's epoch every [`WasmConfig::tick`]
+//!   while a guest runs (it sleeps, parked, while none does, so an idle node never wakes for it);
 //!   guests yield to the async runtime at each tick, so the wall-time deadline and cancellation
 //!   interrupt both busy guests and guests blocked in a host call (sleep).
 //! - **Fuel**: an optional budget on engines with fuel metering.
@@ -24,7 +25,7 @@ mod deterministic;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -225,7 +226,7 @@ pub struct WasmExecutor {
     engines: Vec<Engine>,
     linkers: Vec<Linker<State>>,
     cache: cache::ModuleCache,
-    _ticker: Ticker,
+    ticker: Ticker,
 }
 
 impl std::fmt::Debug for WasmExecutor {
@@ -270,7 +271,7 @@ impl WasmExecutor {
         let ticker = Ticker::start(engines.clone(), cfg.tick).map_err(|e| {
             ExecError::Internal(format!("cannot start the epoch ticker thread: {e}"))
         })?;
-        Ok(Self { cfg, engines, linkers, cache, _ticker: ticker })
+        Ok(Self { cfg, engines, linkers, cache, ticker })
     }
 
     /// Compile-cache counters.
@@ -337,6 +338,8 @@ impl WasmExecutor {
             store.set_fuel(fuel).map_err(|e| ExecError::Internal(format!("{e:#}")))?;
             shared.fuel_left.store(fuel, Ordering::Relaxed);
         }
+        // Epochs advance while this guest runs (and only while some guest does).
+        let _ticking = self.ticker.running();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(epoch_callback(
             shared.clone(),
@@ -543,37 +546,66 @@ fn thread_cpu_ns() -> u64 {
     (t.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec as u64)
 }
 
-/// The thread that advances every engine's epoch; stopped and joined on drop.
+/// The thread that advances every engine's epoch while a guest runs, and sleeps (parked)
+/// while none does: an idle node does not wake every tick. Stopped and joined on drop.
 struct Ticker {
     stop: Arc<AtomicBool>,
+    /// Guests running now.
+    running: Arc<AtomicUsize>,
     handle: Mutex<Option<JoinHandle<()>>>,
+    thread: std::thread::Thread,
+}
+
+/// A running guest: epochs advance until the last one is dropped.
+struct Ticking<'a>(&'a Ticker);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Ticker {
     fn start(engines: Vec<Engine>, tick: Duration) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let running = Arc::new(AtomicUsize::new(0));
+        let (flag, active) = (stop.clone(), running.clone());
         let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
         let handle =
             std::thread::Builder::new().name("aimatrix-epoch".into()).spawn(move || {
                 let _ = started_tx.send(());
                 while !flag.load(Ordering::Relaxed) {
+                    if active.load(Ordering::Acquire) == 0 {
+                        // A guest starting unparks this thread (an unpark that comes first
+                        // makes this park return at once).
+                        std::thread::park();
+                        continue;
+                    }
                     std::thread::sleep(tick);
                     for engine in &engines {
                         engine.increment_epoch();
                     }
                 }
             })?;
-        // Return once the ticker runs (and carries its name), so epochs advance from the
-        // first job on.
+        // Return once the ticker runs (and carries its name).
         let _ = started_rx.recv();
-        Ok(Self { stop, handle: Mutex::new(Some(handle)) })
+        let thread = handle.thread().clone();
+        Ok(Self { stop, running, handle: Mutex::new(Some(handle)), thread })
+    }
+
+    /// A guest starts running: epochs advance until the returned guard is dropped.
+    fn running(&self) -> Ticking<'_> {
+        if self.running.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.thread.unpark();
+        }
+        Ticking(self)
     }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.thread.unpark();
         if let Some(handle) = self.handle.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
         }
