@@ -136,13 +136,35 @@ impl Behaviour {
             gossipsub,
             direct,
             relay_server: is_relay
-                .then(|| relay::Behaviour::new(peer_id, relay::Config::default()))
+                .then(|| relay::Behaviour::new(peer_id, relay_server_config()))
                 .into(),
             relay_client: (!is_relay).then_some(relay_client).into(),
             dcutr: (!is_relay).then(|| dcutr::Behaviour::new(peer_id)).into(),
             mdns: mdns.into(),
         })
     }
+}
+
+/// Circuit reservations a relay holds at once: one for each node it serves, with room.
+pub(crate) const RELAY_RESERVATIONS_MAX: usize = 16_384;
+
+/// The relay server's limits. libp2p's defaults hold 128 reservations and grant 60 a minute
+/// per IP address, so at 250 nodes (or many nodes behind one NAT address) most nodes were
+/// refused a slot and asked again at every identify push, in a storm that starved the relay
+/// (seen in the 250-node bench). Reservations are limited per peer only (one every two minutes,
+/// 30 an hour, as libp2p's default), up to [`RELAY_RESERVATIONS_MAX`]; circuits keep libp2p's
+/// defaults. Per-peer limits against floods are issue 18's.
+fn relay_server_config() -> relay::Config {
+    let defaults = relay::Config::default();
+    relay::Config {
+        max_reservations: RELAY_RESERVATIONS_MAX,
+        reservation_rate_limiters: Vec::new(),
+        ..defaults
+    }
+    .reservation_rate_per_peer(
+        std::num::NonZeroU32::new(30).expect("30 > 0"),
+        Duration::from_secs(120),
+    )
 }
 
 /// Gossipsub peer scoring (docs/network.md, "Gossip scoring"): a peer gains score for
