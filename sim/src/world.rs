@@ -668,9 +668,12 @@ impl Sim {
                         }
                         match self.sc.network.gossip {
                             GossipMode::Direct => {
+                                // Every subscriber: every node started (and not crashed since).
                                 for i in 0..self.nodes.len() as u32 {
-                                    let to = Endpoint::Node(i);
-                                    self.send_copy(from, to, None, carried, &bytes);
+                                    if self.nodes[i as usize].started {
+                                        let to = Endpoint::Node(i);
+                                        self.send_copy(from, to, None, carried, &bytes);
+                                    }
                                 }
                             }
                             GossipMode::Gossipsub => self.spread_from_relay(r, &bytes, carried),

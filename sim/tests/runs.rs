@@ -129,9 +129,10 @@ fn the_mesh_reaches_every_node_and_costs_more_than_direct_fan_out() {
     // and up to twice that when others dial it.
     assert!((12.0..=24.0).contains(&o.node_links_mean), "{}", gossip.to_text());
     assert!(o.walks >= 200 && o.dials >= 200 * 12 / 2, "{}", gossip.to_text());
-    // Every offer reaches (nearly) every node: the 0.1% loss is repaired by the mesh.
+    // Every offer reaches (nearly) every node started by then (nodes start over the first
+    // minute; the 0.1% of copies lost is repaired by the mesh).
     let per_offer = gossip.offer_propagation_ms.count as f64 / 200.0;
-    assert!(per_offer >= gossip.jobs.posted as f64 * 0.99, "{}", gossip.to_text());
+    assert!(per_offer >= gossip.jobs.posted as f64 * 0.9, "{}", gossip.to_text());
     assert!(o.gossip_duplicates > 0 && o.ihave > 0 && o.kad_requests > 0, "{}", gossip.to_text());
     assert!(gossip.messages.wire_bytes > direct.messages.wire_bytes, "{}", direct.to_text());
     assert_eq!(direct.overlay.gossip_copies, 0, "{}", direct.to_text());
@@ -149,17 +150,20 @@ fn the_mesh_reaches_every_node_and_costs_more_than_direct_fan_out() {
 
 #[test]
 fn peered_relays_share_every_node_though_each_node_was_given_one() {
-    let mut sc = small(150, 600, 9);
+    // Busy enough that a relay's own nodes (a third each) cannot take all its jobs: it names
+    // nodes given other relays once its own are busy.
+    let mut sc = small(30, 600, 9);
     sc.relays = 3;
+    sc.workload.arrivals_per_s = 0.7;
     let s = Sim::new(sc.clone()).run();
     assert!(s.invariants_ok, "{}", s.to_text());
-    assert!(s.jobs.completed > 80, "{}", s.to_text());
+    assert!(s.jobs.completed > 200, "{}", s.to_text());
     // Every relay's offers reach (nearly) every node: a third through their own relay, the
     // rest one relay hop on and through the mesh, trusted through their relay's roster.
-    let per_offer = s.offer_propagation_ms.count as f64 / 150.0;
-    assert!(per_offer >= s.jobs.posted as f64 * 0.95, "{}", s.to_text());
+    let per_offer = s.offer_propagation_ms.count as f64 / 30.0;
+    assert!(per_offer >= s.jobs.posted as f64 * 0.9, "{}", s.to_text());
     // Nodes claimed from relays they were not given: they connected to them to do it.
-    assert!(s.overlay.relay_dials > 20, "{}", s.to_text());
+    assert!(s.overlay.relay_dials > 5, "{}", s.to_text());
     assert!((12.0..=24.0).contains(&s.overlay.node_links_mean), "{}", s.to_text());
     // A node pinned to nothing but its own relay would refuse the others' offers; these trust
     // them through the roster, so few are refused (only before the first roster arrives).
