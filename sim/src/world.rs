@@ -672,7 +672,7 @@ impl Sim {
                                 for i in 0..self.nodes.len() as u32 {
                                     if self.nodes[i as usize].started {
                                         let to = Endpoint::Node(i);
-                                        self.send_copy(from, to, None, carried, &bytes);
+                                        self.send_copy(from, to, None, carried, &bytes, self.now);
                                     }
                                 }
                             }
@@ -687,7 +687,7 @@ impl Sim {
                         for r in 0..self.relays.len() as u32 {
                             let to = Endpoint::Relay(r);
                             if self.nodes[i as usize].relay_links & (1 << r) != 0 {
-                                self.send_copy(from, to, None, Carried::Plain, &bytes);
+                                self.send_copy(from, to, None, Carried::Plain, &bytes, self.now);
                             } else {
                                 let hop = Endpoint::Relay(given);
                                 self.send_via(from, hop, to, &bytes);
@@ -708,7 +708,7 @@ impl Sim {
                     self.last_to_relay = Some((i, r, bytes.clone()));
                 }
                 let leaves_at = self.connect_for_send(from, target);
-                self.send_copy_at(from, target, Some(from), Carried::Plain, &bytes, leaves_at);
+                self.send_copy(from, target, Some(from), Carried::Plain, &bytes, leaves_at);
             }
         }
     }
@@ -731,20 +731,9 @@ impl Sim {
         self.queue.push(at, event);
     }
 
-    /// One message from `from` to `to` on a point-to-point link: lost, duplicated, delayed.
+    /// One message from `from` to `to` on a point-to-point link, leaving at `leaves_at` (now, or
+    /// after a handshake): lost, duplicated, delayed.
     fn send_copy(
-        &mut self,
-        from: Endpoint,
-        to: Endpoint,
-        sender: Option<Endpoint>,
-        carried: Carried,
-        bytes: &Rc<[u8]>,
-    ) {
-        self.send_copy_at(from, to, sender, carried, bytes, self.now);
-    }
-
-    /// [`Sim::send_copy`] of a message that can leave only at `leaves_at` (after a handshake).
-    fn send_copy_at(
         &mut self,
         from: Endpoint,
         to: Endpoint,

@@ -104,7 +104,8 @@ impl Sim {
         };
         self.summary.forgeries.sent += 1;
         let from = Endpoint::Node(liar);
-        self.send_copy(from, to, Some(from), Carried::Forged, &bytes);
+        let now = self.now;
+        self.send_copy(from, to, Some(from), Carried::Forged, &bytes, now);
     }
 }
 
