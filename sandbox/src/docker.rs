@@ -39,6 +39,10 @@ use crate::{
 /// The label every aimatrix job container carries (value: the executor's owner tag).
 pub const OWNER_LABEL: &str = "org.aimatrix.owner";
 
+/// How long a container that died of an unexplained SIGKILL is watched for the engine's
+/// out-of-memory report, which can arrive after its exit.
+const OOM_REPORT_WAIT: Duration = Duration::from_secs(2);
+
 /// A container image workload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerWorkload {
@@ -400,14 +404,16 @@ impl DockerExecutor {
             let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
         }
         let wall_ms = started.elapsed().as_millis() as u64;
-        let oom = self
-            .docker
-            .inspect_container(name, None)
-            .await
-            .ok()
-            .and_then(|c| c.state)
-            .and_then(|s| s.oom_killed)
-            .unwrap_or(false);
+        let mut oom = self.oom_killed(name).await;
+        // The runtime may report the exit before the kernel's OOM kill (containerd's shim sent
+        // the two events in either order): a container that died of SIGKILL we did not send is
+        // asked about again for a moment before it is called a plain failure.
+        let oom_wait = Instant::now();
+        while !oom && status.is_none() && exit == Some(137) && oom_wait.elapsed() < OOM_REPORT_WAIT
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            oom = self.oom_killed(name).await;
+        }
         stats_task.abort();
         let sample = *stats.lock().await;
         let mut status = status.unwrap_or_else(|| match exit {
@@ -432,6 +438,19 @@ impl DockerExecutor {
             fuel_consumed: 0,
         };
         Ok(ExecOutcome { status, stdout, stderr, outputs, usage })
+    }
+}
+
+impl DockerExecutor {
+    /// Whether the engine says the container was killed for want of memory.
+    async fn oom_killed(&self, name: &str) -> bool {
+        self.docker
+            .inspect_container(name, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|s| s.oom_killed)
+            .unwrap_or(false)
     }
 }
 
