@@ -54,6 +54,8 @@ pub(crate) struct Behaviour {
     pub(crate) relay_client: Toggle<relay::client::Behaviour>,
     pub(crate) dcutr: Toggle<dcutr::Behaviour>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Holds open the connections the task chose to keep (`crate::keep_alive`).
+    pub(crate) keep_alive: crate::keep_alive::Behaviour,
 }
 
 impl Behaviour {
@@ -69,7 +71,12 @@ impl Behaviour {
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
                 .with_agent_version(format!("aimatrix/{}", env!("CARGO_PKG_VERSION")))
-                .with_push_listen_addr_updates(true),
+                .with_push_listen_addr_updates(true)
+                // A node tells its peers only its confirmed external addresses: a direct one
+                // once AutoNAT confirmed it, else its relay circuit addresses
+                // (`SwarmTask::prefer_direct_addresses`). Its listen addresses may be private,
+                // and peers dialing unconfirmed ones waste their dials.
+                .with_hide_listen_addrs(!is_relay),
         );
 
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
@@ -141,6 +148,7 @@ impl Behaviour {
             relay_client: (!is_relay).then_some(relay_client).into(),
             dcutr: (!is_relay).then(|| dcutr::Behaviour::new(peer_id)).into(),
             mdns: mdns.into(),
+            keep_alive: crate::keep_alive::Behaviour::default(),
         })
     }
 }

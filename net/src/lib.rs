@@ -37,6 +37,7 @@
 
 mod behaviour;
 pub mod codec;
+mod keep_alive;
 pub mod outbound;
 pub mod store;
 mod task;

@@ -43,8 +43,12 @@ const DHT_HOUSEKEEPING: Duration = Duration::from_secs(5);
 /// How often the node's peer set is asked what to dial, drop or look up.
 const MESH_TICK: Duration = Duration::from_secs(1);
 
-/// How long an idle connection stays open.
-const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an idle connection stays open. The connections a peer chose are held open by
+/// `keep_alive` whatever this is; what it closes are the ones nobody chose (a Kademlia query's,
+/// an AutoNAT dial-back, a request to a peer not in the mesh), which a node's peer set would
+/// otherwise count among its peers: at 60 s, Kademlia's own lookups alone kept about a dozen
+/// such connections open on each of 250 nodes, and the set dropped chosen peers to make room.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How many connection and address events wait while the event channel is full, beyond which
 /// the oldest are dropped.
@@ -94,6 +98,9 @@ pub(crate) struct SwarmTask {
     bootstrap: HashMap<PeerId, Multiaddr>,
     /// Relay circuit listeners (reservations) by the relay they go through.
     circuits: HashMap<ListenerId, PeerId>,
+    /// The circuit addresses the relays confirmed for a node: advertised only while the node
+    /// has no confirmed direct address (`SwarmTask::prefer_direct_addresses`).
+    circuit_addrs: HashSet<Multiaddr>,
     requests: HashMap<OutboundRequestId, Reply<DirectResponse>>,
     queries: HashMap<QueryId, Query>,
     dials: HashMap<ConnectionId, Reply<()>>,
@@ -108,6 +115,8 @@ pub(crate) struct SwarmTask {
     nat_failures: u32,
     /// The node peers a node keeps (`None` on a relay).
     mesh: Option<PeerSet>,
+    /// Peers the peer set asked to dial, not connected yet: kept once connected.
+    mesh_dials: HashSet<PeerId>,
     /// The mesh's clock starts with the task.
     started: Instant,
 }
@@ -133,6 +142,8 @@ impl SwarmTask {
             topics,
             bootstrap,
             circuits: HashMap::new(),
+            circuit_addrs: HashSet::new(),
+            mesh_dials: HashSet::new(),
             requests: HashMap::new(),
             queries: HashMap::new(),
             dials: HashMap::new(),
@@ -338,6 +349,9 @@ impl SwarmTask {
                 if let Some(reply) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
+                if self.mesh_dials.remove(&peer_id) {
+                    self.swarm.behaviour_mut().keep_alive.keep(peer_id);
+                }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "connected");
                     let now = self.now_ms();
@@ -358,6 +372,9 @@ impl SwarmTask {
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
                 if let Some(peer) = peer_id {
+                    if !self.swarm.is_connected(&peer) {
+                        self.mesh_dials.remove(&peer);
+                    }
                     let now = self.now_ms();
                     self.with_mesh(peer, |mesh, peer| mesh.dial_failed(now, peer));
                 }
@@ -372,18 +389,29 @@ impl SwarmTask {
                 }
                 self.emit(NetEvent::ListenAddr(address));
             }
-            SwarmEvent::ListenerClosed { listener_id, reason, .. } => {
+            SwarmEvent::ListenerClosed { listener_id, reason, addresses, .. } => {
                 if let Some(relay) = self.circuits.remove(&listener_id) {
                     info!(%relay, ?reason, "relay reservation closed");
+                    for address in &addresses {
+                        self.circuit_addrs.remove(address);
+                    }
                 }
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
                 info!(%address, "external address confirmed");
-                self.nat_failures = 0;
+                if !is_circuit(&address) {
+                    self.nat_failures = 0;
+                }
+                self.prefer_direct_addresses(Some(address));
                 self.update_kad_mode();
                 self.reannounce_provided();
             }
-            SwarmEvent::ExternalAddrExpired { .. } => self.update_kad_mode(),
+            SwarmEvent::ExternalAddrExpired { address } => {
+                if !is_circuit(&address) {
+                    self.prefer_direct_addresses(None);
+                }
+                self.update_kad_mode();
+            }
             _ => {}
         }
     }
@@ -612,6 +640,12 @@ impl SwarmTask {
         }
         let kind = if is_relay { PeerKind::Relay } else { PeerKind::Node };
         self.with_mesh(peer, |mesh, peer| mesh.identified(peer, kind));
+        // Every peer keeps its connections to relays (a relay its peered relays, a node the
+        // relays it works for); a node also those to the node peers its peer set dialed
+        // (`SwarmEvent::ConnectionEstablished`).
+        if is_relay {
+            self.swarm.behaviour_mut().keep_alive.keep(peer);
+        }
         if self.role == Role::Node && is_relay && !self.circuits.values().any(|r| *r == peer) {
             if let Some(addr) = self.bootstrap.get(&peer) {
                 let circuit = addr.clone().with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
@@ -621,6 +655,38 @@ impl SwarmTask {
                         self.circuits.insert(id, peer);
                     }
                     Err(e) => warn!(%circuit, error = %e, "cannot reserve a relay slot"),
+                }
+            }
+        }
+    }
+
+    /// A node advertises its relay circuit addresses (identify tells its peers only its external
+    /// addresses, `behaviour::Behaviour::new`) only while it has no confirmed direct address:
+    /// otherwise peers that learn of it through identify or the DHT dial it through the relay,
+    /// and with hundreds of nodes the relays spend their circuit slots on connections that could
+    /// have been direct. Called with the address just confirmed, or `None` when a direct
+    /// address expired.
+    fn prefer_direct_addresses(&mut self, confirmed: Option<Multiaddr>) {
+        if self.role != Role::Node {
+            return;
+        }
+        if let Some(address) = confirmed.filter(is_circuit) {
+            self.circuit_addrs.insert(address);
+        }
+        let has_direct = self.swarm.external_addresses().any(|a| !is_circuit(a));
+        if has_direct {
+            let advertised: Vec<Multiaddr> =
+                self.swarm.external_addresses().filter(|a| is_circuit(a)).cloned().collect();
+            for address in advertised {
+                debug!(%address, "a direct address is confirmed: circuit address not advertised");
+                self.swarm.remove_external_address(&address);
+            }
+        } else {
+            let held: Vec<Multiaddr> = self.circuit_addrs.iter().cloned().collect();
+            for address in held {
+                if !self.swarm.external_addresses().any(|a| *a == address) {
+                    debug!(%address, "no direct address: circuit address advertised");
+                    self.swarm.add_external_address(address);
                 }
             }
         }
@@ -725,10 +791,12 @@ impl SwarmTask {
             match action {
                 MeshAction::Dial(node) => {
                     let peer = crate::peer_id_of(&node);
+                    self.mesh_dials.insert(peer);
                     let opts = DialOpts::peer_id(peer)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
                         .build();
                     if let Err(e) = self.swarm.dial(opts) {
+                        self.mesh_dials.remove(&peer);
                         debug!(%peer, error = %e, "cannot dial a mesh peer");
                         if let Some(mesh) = self.mesh.as_mut() {
                             mesh.dial_failed(now, node);
@@ -736,7 +804,9 @@ impl SwarmTask {
                     }
                 }
                 MeshAction::Disconnect(node) => {
-                    let _ = self.swarm.disconnect_peer_id(crate::peer_id_of(&node));
+                    let peer = crate::peer_id_of(&node);
+                    self.swarm.behaviour_mut().keep_alive.release(&peer);
+                    let _ = self.swarm.disconnect_peer_id(peer);
                 }
                 MeshAction::Walk => {
                     let kad = &mut self.swarm.behaviour_mut().kad;
