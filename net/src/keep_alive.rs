@@ -17,7 +17,6 @@
 //! held (the oldest). A peer that does not speak the protocol is kept from this side only.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
@@ -48,7 +47,14 @@ pub(crate) struct Behaviour {
     connections: HashMap<PeerId, Vec<ConnectionId>>,
     /// The connection holding each kept peer open.
     pinned: HashMap<PeerId, ConnectionId>,
-    events: VecDeque<ToSwarm<Infallible, bool>>,
+    events: VecDeque<ToSwarm<Event, bool>>,
+}
+
+/// What the behaviour reports.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The other side opened a keep stream: it chose this peer.
+    HeldBy(PeerId),
 }
 
 impl Behaviour {
@@ -95,7 +101,7 @@ impl Behaviour {
 
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = Handler;
-    type ToSwarm = Infallible;
+    type ToSwarm = Event;
 
     fn handle_established_inbound_connection(
         &mut self,
@@ -144,14 +150,14 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_connection_handler_event(
         &mut self,
-        _: PeerId,
+        peer: PeerId,
         _: ConnectionId,
-        event: THandlerOutEvent<Self>,
+        HeldByRemote: THandlerOutEvent<Self>,
     ) {
-        match event {}
+        self.events.push_back(ToSwarm::GenerateEvent(Event::HeldBy(peer)));
     }
 
-    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Infallible, THandlerInEvent<Self>>> {
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
         match self.events.pop_front() {
             Some(event) => Poll::Ready(event),
             None => Poll::Pending,
@@ -171,7 +177,13 @@ pub(crate) struct Handler {
     unsupported: bool,
     /// Streams the other side holds open.
     holding_us: VecDeque<Stream>,
+    /// The other side's first keep stream arrived, not yet reported.
+    report_held: bool,
 }
+
+/// The handler's report: the other side opened its first keep stream on this connection.
+#[derive(Debug)]
+pub(crate) struct HeldByRemote;
 
 impl Handler {
     fn new() -> Self {
@@ -181,6 +193,7 @@ impl Handler {
             opening: false,
             unsupported: false,
             holding_us: VecDeque::new(),
+            report_held: false,
         }
     }
 }
@@ -200,7 +213,7 @@ fn closed(stream: &mut Stream, cx: &mut Context<'_>) -> bool {
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = bool;
-    type ToBehaviour = Infallible;
+    type ToBehaviour = HeldByRemote;
     type InboundProtocol = ReadyUpgrade<StreamProtocol>;
     type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
     type InboundOpenInfo = ();
@@ -225,7 +238,10 @@ impl ConnectionHandler for Handler {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<ReadyUpgrade<StreamProtocol>, (), Infallible>> {
+    ) -> Poll<ConnectionHandlerEvent<ReadyUpgrade<StreamProtocol>, (), HeldByRemote>> {
+        if std::mem::take(&mut self.report_held) {
+            return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(HeldByRemote));
+        }
         self.holding_us.retain_mut(|stream| !closed(stream, cx));
         if self.held.as_mut().is_some_and(|stream| closed(stream, cx)) {
             self.held = None; // the other side let go (or the connection is going)
@@ -251,6 +267,7 @@ impl ConnectionHandler for Handler {
                 if self.holding_us.len() == HELD_STREAMS_MAX {
                     self.holding_us.pop_front();
                 }
+                self.report_held |= self.holding_us.is_empty();
                 self.holding_us.push_back(stream);
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {

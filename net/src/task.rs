@@ -117,6 +117,8 @@ pub(crate) struct SwarmTask {
     mesh: Option<PeerSet>,
     /// Peers the peer set asked to dial, not connected yet: kept once connected.
     mesh_dials: HashSet<PeerId>,
+    /// Connected peers, by when their first connection opened.
+    connected_since: HashMap<PeerId, Instant>,
     /// The mesh's clock starts with the task.
     started: Instant,
 }
@@ -144,6 +146,7 @@ impl SwarmTask {
             circuits: HashMap::new(),
             circuit_addrs: HashSet::new(),
             mesh_dials: HashSet::new(),
+            connected_since: HashMap::new(),
             requests: HashMap::new(),
             queries: HashMap::new(),
             dials: HashMap::new(),
@@ -350,18 +353,18 @@ impl SwarmTask {
                     let _ = reply.send(Ok(()));
                 }
                 if self.mesh_dials.remove(&peer_id) {
-                    self.swarm.behaviour_mut().keep_alive.keep(peer_id);
+                    self.join_mesh(peer_id);
                 }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "connected");
-                    let now = self.now_ms();
-                    self.with_mesh(peer_id, |mesh, peer| mesh.connected(now, peer));
+                    self.connected_since.insert(peer_id, Instant::now());
                     self.update_peers();
                     self.emit(NetEvent::PeerConnected(peer_id));
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 debug!(peer = %peer_id, "disconnected");
+                self.connected_since.remove(&peer_id);
                 self.dht_servers.remove(&peer_id);
                 self.relays.remove(&peer_id);
                 let now = self.now_ms();
@@ -433,6 +436,9 @@ impl SwarmTask {
                 self.emit(NetEvent::Gossip { topic, bytes: message.data, from });
             }
             BehaviourEvent::Direct(event) => self.on_direct_event(event),
+            BehaviourEvent::KeepAlive(crate::keep_alive::Event::HeldBy(peer)) => {
+                self.join_mesh(peer);
+            }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result: QueryResult::GetClosestPeers(result),
                 ..
@@ -791,6 +797,11 @@ impl SwarmTask {
             match action {
                 MeshAction::Dial(node) => {
                     let peer = crate::peer_id_of(&node);
+                    if self.swarm.is_connected(&peer) {
+                        // Connected for something else (a Kademlia query): chosen now.
+                        self.join_mesh(peer);
+                        continue;
+                    }
                     self.mesh_dials.insert(peer);
                     let opts = DialOpts::peer_id(peer)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
@@ -816,6 +827,54 @@ impl SwarmTask {
                 }
             }
         }
+        self.drop_unchosen();
+    }
+
+    /// Closes connections to nodes that are not in the mesh once a node has more node
+    /// connections than twice its target, oldest first. Only connections older than the idle
+    /// timeout are closed: a younger one may be a Kademlia query's, which closes by itself; an
+    /// older one is held by something else (gossipsub keeps the peers of its topic meshes).
+    fn drop_unchosen(&mut self) {
+        let Some(mesh) = self.mesh.as_ref() else { return };
+        let most = 2 * mesh.target();
+        let nodes = self.connected_since.keys().filter(|p| !self.relays.contains(p)).count();
+        if nodes <= most {
+            return;
+        }
+        let now = Instant::now();
+        let mut unchosen: Vec<(Instant, PeerId)> = self
+            .connected_since
+            .iter()
+            .filter(|(peer, since)| {
+                !self.relays.contains(peer)
+                    && now.duration_since(**since) >= IDLE_CONNECTION_TIMEOUT
+                    && node_id_of(peer).is_some_and(|node| !mesh.holds(&node))
+            })
+            .map(|(peer, since)| (*since, *peer))
+            .collect();
+        unchosen.sort_unstable();
+        for (_, peer) in unchosen.into_iter().take(nodes - most) {
+            debug!(%peer, "closing a connection to a node outside the mesh");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// `peer` joins the node's mesh: its peer set dialed it, or it holds a keep stream open to
+    /// this node (it chose this node). The connection is kept from this side too, and the set
+    /// counts it. Connections nobody chose (a Kademlia query's, an AutoNAT dial-back) are not
+    /// counted: they close when idle, and counted, they made a set at twice its target drop
+    /// chosen peers to make room for them.
+    fn join_mesh(&mut self, peer: PeerId) {
+        if self.mesh.is_none() {
+            return;
+        }
+        self.swarm.behaviour_mut().keep_alive.keep(peer);
+        let now = self.now_ms();
+        let kind = if self.relays.contains(&peer) { PeerKind::Relay } else { PeerKind::Node };
+        self.with_mesh(peer, |mesh, node| {
+            mesh.connected(now, node);
+            mesh.identified(node, kind);
+        });
     }
 
     /// Hands `peer` to the peer set, if this is a node and the peer has an aimatrix identity.

@@ -134,6 +134,12 @@ impl PeerSet {
         self.connected.values().filter(|kind| **kind != Some(PeerKind::Relay)).count()
     }
 
+    /// Whether `peer` is one of this set's connected peers (a node it dialed, or one that chose
+    /// it).
+    pub fn holds(&self, peer: &NodeId) -> bool {
+        self.connected.contains_key(peer)
+    }
+
     /// Peers remembered as candidates.
     pub fn known_peers(&self) -> usize {
         self.known.len()
