@@ -4,9 +4,9 @@
 //! libp2p closes a connection once every protocol on it has been idle for the swarm's idle
 //! timeout, each side on its own. Gossipsub keeps a connection only while the peer is in one of
 //! its topic meshes (at most 16 of a node's peers, pruned to 8 at random), so a node's other
-//! chosen peers were closed a minute after each prune and dialed again: with 250 nodes on one
-//! machine, about a hundred new connections a second, each a Noise handshake, in a network that
-//! should have been at rest.
+//! chosen peers were closed a minute after each prune and dialed again. (Whether this pays for
+//! itself is under review: at 100 nodes on one machine the network was slower with it,
+//! docs/mesh.md.)
 //!
 //! The peer that wants a connection kept (`Behaviour::keep`) holds one stream of
 //! [`KEEP_PROTOCOL`] open on it; a stream open is what keeps a libp2p connection alive on the
