@@ -114,8 +114,6 @@ pub(crate) struct SwarmTask {
     nat_failures: u32,
     /// The node peers a node keeps (`None` on a relay).
     mesh: Option<PeerSet>,
-    /// Peers the peer set asked to dial, not connected yet: kept once connected.
-    mesh_dials: HashSet<PeerId>,
     /// Connected peers, by when their first connection opened.
     connected_since: HashMap<PeerId, Instant>,
     /// The mesh's clock starts with the task.
@@ -144,7 +142,6 @@ impl SwarmTask {
             bootstrap,
             circuits: HashMap::new(),
             circuit_addrs: HashSet::new(),
-            mesh_dials: HashSet::new(),
             connected_since: HashMap::new(),
             requests: HashMap::new(),
             queries: HashMap::new(),
@@ -351,7 +348,11 @@ impl SwarmTask {
                 if let Some(reply) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
                 }
-                if self.mesh_dials.remove(&peer_id) {
+                // A dial the peer set asked for: chosen.
+                let dialed = node_id_of(&peer_id)
+                    .zip(self.mesh.as_ref())
+                    .is_some_and(|(node, mesh)| mesh.is_dialing(&node));
+                if dialed {
                     self.join_mesh(peer_id);
                 }
                 if num_established.get() == 1 {
@@ -374,9 +375,6 @@ impl SwarmTask {
             SwarmEvent::OutgoingConnectionError { connection_id, peer_id, error } => {
                 debug!(peer = ?peer_id, %error, "dial failed");
                 if let Some(peer) = peer_id {
-                    if !self.swarm.is_connected(&peer) {
-                        self.mesh_dials.remove(&peer);
-                    }
                     let now = self.now_ms();
                     self.with_mesh(peer, |mesh, peer| mesh.dial_failed(now, peer));
                 }
@@ -801,12 +799,10 @@ impl SwarmTask {
                         self.join_mesh(peer);
                         continue;
                     }
-                    self.mesh_dials.insert(peer);
                     let opts = DialOpts::peer_id(peer)
                         .condition(PeerCondition::DisconnectedAndNotDialing)
                         .build();
                     if let Err(e) = self.swarm.dial(opts) {
-                        self.mesh_dials.remove(&peer);
                         debug!(%peer, error = %e, "cannot dial a mesh peer");
                         if let Some(mesh) = self.mesh.as_mut() {
                             mesh.dial_failed(now, node);

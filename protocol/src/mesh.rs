@@ -140,6 +140,11 @@ impl PeerSet {
         self.connected.contains_key(peer)
     }
 
+    /// Whether this set asked to dial `peer` and has not heard back.
+    pub fn is_dialing(&self, peer: &NodeId) -> bool {
+        self.dialing.contains_key(peer)
+    }
+
     /// Peers remembered as candidates.
     pub fn known_peers(&self) -> usize {
         self.known.len()

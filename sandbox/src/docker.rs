@@ -439,9 +439,7 @@ impl DockerExecutor {
         };
         Ok(ExecOutcome { status, stdout, stderr, outputs, usage })
     }
-}
 
-impl DockerExecutor {
     /// Whether the engine says the container was killed for want of memory.
     async fn oom_killed(&self, name: &str) -> bool {
         self.docker
